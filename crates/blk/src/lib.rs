@@ -1,0 +1,284 @@
+//! The virtio-blk device of daxd, without any transport.
+//!
+//! Requests are parsed from descriptor chains ([`request`]) and executed on byte ranges of
+//! the region's mapping ([`execute`]): data moves straight between guest memory and the
+//! mapped file, with no read/write system call and no bounce buffer.
+
+pub mod execute;
+pub mod request;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::warn;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_OK,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Bytes, GuestMemoryBackend};
+
+use daxd_region::{Region, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
+
+pub use request::{ChainBuffers, ParsedChain, Request, RequestError};
+
+/// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const SERIAL_LEN: usize = 20;
+/// Largest discard or write-zeroes segment, in sectors (1 GiB): large enough that guests
+/// split rarely, small enough that one fallocate never stalls a queue for long.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
+/// Bytes of config space daxd defines (up to `write_zeroes_may_unmap` and its padding);
+/// reads past it return zeroes.
+pub const CONFIG_SPACE_LEN: usize = 60;
+
+/// Errors in the device's configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    #[error("serial {0:?} is longer than 20 bytes; virtio-blk serials hold at most 20")]
+    SerialTooLong(String),
+    #[error("the region is read-only, so the blk device must be read-only too")]
+    WritableOnReadOnlyRegion,
+    #[error("queue size {0} is invalid: use a power of two from 2 to 32768")]
+    QueueSize(u16),
+    #[error("number of queues {0} is invalid: use 1 to 64")]
+    NumQueues(u16),
+}
+
+/// The serial reported by GET_ID: up to 20 bytes, zero padded.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Serial([u8; SERIAL_LEN]);
+
+impl Serial {
+    /// A user-chosen serial.
+    pub fn new(text: &str) -> Result<Serial, BlkError> {
+        let bytes = text.as_bytes();
+        if bytes.len() > SERIAL_LEN {
+            return Err(BlkError::SerialTooLong(text.to_owned()));
+        }
+        let mut serial = [0u8; SERIAL_LEN];
+        serial[..bytes.len()].copy_from_slice(bytes);
+        Ok(Serial(serial))
+    }
+
+    /// The default serial of a region file: a hash of its canonical path and inode number,
+    /// so it is the same every time daxd serves that file and differs between files.
+    pub fn for_file(path: &Path, ino: u64) -> Serial {
+        let canonical = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+        // FNV-1a: tiny, and fixed forever, unlike std's hasher.
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        let bytes = canonical.as_os_str().as_encoded_bytes();
+        for &b in bytes.iter().chain(ino.to_le_bytes().iter()) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        let text = format!("daxd-{:015x}", hash >> 4);
+        Serial::new(&text).expect("20 bytes")
+    }
+
+    pub fn as_bytes(&self) -> &[u8; SERIAL_LEN] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(SERIAL_LEN);
+        write!(f, "{}", String::from_utf8_lossy(&self.0[..end]))
+    }
+}
+
+/// What the user configured for the blk device.
+#[derive(Debug, Clone)]
+pub struct BlkConfig {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    /// Report `VIRTIO_BLK_F_RO` and refuse every write, discard and write-zeroes.
+    pub read_only: bool,
+    /// Write-through: each write, discard and write-zeroes is durable before it completes,
+    /// and no FLUSH feature is offered (the guest sees a write-through cache).
+    pub sync: bool,
+    pub serial: Serial,
+}
+
+/// What a request may do, given the device's configuration and the features the driver
+/// accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceLimits {
+    pub capacity_sectors: u64,
+    pub read_only: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+    pub max_discard_sectors: u32,
+    pub max_write_zeroes_sectors: u32,
+}
+
+/// The virtio-blk device: configuration plus the region it serves.
+#[derive(Debug)]
+pub struct BlkDevice {
+    region: Arc<Region>,
+    config: BlkConfig,
+    /// Refused requests so far; bounds how many are logged.
+    refused: AtomicU64,
+}
+
+/// Refused requests logged in full before logging falls back to one line in 10000, so a
+/// hostile guest cannot fill the host's disk with log lines.
+const REFUSALS_LOGGED: u64 = 100;
+
+impl BlkDevice {
+    pub fn new(region: Arc<Region>, config: BlkConfig) -> Result<BlkDevice, BlkError> {
+        if region.is_read_only() && !config.read_only {
+            return Err(BlkError::WritableOnReadOnlyRegion);
+        }
+        if !config.queue_size.is_power_of_two() || config.queue_size < 2 {
+            return Err(BlkError::QueueSize(config.queue_size));
+        }
+        if config.num_queues == 0 || config.num_queues > 64 {
+            return Err(BlkError::NumQueues(config.num_queues));
+        }
+        Ok(BlkDevice {
+            region,
+            config,
+            refused: AtomicU64::new(0),
+        })
+    }
+
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    pub fn region(&self) -> &Arc<Region> {
+        &self.region
+    }
+
+    /// Virtio feature bits offered to the driver.
+    pub fn features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_MQ;
+        if !self.config.sync {
+            features |= 1 << VIRTIO_BLK_F_FLUSH;
+        }
+        if self.config.read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            features |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        features
+    }
+
+    /// `struct virtio_blk_config`, little endian.
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let mut c = [0u8; CONFIG_SPACE_LEN];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            c[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &self.region.sectors().to_le_bytes()); // capacity
+        let seg_max = u32::from(self.config.queue_size) - 2; // room for header and status
+        put(12, &seg_max.to_le_bytes());
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        let sectors_per_page = (PAGE_SIZE / SECTOR_SIZE) as u16;
+        put(24, &[sectors_per_page.trailing_zeros() as u8]); // physical_block_exp
+        put(26, &sectors_per_page.to_le_bytes()); // min_io_size
+        put(34, &self.config.num_queues.to_le_bytes());
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &(request::MAX_DISCARD_SEGMENTS as u32).to_le_bytes());
+        put(44, &u32::from(sectors_per_page).to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(52, &(request::MAX_DISCARD_SEGMENTS as u32).to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+        c
+    }
+
+    /// Exactly `size` bytes of config space from `offset`, zero beyond what daxd defines
+    /// (frontends ask for their own `sizeof(struct virtio_blk_config)`).
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.config_space();
+        (u64::from(offset)..u64::from(offset) + u64::from(size))
+            .map(|i| space.get(i as usize).copied().unwrap_or(0))
+            .collect()
+    }
+
+    /// The limits requests are checked against, given the driver's accepted features.
+    pub fn limits(&self, acked_features: u64) -> DeviceLimits {
+        let acked = |bit: u32| acked_features & (1 << bit) != 0;
+        DeviceLimits {
+            capacity_sectors: self.region.size() >> SECTOR_SHIFT,
+            read_only: self.config.read_only,
+            discard: acked(VIRTIO_BLK_F_DISCARD),
+            write_zeroes: acked(VIRTIO_BLK_F_WRITE_ZEROES),
+            max_discard_sectors: MAX_DISCARD_SECTORS,
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS,
+        }
+    }
+
+    /// Parses and executes one chain, writes its status and returns the number of bytes
+    /// written into the chain's writable buffers (the used length).
+    pub fn handle<M: GuestMemoryBackend>(
+        &self,
+        descriptors: impl IntoIterator<Item = Descriptor>,
+        mem: &M,
+        limits: &DeviceLimits,
+        bufs: &mut ChainBuffers,
+    ) -> u32 {
+        let parsed = request::parse(descriptors, mem, limits, bufs);
+        let Some(status_addr) = parsed.status else {
+            self.log_refusal(&format!(
+                "dropping request without a status byte: {}",
+                parsed
+                    .request
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default()
+            ));
+            return 0;
+        };
+        let (status, written) = match parsed.request {
+            Ok(request) => {
+                match execute::execute(&self.region, &self.config, &request, bufs, mem) {
+                    Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                    Err(e) => {
+                        self.log_refusal(&format!("request {request:?} failed: {e}"));
+                        (e.status(), 0)
+                    }
+                }
+            }
+            Err(e) => {
+                self.log_refusal(&format!("refusing request: {e}"));
+                (e.status(), 0)
+            }
+        };
+        if let Err(e) = mem.write_obj(status, status_addr) {
+            // Checked while parsing; only a memory table change under our feet gets here.
+            self.log_refusal(&format!("cannot write status at {:#x}: {e}", status_addr.0));
+            return 0;
+        }
+        // written <= the writable stream, which is at most 4 GiB by virtio's chain limit.
+        (written + 1) as u32
+    }
+
+    fn log_refusal(&self, message: &str) {
+        let n = self.refused.fetch_add(1, Ordering::Relaxed);
+        if n < REFUSALS_LOGGED || n % 10_000 == 0 {
+            warn!("{message} ({} refused so far)", n + 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
