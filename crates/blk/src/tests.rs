@@ -41,6 +41,7 @@ fn fixture_with(read_only: bool, sync: bool) -> Fixture {
             size: None,
             resize: false,
             read_only,
+            direct: false,
         })
         .unwrap(),
     );

@@ -39,9 +39,9 @@ pub enum RegionError {
     InvalidSize(String),
     #[error("region size {0} is not a positive multiple of 4096 bytes; choose a size such as 1G")]
     UnalignedSize(u64),
-    #[error("region file {path} does not exist; pass a size to create it")]
+    #[error("region file {path} does not exist; pass --size to create it")]
     MissingFile { path: PathBuf },
-    #[error("region file {path} is {actual} bytes but {requested} were requested; pass the resize option to change it, or drop the size to use the file as it is")]
+    #[error("region file {path} is {actual} bytes but {requested} were requested; pass --resize to change it, or drop --size to use the file as it is")]
     SizeMismatch {
         path: PathBuf,
         actual: u64,
@@ -54,6 +54,12 @@ pub enum RegionError {
     #[error("cannot {what} {path}: {source}")]
     Io {
         what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} cannot be mapped with MAP_SYNC ({source}): direct access needs the file on a DAX file system (e.g. ext4 or xfs mounted -o dax on host persistent memory); drop the direct option to serve it through the page cache")]
+    NotDax {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -76,6 +82,9 @@ pub struct RegionConfig {
     pub resize: bool,
     /// Open and map the file read-only: nothing daxd does can change it.
     pub read_only: bool,
+    /// Require a synchronous DAX mapping (`MAP_SYNC`): the file must live on a DAX file
+    /// system (host persistent memory), so stores bypass the host page cache entirely.
+    pub direct: bool,
 }
 
 /// Identifies the backing file independently of paths and file descriptors, so that a
@@ -215,8 +224,11 @@ impl Region {
         }
         check_size(size)?;
 
-        let (base, map_sync) =
-            map_file(&file, size, config.read_only).map_err(|e| io_err("map", e))?;
+        let (base, map_sync) = match map_file(&file, size, config.read_only, config.direct) {
+            Ok(mapped) => mapped,
+            Err(source) if config.direct => return Err(RegionError::NotDax { path, source }),
+            Err(e) => return Err(io_err("map", e)),
+        };
         Ok(Region {
             file,
             path,
@@ -280,7 +292,7 @@ impl Region {
         self.check_range(offset, len as u64)?;
         // SAFETY: offset + len lies within the mapping (checked above), which stays mapped
         // for as long as `self` lives; the slice borrows `self`.
-        Ok(unsafe { VolatileSlice::new(self.base.as_ptr().add(offset as usize), len) })
+        Ok(unsafe { VolatileSlice::new(self.base.as_ptr().wrapping_add(offset as usize), len) })
     }
 
     /// Copies `dst.len()` bytes of the region at `offset` into `dst` (guest memory).
@@ -343,7 +355,7 @@ impl Region {
         // SAFETY: [start, end) is page aligned and inside our own mapping.
         let ret = unsafe {
             libc::msync(
-                self.base.as_ptr().add(start as usize).cast(),
+                self.base.as_ptr().wrapping_add(start as usize).cast(),
                 (end - start) as usize,
                 libc::MS_SYNC,
             )
@@ -461,8 +473,13 @@ fn is_unsupported(e: &io::Error) -> bool {
 
 /// Maps the whole file shared. Tries `MAP_SYNC` first: on a DAX file system it makes
 /// stores durable without a page cache, elsewhere the kernel refuses it and a normal shared
-/// mapping is used.
-fn map_file(file: &File, size: u64, read_only: bool) -> io::Result<(NonNull<u8>, bool)> {
+/// mapping is used, unless `direct` insists on MAP_SYNC.
+fn map_file(
+    file: &File,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+) -> io::Result<(NonNull<u8>, bool)> {
     let prot = if read_only {
         libc::PROT_READ
     } else {
@@ -470,6 +487,8 @@ fn map_file(file: &File, size: u64, read_only: bool) -> io::Result<(NonNull<u8>,
     };
     let attempts: &[(libc::c_int, bool)] = if read_only {
         &[(libc::MAP_SHARED, false)]
+    } else if direct {
+        &[(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC, true)]
     } else {
         &[
             (libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC, true),
@@ -511,6 +530,7 @@ mod tests {
             size,
             resize: false,
             read_only: false,
+            direct: false,
         }
     }
 
@@ -628,6 +648,20 @@ mod tests {
         ));
         region.flush().unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 8192]);
+    }
+
+    #[test]
+    fn direct_needs_a_dax_file_system() {
+        // Test temp directories are never on DAX here; MAP_SYNC must be refused with an
+        // error that says what to do, not silently downgraded.
+        let dir = tempfile::tempdir().unwrap();
+        let mut direct = config(&dir.path().join("r.img"), Some(PAGE_SIZE));
+        direct.direct = true;
+        match Region::open(&direct) {
+            Err(e @ RegionError::NotDax { .. }) => assert!(e.to_string().contains("-o dax")),
+            Ok(region) => assert!(region.is_map_sync()),
+            Err(e) => panic!("unexpected error {e}"),
+        }
     }
 
     #[test]

@@ -1,0 +1,175 @@
+//! daxd: parses the command line into a configuration, opens the region, and serves it.
+//!
+//! Threads: the main thread runs an event loop for the daemon's own events (signals);
+//! one thread accepts vhost-user connections for the blk device, and the vhost-user
+//! library runs one worker per queue.
+
+mod args;
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use clap::Parser;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use log::{error, info, warn};
+use vmm_sys_util::epoll::EventSet;
+
+use daxd_blk::{BlkDevice, Serial};
+use daxd_region::Region;
+use daxd_vhost_user::SocketAddr;
+
+use args::{Args, CAPABILITIES};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let args = Args::parse();
+    if args.print_capabilities {
+        println!("{CAPABILITIES}");
+        return ExitCode::SUCCESS;
+    }
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
+    let signals = SignalPipe::new()?;
+
+    let region = Arc::new(Region::open(&args.region_config()).map_err(|e| e.to_string())?);
+    let identity = region.identity();
+    let blk_config = args
+        .blk_config(Serial::for_file(region.path(), identity.ino))
+        .map_err(|e| e.to_string())?;
+    let device = Arc::new(BlkDevice::new(region.clone(), blk_config).map_err(|e| e.to_string())?);
+
+    let socket = args.socket();
+    let mut listener = daxd_vhost_user::listen(&socket).map_err(|e| e.to_string())?;
+    let socket_path = match &socket {
+        SocketAddr::Path(path) => Some(path.clone()),
+        SocketAddr::Fd(_) => None,
+    };
+    info!(
+        "serving {} ({} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
+        region.path().display(),
+        region.size(),
+        if region.is_read_only() {
+            ", read-only"
+        } else {
+            ""
+        },
+        if region.is_map_sync() {
+            ", MAP_SYNC"
+        } else {
+            ""
+        },
+        match &socket {
+            SocketAddr::Path(path) => path.display().to_string(),
+            SocketAddr::Fd(fd) => format!("inherited fd {fd}"),
+        },
+        device.config().num_queues,
+        device.config().queue_size,
+        device.config().serial,
+        if device.config().sync {
+            ", write-through"
+        } else {
+            ""
+        },
+    );
+
+    let server_socket = socket_path.clone();
+    std::thread::Builder::new()
+        .name("daxd-blk-accept".into())
+        .spawn(move || {
+            if let Err(e) = daxd_vhost_user::serve_blk(&mut listener, device) {
+                error!("blk device stopped: {e}");
+                remove_socket(server_socket.as_ref());
+                std::process::exit(1);
+            }
+        })
+        .map_err(|e| format!("cannot start the blk server thread: {e}"))?;
+
+    let shutdown = signals.requested.clone();
+    let mut events = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
+        .map_err(|e| format!("cannot create the event loop: {e}"))?;
+    events.add_subscriber(Box::new(signals));
+    while !shutdown.load(Ordering::Acquire) {
+        events
+            .run()
+            .map_err(|e| format!("event loop failed: {e}"))?;
+    }
+
+    info!("shutting down: flushing {}", region.path().display());
+    let flushed = region.flush();
+    remove_socket(socket_path.as_ref());
+    // Queue workers may be mid-request; the process exits under them. Every request they
+    // acknowledged is in the file (the mapping is the page cache) and flushed above.
+    match flushed {
+        Ok(()) => {
+            info!("region flushed; exiting");
+            std::process::exit(0)
+        }
+        Err(e) => Err(format!(
+            "flushing {} failed: {e}; recent writes may not be durable",
+            region.path().display()
+        )),
+    }
+}
+
+fn remove_socket(path: Option<&PathBuf>) {
+    if let Some(path) = path {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!("cannot remove socket {}: {e}", path.display());
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, delivered as bytes on a socket pair so the event loop can wait for
+/// them next to its other events.
+struct SignalPipe {
+    read: UnixStream,
+    requested: Arc<AtomicBool>,
+}
+
+impl SignalPipe {
+    fn new() -> Result<SignalPipe, String> {
+        let (read, write) =
+            UnixStream::pair().map_err(|e| format!("cannot create signal pipe: {e}"))?;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            let write = write
+                .try_clone()
+                .map_err(|e| format!("cannot create signal pipe: {e}"))?;
+            signal_hook::low_level::pipe::register(signal, write)
+                .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
+        }
+        read.set_nonblocking(true)
+            .map_err(|e| format!("cannot create signal pipe: {e}"))?;
+        Ok(SignalPipe {
+            read,
+            requested: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
+
+impl MutEventSubscriber for SignalPipe {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let mut buf = [0u8; 16];
+        while matches!(self.read.read(&mut buf), Ok(n) if n > 0) {}
+        info!("received a termination signal");
+        self.requested.store(true, Ordering::Release);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.read, EventSet::IN)) {
+            error!("cannot watch for signals: {e}");
+        }
+    }
+}

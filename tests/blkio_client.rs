@@ -1,0 +1,417 @@
+//! daxd's blk device driven by a real vhost-user client: libblkio's pure-Rust
+//! `virtio-blk-vhost-user` driver, against the real daxd binary.
+
+mod support;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use support::{file_bytes, pattern, Client, Daxd, QUEUE_BUF};
+
+const MIB: u64 = 1 << 20;
+const EIO: i32 = -5;
+
+fn new_region(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("region.img")
+}
+
+#[test]
+fn capacity_is_the_region_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "48M"]);
+    let client = Client::connect(&daxd.socket, 1, false).unwrap();
+    assert_eq!(client.capacity, 48 * MIB);
+    drop(client);
+    assert!(daxd.terminate().success());
+}
+
+#[test]
+fn random_reads_and_writes_match_a_model_and_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let size = 32 * MIB;
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "32M"]);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = SmallRng::seed_from_u64(0xda7d);
+    let q = client.q();
+    for op in 0..600u64 {
+        let sectors = rng.random_range(1..=512u64); // 512 B ..= 256 KiB
+        let len = (sectors * 512) as usize;
+        let offset = rng.random_range(0..=(size / 512 - sectors)) * 512;
+        if rng.random_bool(0.5) {
+            let data = pattern(op, len);
+            q.write(offset, &data).unwrap();
+            model[offset as usize..offset as usize + len].copy_from_slice(&data);
+        } else {
+            let got = q.read(offset, len).unwrap();
+            assert!(
+                got == model[offset as usize..offset as usize + len],
+                "op {op}: read of {len} bytes at {offset} differs from what was written"
+            );
+        }
+    }
+    q.flush().unwrap();
+    // The host sees the same bytes at the same offsets of the region file.
+    let file = std::fs::read(&region).unwrap();
+    assert_eq!(file.len(), model.len());
+    if let Some(at) = file.iter().zip(&model).position(|(a, b)| a != b) {
+        panic!("region file differs from the model at byte {at}");
+    }
+    drop(client);
+    assert!(daxd.terminate().success());
+}
+
+#[test]
+fn writes_land_at_their_offsets_in_the_file_after_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "8M"]);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    let q = client.q();
+    let cases = [
+        (0u64, 512usize),
+        (4096, 4096),
+        (MIB + 512, 3 * 512),
+        (8 * MIB - 65536, 65536),
+    ];
+    for (i, &(offset, len)) in cases.iter().enumerate() {
+        q.write(offset, &pattern(100 + i as u64, len)).unwrap();
+    }
+    q.flush().unwrap();
+    for (i, &(offset, len)) in cases.iter().enumerate() {
+        assert_eq!(
+            file_bytes(&region, offset, len),
+            pattern(100 + i as u64, len),
+            "file bytes at {offset}"
+        );
+    }
+    // Neighbours of a write are untouched.
+    assert_eq!(file_bytes(&region, 512, 512), vec![0; 512]);
+    assert_eq!(file_bytes(&region, MIB, 512), vec![0; 512]);
+    assert_eq!(file_bytes(&region, MIB + 2048, 512), vec![0; 512]);
+    drop(client);
+    assert!(daxd.terminate().success());
+}
+
+#[test]
+fn write_zeroes_and_discard_zero_and_deallocate_their_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "16M"]);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    let q = client.q();
+    for mib in 0..8u64 {
+        q.write(mib * MIB, &pattern(mib, MIB as usize)).unwrap();
+    }
+    q.flush().unwrap();
+    let blocks_before = std::fs::metadata(&region).unwrap().blocks();
+
+    q.discard(MIB, 2 * MIB).unwrap();
+    q.write_zeroes(4 * MIB, MIB, true).unwrap();
+    q.write_zeroes(6 * MIB + 4096, 8192, false).unwrap();
+    q.flush().unwrap();
+
+    for (offset, len) in [(MIB, 2 * MIB), (4 * MIB, MIB), (6 * MIB + 4096, 8192)] {
+        assert!(q
+            .read(offset, MIB.min(len) as usize)
+            .unwrap()
+            .iter()
+            .all(|&b| b == 0));
+        assert!(
+            file_bytes(&region, offset, len as usize)
+                .iter()
+                .all(|&b| b == 0),
+            "file range {offset}+{len} not zero"
+        );
+    }
+    // Data around the zeroed ranges survives.
+    assert_eq!(q.read(0, MIB as usize).unwrap(), pattern(0, MIB as usize));
+    assert_eq!(
+        q.read(3 * MIB, MIB as usize).unwrap(),
+        pattern(3, MIB as usize)
+    );
+    assert_eq!(
+        q.read(6 * MIB, 4096).unwrap(),
+        pattern(6, MIB as usize)[..4096].to_vec()
+    );
+    assert_eq!(
+        q.read(6 * MIB + 12288, 4096).unwrap(),
+        pattern(6, MIB as usize)[12288..16384].to_vec()
+    );
+    // Discard and write-zeroes with unmap deallocated their ranges: they are holes in
+    // the file now, and the file uses less space.
+    assert_eq!(
+        next_data(&region, MIB),
+        3 * MIB,
+        "discarded range is not a hole"
+    );
+    assert_eq!(
+        next_data(&region, 4 * MIB),
+        5 * MIB,
+        "unmapped zeroes are not a hole"
+    );
+    assert!(std::fs::metadata(&region).unwrap().blocks() < blocks_before);
+    drop(client);
+    assert!(daxd.terminate().success());
+}
+
+/// `lseek(SEEK_DATA)`: the first byte at or after `offset` that is not in a hole.
+fn next_data(path: &std::path::Path, offset: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek on a descriptor we own; it touches no memory.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    assert!(at >= 0, "lseek: {}", std::io::Error::last_os_error());
+    at as u64
+}
+
+#[test]
+fn requests_past_the_end_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "4M"]);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    let end = client.capacity;
+    let q = client.q();
+    assert_eq!(q.read(end, 512), Err(EIO));
+    assert_eq!(q.read(end - 512, 1024), Err(EIO));
+    assert_eq!(q.write(end, &[1; 512]), Err(EIO));
+    assert_eq!(q.write(end - 4096, &[1; 8192]), Err(EIO));
+    assert_eq!(q.discard(end - 4096, 8192), Err(EIO));
+    assert_eq!(q.write_zeroes(end, 4096, false), Err(EIO));
+    // The last sector is inside.
+    q.write(end - 512, &[7; 512]).unwrap();
+    assert_eq!(q.read(end - 512, 512).unwrap(), vec![7; 512]);
+    q.flush().unwrap();
+    assert_eq!(file_bytes(&region, end - 4096, 3584), vec![0; 3584]);
+    drop(client);
+    assert!(daxd.terminate().success());
+}
+
+#[test]
+fn read_only_device_is_reported_and_never_changes_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    std::fs::write(&region, pattern(9, 4 * MIB as usize)).unwrap();
+    let daxd = Daxd::start(dir.path(), &region, &["--read-only"]);
+    // A client that wants to write is told the device is read-only (VIRTIO_BLK_F_RO).
+    let err = Client::connect(&daxd.socket, 1, false)
+        .err()
+        .expect("RO not reported");
+    assert!(err.message().contains("read-only"), "{}", err.message());
+    let mut client = Client::connect(&daxd.socket, 1, true).unwrap();
+    let q = client.q();
+    assert_eq!(
+        q.read(MIB, 4096).unwrap(),
+        pattern(9, 4 * MIB as usize)[MIB as usize..][..4096]
+    );
+    assert!(q.write(0, &[0; 512]).is_err());
+    q.flush().unwrap();
+    drop(client);
+    assert!(daxd.terminate().success());
+    assert_eq!(
+        std::fs::read(&region).unwrap(),
+        pattern(9, 4 * MIB as usize)
+    );
+}
+
+#[test]
+fn queues_serve_concurrent_threads() {
+    const QUEUES: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "24M", "--num-queues", "3"]);
+    let client = Client::connect(&daxd.socket, QUEUES, false).unwrap();
+    let Client { blkio, queues, .. } = client;
+    let start = Arc::new(Barrier::new(QUEUES));
+    let workers: Vec<_> = queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut q)| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                // Each thread owns an 8 MiB slice of the disk and rewrites it in rounds.
+                let base = i as u64 * 8 * MIB;
+                start.wait();
+                for round in 0..4u64 {
+                    for chunk in 0..8u64 {
+                        let seed = (i as u64) << 32 | round << 8 | chunk;
+                        q.write(base + chunk * MIB, &pattern(seed, QUEUE_BUF))
+                            .unwrap();
+                    }
+                    for chunk in 0..8u64 {
+                        let seed = (i as u64) << 32 | round << 8 | chunk;
+                        assert_eq!(
+                            q.read(base + chunk * MIB, QUEUE_BUF).unwrap(),
+                            pattern(seed, QUEUE_BUF),
+                            "queue {i} round {round} chunk {chunk}"
+                        );
+                    }
+                }
+                q.flush().unwrap();
+                q
+            })
+        })
+        .collect();
+    let queues: Vec<_> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    for i in 0..QUEUES as u64 {
+        for chunk in 0..8u64 {
+            let seed = i << 32 | 3 << 8 | chunk;
+            assert_eq!(
+                file_bytes(&region, i * 8 * MIB + chunk * MIB, QUEUE_BUF),
+                pattern(seed, QUEUE_BUF)
+            );
+        }
+    }
+    drop(queues);
+    drop(blkio);
+    assert!(daxd.terminate().success());
+}
+
+#[test]
+fn a_reconnecting_client_finds_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "8M", "--num-queues", "2"]);
+    let mut first = Client::connect(&daxd.socket, 2, false).unwrap();
+    first.q().write(3 * MIB, &pattern(77, 65536)).unwrap();
+    drop(first); // disconnect without a flush
+    for attempt in 0..3 {
+        let mut next = Client::connect(&daxd.socket, 1, false)
+            .unwrap_or_else(|e| panic!("connection {attempt} after a disconnect: {}", e.message()));
+        assert_eq!(next.q().read(3 * MIB, 65536).unwrap(), pattern(77, 65536));
+        next.q().write(0, &pattern(attempt, 4096)).unwrap();
+    }
+    assert!(daxd.terminate().success());
+    assert_eq!(file_bytes(&region, 0, 4096), pattern(2, 4096));
+}
+
+#[test]
+fn sigterm_flushes_removes_the_socket_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let daxd = Daxd::start(dir.path(), &region, &["--size", "4M"]);
+    let socket = daxd.socket.clone();
+    let mut client = Client::connect(&socket, 1, false).unwrap();
+    client.q().write(4096, &pattern(5, 8192)).unwrap();
+    // Terminated while a client is still connected.
+    let status = daxd.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "socket left behind");
+    assert_eq!(file_bytes(&region, 4096, 8192), pattern(5, 8192));
+}
+
+#[test]
+fn serves_an_inherited_listening_socket() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let socket = dir.path().join("inherited.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let fd = listener.as_raw_fd();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_daxd"));
+    command.args([
+        "--region",
+        region.to_str().unwrap(),
+        "--size",
+        "4M",
+        "--fd",
+        "3",
+    ]);
+    let place_listener_at_fd_3 = move || {
+        let ret = if fd == 3 {
+            // SAFETY: clears close-on-exec on fd 3, which is the listener; no memory involved.
+            unsafe { libc::fcntl(3, libc::F_SETFD, 0) }
+        } else {
+            // SAFETY: duplicates the listener onto fd 3 (the copy has no close-on-exec).
+            unsafe { libc::dup2(fd, 3) }
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (fcntl, dup2), allocating nothing.
+    unsafe { command.pre_exec(place_listener_at_fd_3) };
+    let daxd = Daxd::spawn(command, socket.clone(), &region, false);
+    drop(listener); // daxd holds the only copy now
+    let mut client = Client::connect(&socket, 1, false).unwrap();
+    client.q().write(0, &pattern(1, 4096)).unwrap();
+    assert_eq!(client.q().read(0, 4096).unwrap(), pattern(1, 4096));
+    drop(client);
+    assert!(daxd.terminate().success());
+}
+
+#[test]
+fn bad_start_up_configurations_fail_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    std::fs::write(&region, vec![0u8; 8192]).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let sock = dir.path().join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let r = region.to_str().unwrap();
+
+    let (status, err) = run(&["--region", r, "--size", "1M", "--socket-path", sock]);
+    assert!(!status.success());
+    assert!(err.contains("--resize"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&region).unwrap().len(),
+        8192,
+        "file was resized"
+    );
+
+    let missing = dir.path().join("missing.img");
+    let (status, err) = run(&["--region", missing.to_str().unwrap(), "--socket-path", sock]);
+    assert!(!status.success());
+    assert!(err.contains("--size"), "{err}");
+
+    let (status, err) = run(&[
+        "--region",
+        r,
+        "--socket-path",
+        sock,
+        "--serial",
+        "this-serial-is-too-long",
+    ]);
+    assert!(!status.success());
+    assert!(err.contains("20 bytes"), "{err}");
+
+    let (status, err) = run(&["--region", r, "--fd", "0"]);
+    assert!(!status.success());
+    assert!(err.contains("not a listening UNIX socket"), "{err}");
+
+    let (status, err) = run(&["--region", r, "--socket-path", sock, "--direct"]);
+    assert!(!status.success(), "MAP_SYNC on a non-DAX file system");
+    assert!(err.contains("DAX"), "{err}");
+
+    let (status, out) = {
+        let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+            .arg("--print-capabilities")
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    assert!(status.success());
+    assert!(out.contains(r#""type":"block""#), "{out}");
+}

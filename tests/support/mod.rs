@@ -1,0 +1,277 @@
+//! Shared by the end-to-end suites: start the real daxd binary, and drive a vhost-user-blk
+//! backend with the `blkio` crate's `virtio-blk-vhost-user` driver (a client nobody here
+//! wrote).
+
+#![allow(dead_code)]
+
+use std::mem::MaybeUninit;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+
+/// Bytes of buffer each queue handle owns; the largest single request the suites send.
+pub const QUEUE_BUF: usize = 1 << 20;
+
+/// A running daxd process, terminated (SIGKILL) on drop if a test did not stop it.
+pub struct Daxd {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub region: PathBuf,
+}
+
+impl Daxd {
+    /// Starts daxd serving `region` on `dir/blk.sock` with `extra` arguments and waits
+    /// until it accepts connections.
+    pub fn start(dir: &Path, region: &Path, extra: &[&str]) -> Daxd {
+        let socket = dir.join("blk.sock");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_daxd"));
+        command
+            .arg("--region")
+            .arg(region)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(extra)
+            .stdin(Stdio::null());
+        Self::spawn(command, socket, region, true)
+    }
+
+    /// Starts daxd with exactly `command`'s arguments. With `wait_for_socket` set, waits for
+    /// `socket` to accept connections.
+    pub fn spawn(
+        mut command: Command,
+        socket: PathBuf,
+        region: &Path,
+        wait_for_socket: bool,
+    ) -> Daxd {
+        let child = command.spawn().expect("start daxd");
+        let mut daxd = Daxd {
+            child: Some(child),
+            socket,
+            region: region.to_owned(),
+        };
+        if wait_for_socket {
+            daxd.wait_until_listening();
+        }
+        daxd
+    }
+
+    fn wait_until_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                // That probe was a connection of its own: daxd serves it (it ends at once)
+                // and goes back to accepting. Nothing else to wait for.
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daxd exited before listening: {status}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "daxd did not listen on {} within 20 s",
+            self.socket.display()
+        );
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_with_timeout(&mut child, Duration::from_secs(20))
+    }
+
+    /// Waits for daxd to exit on its own (for runs expected to fail at start-up).
+    pub fn wait(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        wait_with_timeout(&mut child, Duration::from_secs(20))
+    }
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let status = child.wait().unwrap();
+            panic!("daxd did not exit within {timeout:?} (killed: {status:?})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Daxd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let status = child.wait();
+            if let Ok(status) = status {
+                if status.signal() != Some(9) && !std::thread::panicking() {
+                    eprintln!("daxd had already exited: {status}");
+                }
+            }
+        }
+    }
+}
+
+/// A connected, started blkio client.
+pub struct Client {
+    pub blkio: Blkio,
+    pub queues: Vec<QueueHandle>,
+    pub capacity: u64,
+}
+
+/// One queue and the part of the client's buffer region that is its own.
+pub struct QueueHandle {
+    q: Blkioq,
+    buf: *mut u8,
+    completions: Vec<MaybeUninit<Completion>>,
+}
+
+// SAFETY: `buf` points into a memory region owned by the Blkio instance, which outlives
+// the handle in every suite; only the handle's owner touches its part of it.
+unsafe impl Send for QueueHandle {}
+
+impl Client {
+    /// Connects to `socket` with `num_queues` queues.
+    pub fn connect(
+        socket: &Path,
+        num_queues: usize,
+        read_only: bool,
+    ) -> Result<Client, blkio::Error> {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+        blkio.set_str("path", socket.to_str().unwrap())?;
+        blkio.set_bool("read-only", read_only)?;
+        blkio.connect()?;
+        blkio.set_i32("num-queues", num_queues as i32)?;
+        let started = blkio.start()?;
+        let capacity = blkio.get_u64("capacity")?;
+        let region = blkio.alloc_mem_region(QUEUE_BUF * num_queues)?;
+        blkio.map_mem_region(&region)?;
+        let queues = started
+            .queues
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| QueueHandle {
+                q,
+                buf: (region.addr + i * QUEUE_BUF) as *mut u8,
+                completions: (0..64).map(|_| MaybeUninit::uninit()).collect(),
+            })
+            .collect();
+        let _: &MemoryRegion = &region;
+        Ok(Client {
+            blkio,
+            queues,
+            capacity,
+        })
+    }
+
+    pub fn q(&mut self) -> &mut QueueHandle {
+        &mut self.queues[0]
+    }
+}
+
+/// The result of one request: 0 or a negative errno.
+pub type Ret = i32;
+
+impl QueueHandle {
+    fn buf(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= QUEUE_BUF);
+        // SAFETY: `buf` is the start of this handle's QUEUE_BUF bytes of a mapped blkio
+        // memory region that lives as long as the client; no request is in flight while
+        // the slice exists (requests here are submitted and completed synchronously).
+        unsafe { std::slice::from_raw_parts_mut(self.buf, len) }
+    }
+
+    /// Waits for the one outstanding request and returns its result.
+    fn complete(&mut self) -> Ret {
+        let mut timeout = Duration::from_secs(30);
+        let n = self
+            .q
+            .do_io(&mut self.completions[..1], 1, Some(&mut timeout), None)
+            .expect("do_io");
+        assert_eq!(n, 1, "request did not complete within 30 s");
+        // SAFETY: do_io initialised the first `n` (= 1) completions.
+        let completion = unsafe { self.completions[0].assume_init_read() };
+        completion.ret
+    }
+
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, Ret> {
+        let buf = self.buf(len).as_mut_ptr();
+        self.q.read(offset, buf, len, 0, ReqFlags::empty());
+        match self.complete() {
+            0 => Ok(self.buf(len).to_vec()),
+            err => Err(err),
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), Ret> {
+        self.buf(data.len()).copy_from_slice(data);
+        let buf = self.buf(data.len()).as_ptr();
+        self.q.write(offset, buf, data.len(), 0, ReqFlags::empty());
+        match self.complete() {
+            0 => Ok(()),
+            err => Err(err),
+        }
+    }
+
+    pub fn flush(&mut self) -> Result<(), Ret> {
+        self.q.flush(0, ReqFlags::empty());
+        match self.complete() {
+            0 => Ok(()),
+            err => Err(err),
+        }
+    }
+
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<(), Ret> {
+        self.q.discard(offset, len, 0, ReqFlags::empty());
+        match self.complete() {
+            0 => Ok(()),
+            err => Err(err),
+        }
+    }
+
+    /// Write-zeroes; `unmap` lets the device deallocate the range.
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), Ret> {
+        let flags = if unmap {
+            ReqFlags::empty()
+        } else {
+            ReqFlags::NO_UNMAP
+        };
+        self.q.write_zeroes(offset, len, 0, flags);
+        match self.complete() {
+            0 => Ok(()),
+            err => Err(err),
+        }
+    }
+}
+
+/// Bytes `offset..offset+len` of a file, as the host sees them.
+pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).unwrap();
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0; len];
+    file.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// A deterministic pattern that differs per `seed` and per byte position.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
