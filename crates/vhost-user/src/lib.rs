@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::{info, warn};
-use vhost::vhost_user::Listener;
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -126,7 +126,10 @@ pub fn serve_blk(listener: &mut Listener, device: Arc<BlkDevice>) -> Result<(), 
             .map_err(|e| ServeError::Accept(e.to_string()))?;
         info!("blk: frontend connected (connection {connection})");
         match daemon.wait() {
-            Ok(()) => info!("blk: frontend disconnected (connection {connection})"),
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("blk: frontend disconnected (connection {connection})"),
             Err(e) => warn!("blk: connection {connection} ended: {e}"),
         }
         // Dropping the daemon stops and joins its queue workers.

@@ -1,0 +1,452 @@
+//! daxd-bench: daxd against qemu-storage-daemon's vhost-user-blk export, on one file, with
+//! one client (libblkio's `virtio-blk-vhost-user` driver), runs alternating A B A B.
+//!
+//! Each run starts the backend fresh on the same prefilled file, connects one client
+//! thread per queue with a fixed number of requests in flight and preallocated buffers,
+//! and measures for a fixed time after a short warm-up. Ratios are medians over the A/B
+//! pairs of the same invocation, so they compare like with like on a noisy machine.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::mem::MaybeUninit;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(about = "Benchmark daxd against qemu-storage-daemon (vhost-user-blk) with the same blkio client")]
+struct Args {
+    /// Size of the benchmark file (K/M/G suffix).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Seconds measured per run (after a 0.5 s warm-up).
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// A/B pairs per workload.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Workloads to run (comma separated names; default all). See --list.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// List the workloads and exit.
+    #[arg(long)]
+    list: bool,
+    /// Directory for the benchmark file, sockets and results.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    /// daxd binary (default: the daxd next to this program).
+    #[arg(long)]
+    daxd: Option<PathBuf>,
+    /// qemu-storage-daemon binary.
+    #[arg(long, default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let (digits, shift) = match text.chars().last() {
+        Some('K' | 'k') => (&text[..text.len() - 1], 10),
+        Some('M' | 'm') => (&text[..text.len() - 1], 20),
+        Some('G' | 'g') => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    digits
+        .parse::<u64>()
+        .map(|n| n << shift)
+        .map_err(|e| format!("{text}: {e}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    RandRead,
+    RandWrite,
+    SeqRead,
+    SeqWrite,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Workload {
+    name: &'static str,
+    kind: Kind,
+    block: usize,
+    depth: usize,
+    queues: usize,
+    /// Send a FLUSH after every this many writes (0: never).
+    flush_every: u32,
+}
+
+const fn w(name: &'static str, kind: Kind, block: usize, depth: usize, queues: usize, flush_every: u32) -> Workload {
+    Workload { name, kind, block, depth, queues, flush_every }
+}
+
+const WORKLOADS: &[Workload] = &[
+    w("randread-4k-qd1", Kind::RandRead, 4096, 1, 1, 0),
+    w("randread-4k-qd32", Kind::RandRead, 4096, 32, 1, 0),
+    w("randwrite-4k-qd1", Kind::RandWrite, 4096, 1, 1, 0),
+    w("randwrite-4k-qd32", Kind::RandWrite, 4096, 32, 1, 0),
+    w("seqread-128k-qd8", Kind::SeqRead, 128 << 10, 8, 1, 0),
+    w("seqwrite-128k-qd8", Kind::SeqWrite, 128 << 10, 8, 1, 0),
+    w("randread-4k-qd32-2q", Kind::RandRead, 4096, 32, 2, 0),
+    w("randwrite-4k-qd32-2q", Kind::RandWrite, 4096, 32, 2, 0),
+    w("seqread-128k-qd8-2q", Kind::SeqRead, 128 << 10, 8, 2, 0),
+    w("flushwrite-4k-qd8-every16", Kind::RandWrite, 4096, 8, 1, 16),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Backend {
+    Daxd,
+    Qsd,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Daxd => "daxd",
+            Backend::Qsd => "qsd",
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Default)]
+struct RunStats {
+    ops: u64,
+    bytes: u64,
+    elapsed: f64,
+    latencies_ns: Vec<u32>,
+}
+
+impl RunStats {
+    fn iops(&self) -> f64 {
+        self.ops as f64 / self.elapsed
+    }
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / self.elapsed / (1 << 20) as f64
+    }
+    fn percentile_us(&mut self, p: f64) -> f64 {
+        if self.latencies_ns.is_empty() {
+            return f64::NAN;
+        }
+        self.latencies_ns.sort_unstable();
+        let i = ((self.latencies_ns.len() - 1) as f64 * p).round() as usize;
+        f64::from(self.latencies_ns[i]) / 1000.0
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if args.list {
+        for w in WORKLOADS {
+            println!("{}", w.name);
+        }
+        return;
+    }
+    let selected: Vec<Workload> = if args.workloads.is_empty() {
+        WORKLOADS.to_vec()
+    } else {
+        args.workloads
+            .iter()
+            .map(|name| {
+                *WORKLOADS
+                    .iter()
+                    .find(|w| w.name == name)
+                    .unwrap_or_else(|| panic!("unknown workload {name}; see --list"))
+            })
+            .collect()
+    };
+    let daxd = args.daxd.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .expect("own path")
+            .with_file_name("daxd")
+    });
+    assert!(daxd.exists(), "{} not found: build it with cargo build --release -p daxd", daxd.display());
+    std::fs::create_dir_all(&args.dir).expect("create the benchmark directory");
+    let file = args.dir.join("bench.img");
+    prefill(&file, args.size);
+
+    let csv_path = args.dir.join("results.csv");
+    let mut csv = String::from("workload,backend,round,iops,mib_s,p50_us,p99_us\n");
+    println!(
+        "{} per run, {} A/B pairs, file {} ({} MiB, prefilled, host page cache for both: \
+         daxd maps it shared; qsd uses aio=io_uring,cache.direct=off)",
+        args.seconds,
+        args.rounds,
+        file.display(),
+        args.size >> 20
+    );
+    println!(
+        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "workload", "daxd IOPS", "qsd IOPS", "daxd MiB", "qsd MiB", "d p50us", "q p50us", "d p99us", "q p99us", "ratio"
+    );
+    for workload in &selected {
+        let mut pairs: Vec<(RunStats, RunStats)> = Vec::new();
+        for round in 0..args.rounds {
+            let mut runs = [Backend::Daxd, Backend::Qsd].map(|backend| {
+                let stats = run(&args, &daxd, &file, backend, workload, round);
+                stats
+            });
+            for (backend, stats) in [Backend::Daxd, Backend::Qsd].iter().zip(runs.iter_mut()) {
+                let _ = writeln!(
+                    csv,
+                    "{},{},{},{:.0},{:.1},{:.1},{:.1}",
+                    workload.name,
+                    backend.name(),
+                    round,
+                    stats.iops(),
+                    stats.mib_s(),
+                    stats.percentile_us(0.5),
+                    stats.percentile_us(0.99)
+                );
+            }
+            let [a, b] = runs;
+            pairs.push((a, b));
+        }
+        report(workload, &mut pairs);
+    }
+    std::fs::write(&csv_path, csv).expect("write results");
+    println!("results: {}", csv_path.display());
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) {
+    let ratio = median(pairs.iter().map(|(d, q)| d.iops() / q.iops()).collect());
+    let mut med = |f: &mut dyn FnMut(&mut RunStats) -> f64, daxd: bool| {
+        median(
+            pairs
+                .iter_mut()
+                .map(|(d, q)| if daxd { f(d) } else { f(q) })
+                .collect(),
+        )
+    };
+    println!(
+        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x",
+        workload.name,
+        med(&mut |s| s.iops(), true),
+        med(&mut |s| s.iops(), false),
+        med(&mut |s| s.mib_s(), true),
+        med(&mut |s| s.mib_s(), false),
+        med(&mut |s| s.percentile_us(0.5), true),
+        med(&mut |s| s.percentile_us(0.5), false),
+        med(&mut |s| s.percentile_us(0.99), true),
+        med(&mut |s| s.percentile_us(0.99), false),
+        ratio
+    );
+    let _ = std::io::stdout().flush();
+}
+
+/// Writes the whole file once so reads hit data, not holes, for both backends.
+fn prefill(file: &Path, size: u64) {
+    if std::fs::metadata(file).map(|m| m.len() == size).unwrap_or(false) {
+        return;
+    }
+    let _ = std::fs::remove_file(file);
+    let mut out = std::fs::File::create(file).expect("create the benchmark file");
+    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    for _ in 0..size >> 20 {
+        out.write_all(&chunk).expect("prefill");
+    }
+    out.sync_all().expect("sync the benchmark file");
+}
+
+fn start_backend(args: &Args, daxd: &Path, file: &Path, backend: Backend, queues: usize) -> (Child, PathBuf) {
+    let socket = args.dir.join(format!("{}.sock", backend.name()));
+    let _ = std::fs::remove_file(&socket);
+    let mut command = match backend {
+        Backend::Daxd => {
+            let mut c = Command::new(daxd);
+            c.arg("--region")
+                .arg(file)
+                .arg("--socket-path")
+                .arg(&socket)
+                .arg("--num-queues")
+                .arg(queues.to_string())
+                .env("RUST_LOG", "warn");
+            c
+        }
+        Backend::Qsd => {
+            let mut c = Command::new(&args.qsd);
+            c.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=off",
+                    file.display()
+                ))
+                .arg("--export")
+                .arg(format!(
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                    socket.display()
+                ));
+            c
+        }
+    };
+    let mut child = command
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", backend.name()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while UnixStream::connect(&socket).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{} exited at start-up: {status}", backend.name());
+        }
+        assert!(Instant::now() < deadline, "{} did not listen", backend.name());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The probe connection above is served and dropped by the backend before the next
+    // accept; give it a moment so the client's connection is not the one refused.
+    std::thread::sleep(Duration::from_millis(100));
+    (child, socket)
+}
+
+fn run(args: &Args, daxd: &Path, file: &Path, backend: Backend, workload: &Workload, round: usize) -> RunStats {
+    let (mut child, socket) = start_backend(args, daxd, file, backend, workload.queues);
+    let stats = drive(&socket, workload, args.seconds, round as u64);
+    // SAFETY: kill(2) on our own, not yet reaped child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    stats
+}
+
+/// Runs the workload from one thread per queue and merges their numbers.
+fn drive(socket: &Path, workload: &Workload, seconds: f64, seed: u64) -> RunStats {
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
+    blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+    blkio.connect().unwrap_or_else(|e| panic!("connect: {}", e.message()));
+    blkio.set_i32("num-queues", workload.queues as i32).unwrap();
+    let started = blkio.start().unwrap_or_else(|e| panic!("start: {}", e.message()));
+    let capacity = blkio.get_u64("capacity").unwrap();
+    let per_queue = workload.depth * workload.block;
+    let region = blkio
+        .alloc_mem_region((per_queue * workload.queues).next_multiple_of(4096))
+        .unwrap();
+    blkio.map_mem_region(&region).unwrap();
+
+    let warmup = Duration::from_millis(500);
+    let measure = Duration::from_secs_f64(seconds);
+    let begin = Instant::now() + Duration::from_millis(50);
+    let threads: Vec<_> = started
+        .queues
+        .into_iter()
+        .enumerate()
+        .map(|(i, q)| {
+            let workload = *workload;
+            let buf = region.addr + i * per_queue;
+            std::thread::spawn(move || {
+                queue_loop(q, buf, &workload, capacity, begin, warmup, measure, seed * 1000 + i as u64)
+            })
+        })
+        .collect();
+    let mut total = RunStats::default();
+    for t in threads {
+        let s = t.join().expect("queue thread");
+        total.ops += s.ops;
+        total.bytes += s.bytes;
+        total.elapsed = s.elapsed.max(total.elapsed);
+        total.latencies_ns.extend(s.latencies_ns);
+    }
+    total
+}
+
+#[allow(clippy::too_many_arguments)]
+fn queue_loop(
+    mut q: Blkioq,
+    buf: usize,
+    w: &Workload,
+    capacity: u64,
+    begin: Instant,
+    warmup: Duration,
+    measure: Duration,
+    seed: u64,
+) -> RunStats {
+    let blocks = capacity / w.block as u64;
+    let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next_offset = |slot: usize, n: u64| -> u64 {
+        match w.kind {
+            Kind::RandRead | Kind::RandWrite => {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                (rng % blocks) * w.block as u64
+            }
+            Kind::SeqRead | Kind::SeqWrite => ((n * w.depth as u64 + slot as u64) % blocks) * w.block as u64,
+        }
+    };
+    let is_write = matches!(w.kind, Kind::RandWrite | Kind::SeqWrite);
+    let mut started_at = vec![Instant::now(); w.depth];
+    let mut is_flush = vec![false; w.depth];
+    let mut issued = vec![0u64; w.depth];
+    let mut writes = 0u32;
+    let mut completions: Vec<MaybeUninit<Completion>> = (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    let mut stats = RunStats {
+        latencies_ns: Vec::with_capacity(1 << 20),
+        ..RunStats::default()
+    };
+
+    while Instant::now() < begin {
+        std::hint::spin_loop();
+    }
+    let measure_from = begin + warmup;
+    let end = measure_from + measure;
+
+    let submit = |q: &mut Blkioq, slot: usize, offset: u64, flush: bool| {
+        let ptr = (buf + slot * w.block) as *mut u8;
+        if flush {
+            q.flush(slot, ReqFlags::empty());
+        } else if is_write {
+            q.write(offset, ptr, w.block, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, ptr, w.block, slot, ReqFlags::empty());
+        }
+    };
+    for slot in 0..w.depth {
+        let offset = next_offset(slot, 0);
+        issued[slot] = 1;
+        started_at[slot] = Instant::now();
+        submit(&mut q, slot, offset, false);
+    }
+    let mut in_flight = w.depth;
+    let mut stop = false;
+    while in_flight > 0 {
+        let n = q
+            .do_io(&mut completions, 1, None, None)
+            .unwrap_or_else(|e| panic!("do_io: {}", e.message()));
+        let now = Instant::now();
+        if now >= end {
+            stop = true;
+        }
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first `n` completions.
+            let c = unsafe { c.assume_init_read() };
+            assert!(c.ret == 0, "request failed: {}", c.ret);
+            let slot = c.user_data;
+            if now >= measure_from && now < end && !is_flush[slot] {
+                stats.ops += 1;
+                stats.bytes += w.block as u64;
+                let ns = now.duration_since(started_at[slot]).as_nanos();
+                stats.latencies_ns.push(ns.min(u128::from(u32::MAX)) as u32);
+            }
+            if stop {
+                in_flight -= 1;
+                continue;
+            }
+            let flush = if is_write && w.flush_every > 0 && !is_flush[slot] {
+                writes += 1;
+                writes % w.flush_every == 0
+            } else {
+                false
+            };
+            is_flush[slot] = flush;
+            let offset = next_offset(slot, issued[slot]);
+            issued[slot] += 1;
+            started_at[slot] = now;
+            submit(&mut q, slot, offset, flush);
+        }
+    }
+    stats.elapsed = measure.as_secs_f64();
+    stats
+}
