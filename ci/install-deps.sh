@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
-# Installs what the test suites need on a fresh Debian bookworm machine. Idempotent: does
-# nothing when everything is present.
+# Installs what the test suites need on a fresh Debian bookworm machine (as root):
+# qemu-storage-daemon (peer backend), QEMU 10.0 from bookworm-backports (real guests),
+# fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools), and
+# the tools ci/build-guest.sh uses. Idempotent: installs nothing when all is present.
 set -euo pipefail
 
-need=()
-command -v cc >/dev/null || need+=(gcc)
-command -v qemu-storage-daemon >/dev/null || need+=(qemu-utils)
+backports=/etc/apt/sources.list.d/daxd-bookworm-backports.sources
+apt_opts=(-o Acquire::Check-Valid-Until=false -o Dpkg::Use-Pty=0)
 
+qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null &&
+        qemu-system-x86_64 --version | grep -qE 'version (10|[1-9][1-9])\.'
+}
+
+need=()
+for tool in cc:gcc qemu-storage-daemon:qemu-utils fio:fio e2fsck:e2fsprogs debugfs:e2fsprogs \
+    blkdiscard:util-linux depmod:kmod cpio:cpio xz:xz-utils; do
+    command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
+done
+qemu_ok || need+=(qemu-system-x86)
+
+# Kernels for the test guest and QEMU 10.0 come from bookworm-backports.
+if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    cat > "$backports" <<'SOURCES'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SOURCES
+fi
+export DEBIAN_FRONTEND=noninteractive
+if ((${#need[@]})) || ! apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-amd64$' | grep -q .; then
+    apt-get "${apt_opts[@]}" update -qq
+fi
 if ((${#need[@]})); then
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get -o Acquire::Check-Valid-Until=false update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}"
+    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends -t bookworm-backports "${need[@]}"
 fi

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The project's test command (README "Testing"): unit tests, the blkio end-to-end suite
-# against the real daxd binary, then the guest suite where it exists.
+# The project's test command (README "Test"): installs what is missing, runs the unit
+# tests and the blkio end-to-end suite (cargo test --workspace), builds the test guest
+# and runs the real-guest suite under QEMU against daxd and against qemu-storage-daemon.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-"$(dirname "$0")/install-deps.sh"
-
+ci/install-deps.sh
 cargo build --workspace --all-targets
 cargo test --workspace
+ci/build-guest.sh >/dev/null
+cargo test -p daxd --test guest_blk -- --ignored --test-threads=1

@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use support::{file_bytes, pattern, Client, Daxd, QUEUE_BUF};
+use support::{file_bytes, pattern, Backend, Client, QUEUE_BUF};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -5;
@@ -23,7 +23,7 @@ fn new_region(dir: &tempfile::TempDir) -> std::path::PathBuf {
 fn capacity_is_the_region_size() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "48M"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "48M"]);
     let client = Client::connect(&daxd.socket, 1, false).unwrap();
     assert_eq!(client.capacity, 48 * MIB);
     drop(client);
@@ -35,7 +35,7 @@ fn random_reads_and_writes_match_a_model_and_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
     let size = 32 * MIB;
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "32M"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "32M"]);
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     let mut model = vec![0u8; size as usize];
     let mut rng = SmallRng::seed_from_u64(0xda7d);
@@ -71,7 +71,7 @@ fn random_reads_and_writes_match_a_model_and_the_file() {
 fn writes_land_at_their_offsets_in_the_file_after_flush() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "8M"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "8M"]);
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     let q = client.q();
     let cases = [
@@ -103,7 +103,7 @@ fn writes_land_at_their_offsets_in_the_file_after_flush() {
 fn write_zeroes_and_discard_zero_and_deallocate_their_ranges() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "16M"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "16M"]);
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     let q = client.q();
     for mib in 0..8u64 {
@@ -175,7 +175,7 @@ fn next_data(path: &std::path::Path, offset: u64) -> u64 {
 fn requests_past_the_end_fail() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "4M"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "4M"]);
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     let end = client.capacity;
     let q = client.q();
@@ -199,7 +199,7 @@ fn read_only_device_is_reported_and_never_changes_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
     std::fs::write(&region, pattern(9, 4 * MIB as usize)).unwrap();
-    let daxd = Daxd::start(dir.path(), &region, &["--read-only"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--read-only"]);
     // A client that wants to write is told the device is read-only (VIRTIO_BLK_F_RO).
     let err = Client::connect(&daxd.socket, 1, false)
         .err()
@@ -226,7 +226,7 @@ fn queues_serve_concurrent_threads() {
     const QUEUES: usize = 3;
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "24M", "--num-queues", "3"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "24M", "--num-queues", "3"]);
     let client = Client::connect(&daxd.socket, QUEUES, false).unwrap();
     let Client { blkio, queues, .. } = client;
     let start = Arc::new(Barrier::new(QUEUES));
@@ -278,7 +278,7 @@ fn queues_serve_concurrent_threads() {
 fn a_reconnecting_client_finds_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "8M", "--num-queues", "2"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "8M", "--num-queues", "2"]);
     let mut first = Client::connect(&daxd.socket, 2, false).unwrap();
     first.q().write(3 * MIB, &pattern(77, 65536)).unwrap();
     drop(first); // disconnect without a flush
@@ -296,7 +296,7 @@ fn a_reconnecting_client_finds_its_data() {
 fn sigterm_flushes_removes_the_socket_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
-    let daxd = Daxd::start(dir.path(), &region, &["--size", "4M"]);
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "4M"]);
     let socket = daxd.socket.clone();
     let mut client = Client::connect(&socket, 1, false).unwrap();
     client.q().write(4096, &pattern(5, 8192)).unwrap();
@@ -341,7 +341,7 @@ fn serves_an_inherited_listening_socket() {
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
     // functions (fcntl, dup2), allocating nothing.
     unsafe { command.pre_exec(place_listener_at_fd_3) };
-    let daxd = Daxd::spawn(command, socket.clone(), &region, false);
+    let daxd = Backend::spawn(command, socket.clone(), &region, false);
     drop(listener); // daxd holds the only copy now
     let mut client = Client::connect(&socket, 1, false).unwrap();
     client.q().write(0, &pattern(1, 4096)).unwrap();

@@ -13,19 +13,21 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
 /// Bytes of buffer each queue handle owns; the largest single request the suites send.
+pub mod guest;
+
 pub const QUEUE_BUF: usize = 1 << 20;
 
-/// A running daxd process, terminated (SIGKILL) on drop if a test did not stop it.
-pub struct Daxd {
+/// A running backend process (daxd or its peer), killed on drop if a test did not stop it.
+pub struct Backend {
     child: Option<Child>,
     pub socket: PathBuf,
     pub region: PathBuf,
 }
 
-impl Daxd {
+impl Backend {
     /// Starts daxd serving `region` on `dir/blk.sock` with `extra` arguments and waits
     /// until it accepts connections.
-    pub fn start(dir: &Path, region: &Path, extra: &[&str]) -> Daxd {
+    pub fn start_daxd(dir: &Path, region: &Path, extra: &[&str]) -> Backend {
         let socket = dir.join("blk.sock");
         let mut command = Command::new(env!("CARGO_BIN_EXE_daxd"));
         command
@@ -45,9 +47,9 @@ impl Daxd {
         socket: PathBuf,
         region: &Path,
         wait_for_socket: bool,
-    ) -> Daxd {
+    ) -> Backend {
         let child = command.spawn().expect("start daxd");
-        let mut daxd = Daxd {
+        let mut daxd = Backend {
             child: Some(child),
             socket,
             region: region.to_owned(),
@@ -107,7 +109,7 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
     }
 }
 
-impl Drop for Daxd {
+impl Drop for Backend {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

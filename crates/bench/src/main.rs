@@ -18,7 +18,9 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(about = "Benchmark daxd against qemu-storage-daemon (vhost-user-blk) with the same blkio client")]
+#[command(
+    about = "Benchmark daxd against qemu-storage-daemon (vhost-user-blk) with the same blkio client"
+)]
 struct Args {
     /// Size of the benchmark file (K/M/G suffix).
     #[arg(long, default_value = "1G", value_parser = parse_size)]
@@ -78,8 +80,22 @@ struct Workload {
     flush_every: u32,
 }
 
-const fn w(name: &'static str, kind: Kind, block: usize, depth: usize, queues: usize, flush_every: u32) -> Workload {
-    Workload { name, kind, block, depth, queues, flush_every }
+const fn w(
+    name: &'static str,
+    kind: Kind,
+    block: usize,
+    depth: usize,
+    queues: usize,
+    flush_every: u32,
+) -> Workload {
+    Workload {
+        name,
+        kind,
+        block,
+        depth,
+        queues,
+        flush_every,
+    }
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -162,7 +178,11 @@ fn main() {
             .expect("own path")
             .with_file_name("daxd")
     });
-    assert!(daxd.exists(), "{} not found: build it with cargo build --release -p daxd", daxd.display());
+    assert!(
+        daxd.exists(),
+        "{} not found: build it with cargo build --release -p daxd",
+        daxd.display()
+    );
     std::fs::create_dir_all(&args.dir).expect("create the benchmark directory");
     let file = args.dir.join("bench.img");
     prefill(&file, args.size);
@@ -179,15 +199,22 @@ fn main() {
     );
     println!(
         "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
-        "workload", "daxd IOPS", "qsd IOPS", "daxd MiB", "qsd MiB", "d p50us", "q p50us", "d p99us", "q p99us", "ratio"
+        "workload",
+        "daxd IOPS",
+        "qsd IOPS",
+        "daxd MiB",
+        "qsd MiB",
+        "d p50us",
+        "q p50us",
+        "d p99us",
+        "q p99us",
+        "ratio"
     );
     for workload in &selected {
         let mut pairs: Vec<(RunStats, RunStats)> = Vec::new();
         for round in 0..args.rounds {
-            let mut runs = [Backend::Daxd, Backend::Qsd].map(|backend| {
-                let stats = run(&args, &daxd, &file, backend, workload, round);
-                stats
-            });
+            let mut runs = [Backend::Daxd, Backend::Qsd]
+                .map(|backend| run(&args, &daxd, &file, backend, workload, round));
             for (backend, stats) in [Backend::Daxd, Backend::Qsd].iter().zip(runs.iter_mut()) {
                 let _ = writeln!(
                     csv,
@@ -243,19 +270,30 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) {
 
 /// Writes the whole file once so reads hit data, not holes, for both backends.
 fn prefill(file: &Path, size: u64) {
-    if std::fs::metadata(file).map(|m| m.len() == size).unwrap_or(false) {
+    if std::fs::metadata(file)
+        .map(|m| m.len() == size)
+        .unwrap_or(false)
+    {
         return;
     }
     let _ = std::fs::remove_file(file);
     let mut out = std::fs::File::create(file).expect("create the benchmark file");
-    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     for _ in 0..size >> 20 {
         out.write_all(&chunk).expect("prefill");
     }
     out.sync_all().expect("sync the benchmark file");
 }
 
-fn start_backend(args: &Args, daxd: &Path, file: &Path, backend: Backend, queues: usize) -> (Child, PathBuf) {
+fn start_backend(
+    args: &Args,
+    daxd: &Path,
+    file: &Path,
+    backend: Backend,
+    queues: usize,
+) -> (Child, PathBuf) {
     let socket = args.dir.join(format!("{}.sock", backend.name()));
     let _ = std::fs::remove_file(&socket);
     let mut command = match backend {
@@ -294,7 +332,11 @@ fn start_backend(args: &Args, daxd: &Path, file: &Path, backend: Backend, queues
         if let Ok(Some(status)) = child.try_wait() {
             panic!("{} exited at start-up: {status}", backend.name());
         }
-        assert!(Instant::now() < deadline, "{} did not listen", backend.name());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not listen",
+            backend.name()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // The probe connection above is served and dropped by the backend before the next
@@ -303,7 +345,14 @@ fn start_backend(args: &Args, daxd: &Path, file: &Path, backend: Backend, queues
     (child, socket)
 }
 
-fn run(args: &Args, daxd: &Path, file: &Path, backend: Backend, workload: &Workload, round: usize) -> RunStats {
+fn run(
+    args: &Args,
+    daxd: &Path,
+    file: &Path,
+    backend: Backend,
+    workload: &Workload,
+    round: usize,
+) -> RunStats {
     let (mut child, socket) = start_backend(args, daxd, file, backend, workload.queues);
     let stats = drive(&socket, workload, args.seconds, round as u64);
     // SAFETY: kill(2) on our own, not yet reaped child.
@@ -316,9 +365,13 @@ fn run(args: &Args, daxd: &Path, file: &Path, backend: Backend, workload: &Workl
 fn drive(socket: &Path, workload: &Workload, seconds: f64, seed: u64) -> RunStats {
     let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     blkio.set_str("path", socket.to_str().unwrap()).unwrap();
-    blkio.connect().unwrap_or_else(|e| panic!("connect: {}", e.message()));
+    blkio
+        .connect()
+        .unwrap_or_else(|e| panic!("connect: {}", e.message()));
     blkio.set_i32("num-queues", workload.queues as i32).unwrap();
-    let started = blkio.start().unwrap_or_else(|e| panic!("start: {}", e.message()));
+    let started = blkio
+        .start()
+        .unwrap_or_else(|e| panic!("start: {}", e.message()));
     let capacity = blkio.get_u64("capacity").unwrap();
     let per_queue = workload.depth * workload.block;
     let region = blkio
@@ -337,7 +390,16 @@ fn drive(socket: &Path, workload: &Workload, seconds: f64, seed: u64) -> RunStat
             let workload = *workload;
             let buf = region.addr + i * per_queue;
             std::thread::spawn(move || {
-                queue_loop(q, buf, &workload, capacity, begin, warmup, measure, seed * 1000 + i as u64)
+                queue_loop(
+                    q,
+                    buf,
+                    &workload,
+                    capacity,
+                    begin,
+                    warmup,
+                    measure,
+                    seed * 1000 + i as u64,
+                )
             })
         })
         .collect();
@@ -373,7 +435,9 @@ fn queue_loop(
                 rng ^= rng << 17;
                 (rng % blocks) * w.block as u64
             }
-            Kind::SeqRead | Kind::SeqWrite => ((n * w.depth as u64 + slot as u64) % blocks) * w.block as u64,
+            Kind::SeqRead | Kind::SeqWrite => {
+                ((n * w.depth as u64 + slot as u64) % blocks) * w.block as u64
+            }
         }
     };
     let is_write = matches!(w.kind, Kind::RandWrite | Kind::SeqWrite);
@@ -381,7 +445,8 @@ fn queue_loop(
     let mut is_flush = vec![false; w.depth];
     let mut issued = vec![0u64; w.depth];
     let mut writes = 0u32;
-    let mut completions: Vec<MaybeUninit<Completion>> = (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..w.depth).map(|_| MaybeUninit::uninit()).collect();
     let mut stats = RunStats {
         latencies_ns: Vec::with_capacity(1 << 20),
         ..RunStats::default()

@@ -1,0 +1,148 @@
+# Guest-side test cases for a virtio-blk disk at /dev/vda, sourced by the scripts that
+# tests/guest_blk.rs writes. Each case prints "CASE <name> BEGIN", then "CASE <name> PASS"
+# or one "CASE <name> FAIL: <why>" line per failed check; "RESULT <key> <value>" lines
+# carry values the host checks. Paths given to cases are host paths (the host's root is
+# mounted read-only at /host; host tools run chrooted into it).
+
+host() {
+    chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@"
+}
+
+fail() {
+    echo "CASE $CASE FAIL: $*"
+    CASE_FAILED=1
+}
+
+run_case() {
+    CASE=$1
+    shift
+    CASE_FAILED=0
+    echo "CASE $CASE BEGIN"
+    "$@"
+    [ "$CASE_FAILED" = 0 ] && echo "CASE $CASE PASS"
+}
+
+expect_eq() {
+    [ "$2" = "$3" ] || fail "$1: expected '$3', got '$2'"
+}
+
+sha_of_stdin() {
+    sha256sum | cut -d' ' -f1
+}
+
+# Reads LEN bytes at byte OFFSET of /dev/vda with O_DIRECT and prints their sha256.
+read_sha() {
+    host dd if=/dev/vda bs=4096 skip=$(($1 / 4096)) count=$(($2 / 4096)) iflag=direct status=none | sha_of_stdin
+}
+
+# identity SECTORS QUEUES SERIAL RO: what the guest sees matches the configuration.
+case_identity() {
+    expect_eq "size in sectors" "$(cat /sys/block/vda/size)" "$1"
+    expect_eq "hardware queues" "$(ls /sys/block/vda/mq | wc -l)" "$2"
+    expect_eq "serial" "$(cat /sys/block/vda/serial)" "$3"
+    expect_eq "read-only flag" "$(cat /sys/block/vda/ro)" "$4"
+    echo "RESULT write_cache $(cat /sys/block/vda/queue/write_cache | tr ' ' _)"
+}
+
+# direct_io PAYLOAD OFFSET...: O_DIRECT writes of PAYLOAD at each byte OFFSET read back
+# the same.
+case_direct_io() {
+    payload=$1
+    shift
+    want=$(sha_of_stdin < "/host$payload")
+    len=$(stat -c %s "/host$payload")
+    for off in "$@"; do
+        host dd if="$payload" of=/dev/vda bs=4096 seek=$((off / 4096)) oflag=direct conv=notrunc status=none \
+            || fail "O_DIRECT write at $off failed"
+    done
+    for off in "$@"; do
+        expect_eq "O_DIRECT read-back at $off" "$(read_sha "$off" "$len")" "$want"
+    done
+}
+
+# persisted PAYLOAD OFFSET...: data written by an earlier boot is still there.
+case_persisted() {
+    payload=$1
+    shift
+    want=$(sha_of_stdin < "/host$payload")
+    len=$(stat -c %s "/host$payload")
+    for off in "$@"; do
+        expect_eq "data from the previous boot at $off" "$(read_sha "$off" "$len")" "$want"
+    done
+}
+
+# discard PAYLOAD OFFSET LEN: after writing data and discarding it, the range reads zero.
+case_discard() {
+    payload=$1 off=$2 len=$3
+    host dd if="$payload" of=/dev/vda bs=4096 seek=$((off / 4096)) oflag=direct conv=notrunc status=none \
+        || fail "write before discard failed"
+    host blkdiscard -o "$off" -l "$len" /dev/vda || fail "blkdiscard failed"
+    nonzero=$(host dd if=/dev/vda bs=4096 skip=$((off / 4096)) count=$((len / 4096)) iflag=direct status=none \
+        | tr -d '\000' | wc -c)
+    expect_eq "non-zero bytes in the discarded range" "$nonzero" 0
+}
+
+# Interrupts per virtqueue of the disk: "<queue> <count>" lines, from the MSI-X vectors
+# named virtioN-req.Q in /proc/interrupts (summed over CPUs).
+queue_interrupts() {
+    grep -E 'virtio[0-9]+-req\.[0-9]+' /proc/interrupts | while read -r line; do
+        name=$(echo "$line" | grep -oE 'req\.[0-9]+')
+        sum=0
+        for field in $(echo "$line" | cut -d: -f2); do
+            case $field in
+                *[!0-9]*) break ;;
+                *) sum=$((sum + field)) ;;
+            esac
+        done
+        echo "$name $sum"
+    done
+}
+
+# fio MIB JOBS: random 4 KiB O_DIRECT writes verified with crc32c, JOBS jobs of MIB MiB
+# each, one per CPU; every queue of the disk must have completed requests (its interrupt
+# count grew).
+case_fio() {
+    mib=$1 jobs=$2
+    queue_interrupts > /tmp/irq.before
+    if ! host fio --name=verify --filename=/dev/vda --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randwrite --bs=4k --size="${mib}M" --offset_increment="${mib}M" --numjobs="$jobs" \
+        --verify=crc32c --verify_fatal=1 --cpus_allowed="0-$((jobs - 1))" --cpus_allowed_policy=split \
+        --group_reporting > /tmp/fio.out 2>&1; then
+        cat /tmp/fio.out
+        fail "fio verify failed"
+    fi
+    grep -E "WRITE:|READ:" /tmp/fio.out
+    queue_interrupts > /tmp/irq.after
+    [ -s /tmp/irq.after ] || fail "no per-queue interrupts of the disk in /proc/interrupts"
+    while read -r queue after; do
+        before=$(grep "^$queue " /tmp/irq.before | cut -d' ' -f2)
+        echo "RESULT interrupts_$queue $((after - ${before:-0}))"
+        [ "$after" -gt "${before:-0}" ] || fail "queue $queue completed no request during fio"
+    done < /tmp/irq.after
+}
+
+# ext4 FILE...: mkfs.ext4, mount, copy the host FILEs in, check them, sync, umount, fsck.
+case_ext4() {
+    host mkfs.ext4 -q -F -E nodiscard /dev/vda || fail "mkfs.ext4 failed"
+    mount -t ext4 /dev/vda /mnt || { fail "mount failed"; return; }
+    for f in "$@"; do
+        name=$(basename "$f")
+        cp "/host$f" "/mnt/$name" || fail "copy of $name failed"
+        got=$(sha_of_stdin < "/mnt/$name")
+        expect_eq "checksum of /$name" "$got" "$(sha_of_stdin < "/host$f")"
+        echo "RESULT sha256:$name $got"
+    done
+    sync
+    umount /mnt || fail "umount failed"
+    host e2fsck -fn /dev/vda > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck -fn found problems"; }
+}
+
+# read_only OFFSET LEN: writes fail and the data at OFFSET does not change.
+case_read_only() {
+    off=$1 len=$2
+    before=$(read_sha "$off" "$len")
+    if host dd if=/dev/zero of=/dev/vda bs=4096 count=1 seek=$((off / 4096)) oflag=direct conv=notrunc status=none 2>/dev/null; then
+        fail "a write to the read-only disk succeeded"
+    fi
+    expect_eq "data after the refused write" "$(read_sha "$off" "$len")" "$before"
+}

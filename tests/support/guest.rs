@@ -1,0 +1,231 @@
+//! Booting the test guest (built by ci/build-guest.sh) under QEMU with TCG against a
+//! vhost-user-blk backend, and reading its verdict from the serial console.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The repository root (tests/ lives there).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// The kernel and initramfs ci/build-guest.sh made.
+pub fn guest_image() -> (PathBuf, PathBuf) {
+    let dir = repo_root().join(".cache/guest/current");
+    let kernel = dir.join("vmlinuz");
+    let initrd = dir.join("initramfs.img");
+    assert!(
+        kernel.exists() && initrd.exists(),
+        "no test guest in {}: run ci/build-guest.sh (ci/test.sh does)",
+        dir.display()
+    );
+    (kernel, initrd)
+}
+
+/// One case's verdict as the guest printed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail(Vec<String>),
+    /// BEGIN seen but neither PASS nor FAIL: the guest died or hung in the case.
+    Unfinished,
+}
+
+/// What one boot printed.
+#[derive(Debug)]
+pub struct Boot {
+    pub console: String,
+    pub console_log: PathBuf,
+    pub cases: BTreeMap<String, Verdict>,
+    /// Each case's output lines (BEGIN to its verdict), for failure reports.
+    pub case_output: BTreeMap<String, Vec<String>>,
+    pub results: BTreeMap<String, String>,
+    pub finished: bool,
+}
+
+impl Boot {
+    /// Panics, naming the case and quoting what the guest printed, unless every case in
+    /// `expected` passed.
+    pub fn assert_passed(&self, expected: &[&str], host_findings: &str) {
+        let mut report = String::new();
+        if !self.finished {
+            let _ = writeln!(report, "the guest did not finish its script");
+        }
+        for name in expected {
+            match self.cases.get(*name) {
+                Some(Verdict::Pass) => {}
+                Some(verdict) => {
+                    let _ = writeln!(report, "case {name}: {verdict:?}");
+                    for line in self.case_output.get(*name).into_iter().flatten() {
+                        let _ = writeln!(report, "    guest: {line}");
+                    }
+                }
+                None => {
+                    let _ = writeln!(report, "case {name}: never started");
+                }
+            }
+        }
+        if !report.is_empty() {
+            let tail: Vec<&str> = self.console.lines().rev().take(25).collect();
+            panic!(
+                "{report}host found: {host_findings}\nconsole log: {}\nlast console lines:\n{}",
+                self.console_log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+
+    pub fn result(&self, key: &str) -> Option<&str> {
+        self.results.get(key).map(String::as_str)
+    }
+}
+
+/// Boots the guest against the vhost-user-blk socket `socket` with `num_queues` queues,
+/// runs `script` (a file under `dir`, read by the guest over 9p) and waits up to `timeout`
+/// for it to power off. The console goes to `dir/<name>.console.log`.
+pub fn boot(
+    dir: &Path,
+    name: &str,
+    socket: &Path,
+    num_queues: u16,
+    script: &str,
+    timeout: Duration,
+) -> Boot {
+    let (kernel, initrd) = guest_image();
+    let script_path = dir.join(format!("{name}.sh"));
+    let lib = repo_root().join("resources/guest/blk-cases.sh");
+    std::fs::write(&script_path, format!(". /host{}\n{script}", lib.display())).unwrap();
+    let console_log = dir.join(format!("{name}.console.log"));
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args([
+        "-machine",
+        "q35",
+        "-accel",
+        "tcg,thread=multi",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "1G",
+    ])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=1G,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-kernel")
+    .arg(&kernel)
+    .arg("-initrd")
+    .arg(&initrd)
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 panic=-1 quiet daxd.script={}",
+        script_path.display()
+    ))
+    .args(["-nodefaults", "-display", "none", "-no-reboot"])
+    .arg("-serial")
+    .arg(format!("file:{}", console_log.display()))
+    .arg("-chardev")
+    .arg(format!("socket,id=blk0,path={}", socket.display()))
+    .arg("-device")
+    .arg(format!(
+        "vhost-user-blk-pci,chardev=blk0,num-queues={num_queues}"
+    ))
+    .args([
+        "-virtfs",
+        "local,path=/,mount_tag=host,security_model=none,readonly=on",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = qemu
+        .spawn()
+        .expect("start qemu-system-x86_64 (run ci/install-deps.sh)");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let output = child.wait_with_output().unwrap();
+    let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+    let mut boot = parse_console(console, console_log);
+    if status.is_none() {
+        boot.finished = false;
+        boot.console
+            .push_str(&format!("\n[runner] QEMU killed after {timeout:?}\n"));
+    }
+    if status.is_some_and(|s| !s.success()) || !boot.finished {
+        boot.console.push_str(&format!(
+            "\n[runner] QEMU {status:?}; stderr: {}\n",
+            String::from_utf8_lossy(&output.stderr)
+        ));
+    }
+    boot
+}
+
+fn parse_console(console: String, console_log: PathBuf) -> Boot {
+    let mut cases = BTreeMap::new();
+    let mut case_output: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut results = BTreeMap::new();
+    let mut current: Option<String> = None;
+    let mut finished = false;
+    for line in console.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(rest) = line.strip_prefix("CASE ") {
+            let (name, what) = rest.split_once(' ').unwrap_or((rest, ""));
+            match what {
+                "BEGIN" => {
+                    cases.insert(name.to_owned(), Verdict::Unfinished);
+                    current = Some(name.to_owned());
+                }
+                "PASS" => {
+                    cases.insert(name.to_owned(), Verdict::Pass);
+                    current = None;
+                }
+                fail => {
+                    let entry = cases.entry(name.to_owned()).or_insert(Verdict::Unfinished);
+                    match entry {
+                        Verdict::Fail(reasons) => reasons.push(fail.to_owned()),
+                        _ => *entry = Verdict::Fail(vec![fail.to_owned()]),
+                    }
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("RESULT ") {
+            if let Some((key, value)) = rest.split_once(' ') {
+                results.insert(key.to_owned(), value.to_owned());
+            }
+        } else if line.starts_with("DAXD-GUEST-DONE") {
+            finished = true;
+            current = None;
+        }
+        if let Some(name) = &current {
+            case_output
+                .entry(name.clone())
+                .or_default()
+                .push(line.to_owned());
+        }
+    }
+    Boot {
+        console,
+        console_log,
+        cases,
+        case_output,
+        results,
+        finished,
+    }
+}
