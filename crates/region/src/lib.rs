@@ -96,7 +96,7 @@ pub struct FileIdentity {
 }
 
 /// A half-open range of page frames `[start, end)` of the region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct FrameRange {
     pub start: u64,
     pub end: u64,
@@ -129,6 +129,17 @@ impl FrameRange {
 
     pub fn overlaps(&self, other: &FrameRange) -> bool {
         self.start < other.end && other.start < self.end
+    }
+
+    pub fn contains(&self, frame: u64) -> bool {
+        self.start <= frame && frame < self.end
+    }
+
+    /// The part of `self` inside `other`, if any.
+    pub fn intersect(&self, other: &FrameRange) -> Option<FrameRange> {
+        let start = self.start.max(other.start);
+        let end = self.end.min(other.end);
+        (start < end).then_some(FrameRange { start, end })
     }
 }
 
