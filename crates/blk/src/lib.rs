@@ -23,7 +23,8 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestMemoryBackend};
 
-use daxd_region::{Region, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
+use daxd_region::{Region, Window, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
+use daxd_registry::Registry;
 
 pub use request::{ChainBuffers, ParsedChain, Request, RequestError};
 
@@ -47,6 +48,8 @@ pub enum BlkError {
     QueueSize(u16),
     #[error("number of queues {0} is invalid: use 1 to 64")]
     NumQueues(u16),
+    #[error("window {0} is not served as blk or lies outside the region")]
+    BadWindow(String),
 }
 
 /// The serial reported by GET_ID: up to 20 bytes, zero padded.
@@ -123,10 +126,24 @@ pub struct DeviceLimits {
     pub max_write_zeroes_sectors: u32,
 }
 
-/// The virtio-blk device: configuration plus the region it serves.
+/// Guest physical memory that is a window of the region (a pmem window the VMM mapped from
+/// the region file): guest buffers there are region pages and get pinned while in use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestWindow {
+    pub gpa: u64,
+    pub len: u64,
+    pub region_offset: u64,
+}
+
+/// The virtio-blk device: configuration plus the window of the region it serves.
 #[derive(Debug)]
 pub struct BlkDevice {
     region: Arc<Region>,
+    registry: Arc<Registry>,
+    /// Byte offset of the disk's sector 0 in the region.
+    base: u64,
+    /// Disk size in bytes.
+    size: u64,
     config: BlkConfig,
     /// Refused requests so far; bounds how many are logged.
     refused: AtomicU64,
@@ -137,7 +154,17 @@ pub struct BlkDevice {
 const REFUSALS_LOGGED: u64 = 100;
 
 impl BlkDevice {
-    pub fn new(region: Arc<Region>, config: BlkConfig) -> Result<BlkDevice, BlkError> {
+    /// The disk over `window` of `region`; requests consult `registry` where the bytes are
+    /// guest-visible.
+    pub fn new(
+        region: Arc<Region>,
+        registry: Arc<Registry>,
+        window: &Window,
+        config: BlkConfig,
+    ) -> Result<BlkDevice, BlkError> {
+        if !window.serve.blk || region.check_range(window.offset, window.size).is_err() {
+            return Err(BlkError::BadWindow(window.name.clone()));
+        }
         if region.is_read_only() && !config.read_only {
             return Err(BlkError::WritableOnReadOnlyRegion);
         }
@@ -149,6 +176,9 @@ impl BlkDevice {
         }
         Ok(BlkDevice {
             region,
+            registry,
+            base: window.offset,
+            size: window.size,
             config,
             refused: AtomicU64::new(0),
         })
@@ -160,6 +190,15 @@ impl BlkDevice {
 
     pub fn region(&self) -> &Arc<Region> {
         &self.region
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// Disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
     }
 
     /// Virtio feature bits offered to the driver.
@@ -188,7 +227,7 @@ impl BlkDevice {
         let mut put = |offset: usize, bytes: &[u8]| {
             c[offset..offset + bytes.len()].copy_from_slice(bytes);
         };
-        put(0, &self.region.sectors().to_le_bytes()); // capacity
+        put(0, &(self.size >> SECTOR_SHIFT).to_le_bytes()); // capacity
         let seg_max = u32::from(self.config.queue_size) - 2; // room for header and status
         put(12, &seg_max.to_le_bytes());
         put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
@@ -218,7 +257,7 @@ impl BlkDevice {
     pub fn limits(&self, acked_features: u64) -> DeviceLimits {
         let acked = |bit: u32| acked_features & (1 << bit) != 0;
         DeviceLimits {
-            capacity_sectors: self.region.size() >> SECTOR_SHIFT,
+            capacity_sectors: self.size >> SECTOR_SHIFT,
             read_only: self.config.read_only,
             discard: acked(VIRTIO_BLK_F_DISCARD),
             write_zeroes: acked(VIRTIO_BLK_F_WRITE_ZEROES),
@@ -228,12 +267,14 @@ impl BlkDevice {
     }
 
     /// Parses and executes one chain, writes its status and returns the number of bytes
-    /// written into the chain's writable buffers (the used length).
+    /// written into the chain's writable buffers (the used length). `guest_windows` lists
+    /// the guest memory that is region pages (usually none).
     pub fn handle<M: GuestMemoryBackend>(
         &self,
         descriptors: impl IntoIterator<Item = Descriptor>,
         mem: &M,
         limits: &DeviceLimits,
+        guest_windows: &[GuestWindow],
         bufs: &mut ChainBuffers,
     ) -> u32 {
         let parsed = request::parse(descriptors, mem, limits, bufs);
@@ -249,15 +290,13 @@ impl BlkDevice {
             return 0;
         };
         let (status, written) = match parsed.request {
-            Ok(request) => {
-                match execute::execute(&self.region, &self.config, &request, bufs, mem) {
-                    Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
-                    Err(e) => {
-                        self.log_refusal(&format!("request {request:?} failed: {e}"));
-                        (e.status(), 0)
-                    }
+            Ok(request) => match self.execute(&request, bufs, mem, guest_windows) {
+                Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                Err(e) => {
+                    self.log_refusal(&format!("request {request:?} failed: {e}"));
+                    (e.status(), 0)
                 }
-            }
+            },
             Err(e) => {
                 self.log_refusal(&format!("refusing request: {e}"));
                 (e.status(), 0)

@@ -70,7 +70,7 @@ impl DiscardSegment {
 }
 
 /// The ranges of a discard or write-zeroes request, validated against capacity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct DiscardList {
     segments: [DiscardSegment; MAX_DISCARD_SEGMENTS],
     count: usize,
@@ -79,6 +79,12 @@ pub struct DiscardList {
 impl DiscardList {
     pub fn as_slice(&self) -> &[DiscardSegment] {
         &self.segments[..self.count]
+    }
+}
+
+impl std::fmt::Debug for DiscardList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.as_slice()).finish()
     }
 }
 

@@ -10,7 +10,8 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use daxd_region::{Region, RegionConfig};
+use daxd_region::{FrameRange, Layout, Region, RegionConfig};
+use daxd_registry::{MappingRequest, Registry, Target};
 
 use super::*;
 
@@ -45,8 +46,12 @@ fn fixture_with(read_only: bool, sync: bool) -> Fixture {
         })
         .unwrap(),
     );
+    let registry = Arc::new(Registry::new(region.frames()));
+    let layout = Layout::new(region.size(), vec![], false).unwrap();
     let device = BlkDevice::new(
         region,
+        registry,
+        layout.blk().unwrap(),
         BlkConfig {
             num_queues: 1,
             queue_size: 256,
@@ -97,7 +102,7 @@ fn run(f: &mut Fixture, chain: &[Descriptor]) -> (u32, u8) {
 fn run_with(f: &mut Fixture, chain: &[Descriptor], limits: &DeviceLimits) -> (u32, u8) {
     let used = f
         .device
-        .handle(chain.iter().copied(), &f.mem, limits, &mut f.bufs);
+        .handle(chain.iter().copied(), &f.mem, limits, &[], &mut f.bufs);
     (used, f.mem.read_obj(GuestAddress(STATUS)).unwrap())
 }
 
@@ -545,7 +550,7 @@ fn chains_from_a_real_split_queue_including_indirect_tables() {
     let mut q: Queue = queue.create_queue().unwrap();
     let chain = q.iter(&mem).unwrap().next().unwrap();
     let limits = all_features(&f);
-    assert_eq!(f.device.handle(chain, &mem, &limits, &mut f.bufs), 513);
+    assert_eq!(f.device.handle(chain, &mem, &limits, &[], &mut f.bufs), 513);
     assert_eq!(guest(&f, DATA, 512), vec![0x77; 512]);
 
     // The same request through an indirect table.
@@ -580,7 +585,7 @@ fn chains_from_a_real_split_queue_including_indirect_tables() {
     let _ = &mut queue;
     let mut q: Queue = queue.create_queue().unwrap();
     let chain = q.iter(&mem).unwrap().next().unwrap();
-    assert_eq!(f.device.handle(chain, &mem, &limits, &mut f.bufs), 513);
+    assert_eq!(f.device.handle(chain, &mem, &limits, &[], &mut f.bufs), 513);
     assert_eq!(guest(&f, DATA, 512), vec![0x77; 512]);
 }
 
@@ -605,6 +610,106 @@ fn looping_chains_terminate() {
     let limits = all_features(&f);
     // The loop is cut at the queue size: 15 data buffers of 512 bytes whose last byte is
     // taken as status; 7679 data bytes is not a sector multiple.
-    assert_eq!(f.device.handle(chain, &mem, &limits, &mut f.bufs), 1);
+    assert_eq!(f.device.handle(chain, &mem, &limits, &[], &mut f.bufs), 1);
     assert_disk_untouched(&f);
+}
+
+fn map_window(f: &Fixture, frames: FrameRange) -> daxd_registry::MappingId {
+    let registry = f.device.registry();
+    let owner = registry.new_owner("test");
+    registry
+        .map(
+            owner,
+            MappingRequest {
+                device: "virtio-pmem".into(),
+                target: Target::GuestPhysical { gpa: 1 << 32 },
+                frames,
+                writable: true,
+            },
+        )
+        .unwrap()
+}
+
+#[test]
+fn discard_and_write_zeroes_of_a_mapped_range_are_refused_and_change_nothing() {
+    let mut f = fixture();
+    // Frames 4..8 (sectors 32..64) are mapped by a guest.
+    map_window(&f, FrameRange { start: 4, end: 8 });
+    let chain = [d(HDR, 16, 0), d(DATA, 32, 0), d(STATUS, 1, W)];
+    for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        header(&f, HDR, kind, 0);
+        // The first segment is fine, the second touches frame 7: nothing may happen.
+        discard_segment(&f, DATA, 0, 8, 0);
+        discard_segment(&f, DATA + 16, 56, 16, 0);
+        assert_eq!(run(&mut f, &chain), (1, IOERR), "type {kind}");
+    }
+    assert_disk_untouched(&f);
+    // Next to the mapping, discard works.
+    header(&f, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    discard_segment(&f, DATA, 64, 8, 0);
+    discard_segment(&f, DATA + 16, 0, 32, 0);
+    assert_eq!(run(&mut f, &chain), (1, OK));
+    assert!(disk(&f, 0, 32 * 512).iter().all(|&b| b == 0));
+    assert!(disk(&f, 32 * 512, 32 * 512).iter().all(|&b| b == FILL));
+}
+
+#[test]
+fn writes_to_visible_pages_are_dirty_until_a_flush() {
+    let mut f = fixture();
+    map_window(&f, FrameRange { start: 2, end: 4 });
+    header(&f, HDR, VIRTIO_BLK_T_OUT, 16); // frame 2
+    assert_eq!(
+        run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]),
+        (1, OK)
+    );
+    let registry = f.device.registry().clone();
+    assert_ne!(registry.descriptor(2).unwrap().dirty_epoch, 0);
+    assert_eq!(registry.descriptor(3).unwrap().dirty_epoch, 0);
+    header(&f, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    assert_eq!(run(&mut f, &[d(HDR, 16, 0), d(STATUS, 1, W)]), (1, OK));
+    assert_eq!(registry.descriptor(2).unwrap().dirty_epoch, 0);
+    assert_ne!(registry.snapshot().last_flushed, 0);
+}
+
+#[test]
+fn guest_buffers_in_a_visible_window_are_pinned_only_while_in_use() {
+    let mut f = fixture();
+    // Guest memory 0x2000..0x4000 is region bytes 64 KiB.. (frames 16, 17).
+    let windows = [GuestWindow {
+        gpa: DATA,
+        len: 0x2000,
+        region_offset: 16 * 4096,
+    }];
+    map_window(&f, FrameRange { start: 16, end: 18 });
+    f.device.region().write_bytes(0, &[0x42; 512]).unwrap();
+    header(&f, HDR, VIRTIO_BLK_T_IN, 0);
+    let limits = all_features(&f);
+    let chain = [d(HDR, 16, 0), d(DATA + 4096, 512, W), d(STATUS, 1, W)];
+    let used = f.device.handle(
+        chain.iter().copied(),
+        &f.mem,
+        &limits,
+        &windows,
+        &mut f.bufs,
+    );
+    assert_eq!(used, 513);
+    assert_eq!(guest(&f, DATA + 4096, 512), vec![0x42; 512]);
+    let registry = f.device.registry();
+    assert_eq!(
+        registry.descriptor(17).unwrap().pin_count,
+        0,
+        "pin outlived the request"
+    );
+    // What the request held while it ran: the frame behind its buffer, nothing else.
+    let pins = f
+        .device
+        .pin_guest_buffers(&f.bufs.writable, 0, 512, &windows);
+    let ranges: Vec<FrameRange> = pins.iter().flat_map(|p| p.ranges().to_vec()).collect();
+    assert_eq!(ranges, vec![FrameRange { start: 17, end: 18 }]);
+    assert_eq!(registry.descriptor(17).unwrap().pin_count, 1);
+    assert_eq!(registry.descriptor(16).unwrap().pin_count, 0);
+    assert!(f
+        .device
+        .pin_guest_buffers(&f.bufs.writable, 0, 512, &[])
+        .is_empty());
 }

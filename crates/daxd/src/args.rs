@@ -5,16 +5,19 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
-use clap::{ArgGroup, Parser};
+use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 
 use daxd_blk::{BlkConfig, BlkError, Serial};
-use daxd_region::{parse_size, RegionConfig};
+use daxd_region::{parse_size, RegionConfig, Window};
 use daxd_vhost_user::SocketAddr;
 
+/// The command line: serve (no subcommand), or one of the helper commands.
 #[derive(Debug, Parser)]
 #[command(
     name = "daxd",
     version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
     about = "Serve one host file to a VM over vhost-user as a virtio-blk disk.",
     long_about = "Serve one host file (the region) to a VM over vhost-user as a virtio-blk \
 disk. Requests are served straight from a shared mapping of the file: no read/write system \
@@ -25,9 +28,47 @@ QEMU: -chardev socket,id=blk0,path=SOCK -device vhost-user-blk-pci,chardev=blk0,
 cloud-hypervisor: --disk vhost_user=on,socket=SOCK,num_queues=N\n\n\
 daxd keeps serving after a frontend disconnects, so the VMM can reconnect. SIGINT and \
 SIGTERM make every acknowledged write durable, remove the socket and exit with status 0. \
-Set RUST_LOG (error, warn, info, debug, trace) to change how much is logged (default info).",
-    group(ArgGroup::new("socket").args(["socket_path", "fd"])),
+Set RUST_LOG (error, warn, info, debug, trace) to change how much is logged (default info)."
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Args,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show a running daxd's windows, guest-visible mappings, page descriptors (mapped,
+    /// pinned, dirty), busy ranges and flush epochs, read from its --control-socket.
+    Inspect(InspectArgs),
+    /// Print the QEMU options that attach this configuration's disk and pmem windows
+    /// (same options as serving; nothing is opened or created).
+    PrintQemuArgs(PrintArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct PrintArgs {
+    #[command(flatten)]
+    pub serve: Args,
+    /// Guest RAM size to put in the printed -m and memory-backend options.
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size_arg)]
+    pub guest_ram: u64,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct InspectArgs {
+    /// The --control-socket of the daxd to inspect.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of the daxd that serves a region.
+#[derive(Debug, Clone, ClapArgs)]
+#[command(group(ArgGroup::new("socket").args(["socket_path", "fd"])))]
 pub struct Args {
     /// Backing file of the region. Created (sparse) when missing if --size is given.
     #[arg(
@@ -90,9 +131,31 @@ pub struct Args {
     #[arg(long, value_name = "TEXT")]
     pub serial: Option<String>,
 
+    /// Carve the region into named windows, each served as the disk, as persistent
+    /// memory, or both: name=NAME,offset=SIZE,size=SIZE,serve=blk|pmem|both (repeatable).
+    /// Pmem windows are 2 MiB aligned and sized; at most one window is the disk. Without
+    /// --window the whole region is the disk. `daxd print-qemu-args` prints the QEMU
+    /// options for each window.
+    #[arg(long = "window", value_name = "OPTIONS", value_parser = parse_window)]
+    pub windows: Vec<Window>,
+
+    /// Let windows share bytes (e.g. a disk over the whole region and a pmem window
+    /// inside it). daxd then refuses, per request, to discard or zero bytes the guest has
+    /// mapped or pinned.
+    #[arg(long)]
+    pub allow_overlap: bool,
+
+    /// UNIX socket on which daxd answers `daxd inspect`.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// Print the backend's capabilities as JSON (vhost-user.rst) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+}
+
+fn parse_window(text: &str) -> Result<Window, String> {
+    Window::parse(text).map_err(|e| e.to_string())
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -143,20 +206,45 @@ mod tests {
 
     #[test]
     fn cli_is_consistent() {
-        Args::command().debug_assert();
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn subcommands_do_not_need_serving_options() {
+        let cli =
+            Cli::try_parse_from(["daxd", "inspect", "--control-socket", "c", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Inspect(InspectArgs { json: true, .. }))
+        ));
+        let cli = Cli::try_parse_from([
+            "daxd",
+            "print-qemu-args",
+            "--region",
+            "r",
+            "--socket-path",
+            "s",
+            "--window",
+            "name=pm0,offset=0,size=2M,serve=pmem",
+        ])
+        .unwrap();
+        let Some(Command::PrintQemuArgs(args)) = cli.command else {
+            panic!()
+        };
+        assert_eq!(args.serve.windows[0].name, "pm0");
+        assert_eq!(args.guest_ram, 1 << 30);
     }
 
     #[test]
     fn socket_path_and_fd_are_exclusive() {
-        let err =
-            Args::try_parse_from(["daxd", "--region", "r", "--socket-path", "s", "--fd", "3"])
-                .unwrap_err();
+        let err = Cli::try_parse_from(["daxd", "--region", "r", "--socket-path", "s", "--fd", "3"])
+            .unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
     }
 
     #[test]
     fn sizes_take_units_and_blk_file_is_an_alias() {
-        let args = Args::try_parse_from([
+        let args = Cli::try_parse_from([
             "daxd",
             "--blk-file",
             "r.img",
@@ -165,11 +253,12 @@ mod tests {
             "--socket-path",
             "s",
         ])
-        .unwrap();
+        .unwrap()
+        .serve;
         assert_eq!(args.size, Some(4 << 30));
         assert_eq!(args.region, Some(PathBuf::from("r.img")));
         assert!(
-            Args::try_parse_from(["daxd", "--region", "r", "--size", "4Q", "--fd", "3"]).is_err()
+            Cli::try_parse_from(["daxd", "--region", "r", "--size", "4Q", "--fd", "3"]).is_err()
         );
     }
 }

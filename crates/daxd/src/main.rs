@@ -5,6 +5,8 @@
 //! library runs one worker per queue.
 
 mod args;
+mod control;
+mod qemu_args;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -19,19 +21,27 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use daxd_blk::{BlkDevice, Serial};
-use daxd_region::Region;
+use daxd_region::{Layout, Region};
+use daxd_registry::Registry;
 use daxd_vhost_user::SocketAddr;
 
-use args::{Args, CAPABILITIES};
+use args::{Args, Cli, Command, PrintArgs, CAPABILITIES};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let args = Args::parse();
-    if args.print_capabilities {
-        println!("{CAPABILITIES}");
-        return ExitCode::SUCCESS;
-    }
-    match run(&args) {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Some(Command::Inspect(inspect)) => {
+            control::inspect(&inspect.control_socket, inspect.json).map(|text| print!("{text}"))
+        }
+        Some(Command::PrintQemuArgs(print)) => print_qemu_args(print),
+        None if cli.serve.print_capabilities => {
+            println!("{CAPABILITIES}");
+            Ok(())
+        }
+        None => run(&cli.serve),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
@@ -40,16 +50,65 @@ fn main() -> ExitCode {
     }
 }
 
+fn print_qemu_args(print: &PrintArgs) -> Result<(), String> {
+    let args = &print.serve;
+    let path = args.region.clone().ok_or("--region is required")?;
+    let size = match (std::fs::metadata(&path), args.size) {
+        (Ok(meta), _) => meta.len(),
+        (Err(_), Some(size)) => size,
+        (Err(e), None) => {
+            return Err(format!(
+                "{}: {e}; pass --size for a file daxd will create",
+                path.display()
+            ))
+        }
+    };
+    let layout =
+        Layout::new(size, args.windows.clone(), args.allow_overlap).map_err(|e| e.to_string())?;
+    // QEMU runs elsewhere: give it an absolute path.
+    let absolute = std::path::absolute(&path).map_err(|e| e.to_string())?;
+    print!(
+        "{}",
+        qemu_args::qemu_args(args, &layout, &absolute, print.guest_ram)
+    );
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<(), String> {
     // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
     let signals = SignalPipe::new()?;
 
     let region = Arc::new(Region::open(&args.region_config()).map_err(|e| e.to_string())?);
+    let layout = Arc::new(
+        Layout::new(region.size(), args.windows.clone(), args.allow_overlap)
+            .map_err(|e| e.to_string())?,
+    );
+    let registry = Arc::new(Registry::new(region.frames()));
     let identity = region.identity();
     let blk_config = args
         .blk_config(Serial::for_file(region.path(), identity.ino))
         .map_err(|e| e.to_string())?;
-    let device = Arc::new(BlkDevice::new(region.clone(), blk_config).map_err(|e| e.to_string())?);
+    let disk = layout.blk().ok_or(
+        "no window is served as blk; add serve=blk or serve=both to one: QEMU's memory table, \
+         through which daxd sees pmem windows, reaches daxd over the disk's socket",
+    )?;
+    let device = Arc::new(
+        BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
+            .map_err(|e| e.to_string())?,
+    );
+    for w in layout.pmem() {
+        info!(
+            "pmem window {}: region bytes {:#x}+{:#x} (QEMU options: daxd print-qemu-args)",
+            w.name, w.offset, w.size
+        );
+    }
+    let control = args
+        .control_socket
+        .as_ref()
+        .map(|path| {
+            control::ControlSocket::bind(path, region.clone(), layout.clone(), registry.clone())
+        })
+        .transpose()?;
 
     let socket = args.socket();
     let mut listener = daxd_vhost_user::listen(&socket).map_err(|e| e.to_string())?;
@@ -58,8 +117,10 @@ fn run(args: &Args) -> Result<(), String> {
         SocketAddr::Fd(_) => None,
     };
     info!(
-        "serving {} ({} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
+        "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
         region.path().display(),
+        disk.name,
+        device.size(),
         region.size(),
         if region.is_read_only() {
             ", read-only"
@@ -86,10 +147,11 @@ fn run(args: &Args) -> Result<(), String> {
     );
 
     let server_socket = socket_path.clone();
+    let server_layout = layout.clone();
     std::thread::Builder::new()
         .name("daxd-blk-accept".into())
         .spawn(move || {
-            if let Err(e) = daxd_vhost_user::serve_blk(&mut listener, device) {
+            if let Err(e) = daxd_vhost_user::serve_blk(&mut listener, device, server_layout) {
                 error!("blk device stopped: {e}");
                 remove_socket(server_socket.as_ref());
                 std::process::exit(1);
@@ -101,6 +163,11 @@ fn run(args: &Args) -> Result<(), String> {
     let mut events = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
     events.add_subscriber(Box::new(signals));
+    let control_path = control.as_ref().map(|c| c.path().to_owned());
+    if let Some(control) = control {
+        info!("answering `daxd inspect` on {}", control.path().display());
+        events.add_subscriber(Box::new(control));
+    }
     while !shutdown.load(Ordering::Acquire) {
         events
             .run()
@@ -110,6 +177,7 @@ fn run(args: &Args) -> Result<(), String> {
     info!("shutting down: flushing {}", region.path().display());
     let flushed = region.flush();
     remove_socket(socket_path.as_ref());
+    remove_socket(control_path.as_ref());
     // Queue workers may be mid-request; the process exits under them. Every request they
     // acknowledged is in the file (the mapping is the page cache) and flushed above.
     match flushed {

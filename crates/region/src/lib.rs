@@ -6,6 +6,7 @@
 //! the file. All access goes through [`VolatileSlice`]s because the guest may be writing
 //! the same pages through its MMU at the same time.
 
+mod layout;
 mod size;
 
 use std::fs::{File, OpenOptions};
@@ -19,6 +20,7 @@ use log::{info, warn};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
 
+pub use layout::{Layout, Serve, Window, PMEM_ALIGN};
 pub use size::parse_size;
 
 /// Bytes in a page frame: the unit of guest-visible mappings and of the registry.
@@ -37,6 +39,8 @@ pub enum RegionError {
         "invalid size {0:?}: expected a number with an optional K, M, G or T suffix (e.g. 4G)"
     )]
     InvalidSize(String),
+    #[error("bad --window: {0}")]
+    BadWindow(String),
     #[error("region size {0} is not a positive multiple of 4096 bytes; choose a size such as 1G")]
     UnalignedSize(u64),
     #[error("region file {path} does not exist; pass --size to create it")]

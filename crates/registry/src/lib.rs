@@ -106,6 +106,8 @@ struct Inner {
     next_mapping: u32,
     next_owner: u64,
     next_busy: u64,
+    /// Descriptors with a dirty epoch: lets a flush skip the scan when there are none.
+    dirty: u64,
     epoch: u32,
     last_flushed: u32,
 }
@@ -200,6 +202,7 @@ impl Registry {
                 next_mapping: 1,
                 next_owner: 1,
                 next_busy: 1,
+                dirty: 0,
                 epoch: 1,
                 last_flushed: 0,
             }),
@@ -297,6 +300,7 @@ impl Registry {
             sections,
             rmap,
             mappings,
+            dirty,
             ..
         } = inner;
         let mut moves = rmap::Moves::default();
@@ -324,7 +328,7 @@ impl Registry {
             }
         });
         moves.apply(rmap);
-        prune(sections, frames);
+        *dirty -= prune(sections, frames);
     }
 
     /// Whether any frame of `frames` is guest-visible. Costs one atomic load while
@@ -367,7 +371,8 @@ impl Registry {
         let mut inner = self.lock();
         for range in ranges {
             for_each_desc(&mut inner.sections, *range, |d| d.pin_count -= 1);
-            prune(&mut inner.sections, *range);
+            let dropped = prune(&mut inner.sections, *range);
+            inner.dirty -= dropped;
         }
         self.publish_visible(&inner);
     }
@@ -415,7 +420,12 @@ impl Registry {
         }
         let mut inner = self.lock();
         let epoch = inner.epoch;
-        for_each_desc(&mut inner.sections, frames, |d| d.dirty_epoch = epoch);
+        let mut newly_dirty = 0;
+        for_each_desc(&mut inner.sections, frames, |d| {
+            newly_dirty += u64::from(d.dirty_epoch == 0);
+            d.dirty_epoch = epoch;
+        });
+        inner.dirty += newly_dirty;
     }
 
     /// Starts a flush: everything marked dirty so far belongs to its epoch.
@@ -429,12 +439,17 @@ impl Registry {
     /// The flush made everything written before it durable: those pages are clean.
     pub fn flush_complete(&self, ticket: FlushTicket) {
         let mut inner = self.lock();
-        for descs in inner.sections.values_mut() {
-            for d in descs.iter_mut() {
-                if d.dirty_epoch != 0 && epoch_le(d.dirty_epoch, ticket.0) {
-                    d.dirty_epoch = 0;
+        if inner.dirty > 0 {
+            let mut cleaned = 0;
+            for descs in inner.sections.values_mut() {
+                for d in descs.iter_mut() {
+                    if d.dirty_epoch != 0 && epoch_le(d.dirty_epoch, ticket.0) {
+                        d.dirty_epoch = 0;
+                        cleaned += 1;
+                    }
                 }
             }
+            inner.dirty -= cleaned;
         }
         if inner.last_flushed == 0 || epoch_le(inner.last_flushed, ticket.0) {
             inner.last_flushed = ticket.0;
@@ -641,7 +656,9 @@ fn ensure_sections(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: Fr
 }
 
 /// Drops descriptors in `frames` that are neither mapped nor pinned, splitting sections.
-fn prune(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) {
+/// Returns how many dropped descriptors were dirty.
+fn prune(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) -> u64 {
+    let mut dropped_dirty = 0;
     let touched: Vec<u64> = sections_in(sections, frames).map(|(s, _)| s).collect();
     for start in touched {
         let Some(descs) = sections.get(&start) else {
@@ -652,11 +669,14 @@ fn prune(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) 
         if live_count == descs.len() {
             continue;
         }
+        let descs = sections.remove(&start).unwrap_or_default();
+        dropped_dirty += descs
+            .iter()
+            .filter(|d| !live(d) && d.dirty_epoch != 0)
+            .count() as u64;
         if live_count == 0 {
-            sections.remove(&start);
             continue;
         }
-        let descs = sections.remove(&start).unwrap_or_default();
         let mut run_start = None;
         for (i, d) in descs.iter().enumerate() {
             match (live(d), run_start) {
@@ -672,6 +692,7 @@ fn prune(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) 
             sections.insert(start + s as u64, descs[s..].to_vec());
         }
     }
+    dropped_dirty
 }
 
 #[cfg(test)]

@@ -389,6 +389,8 @@ proptest! {
                 }
             }
             prop_assert_eq!(snap.descriptors, expected_descriptors);
+            let dirty_count = (0..FRAMES).filter(|f| r.descriptor(*f).is_some_and(|d| d.dirty_epoch != 0)).count() as u64;
+            prop_assert_eq!(r.inner.lock().unwrap().dirty, dirty_count, "dirty counter");
         }
         drop(pins);
         r.release_owner(owner);

@@ -16,6 +16,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use daxd_blk::BlkDevice;
+use daxd_region::Layout;
 
 pub use vhu_blk::VhostUserBlkBackend;
 
@@ -115,10 +116,21 @@ fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
 /// Serves the blk device to one frontend after another, forever. Each connection gets a
 /// fresh backend and daemon; the device and its region carry over, so a reconnecting
 /// frontend (QEMU, cloud-hypervisor) finds its data.
-pub fn serve_blk(listener: &mut Listener, device: Arc<BlkDevice>) -> Result<(), ServeError> {
+pub fn serve_blk(
+    listener: &mut Listener,
+    device: Arc<BlkDevice>,
+    layout: Arc<Layout>,
+) -> Result<(), ServeError> {
+    let registry = device.registry().clone();
     for connection in 1u64.. {
+        let owner = registry.new_owner(&format!("vhost-user-blk connection {connection}"));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(VhostUserBlkBackend::new(device.clone(), mem.clone()));
+        let backend = Arc::new(VhostUserBlkBackend::new(
+            device.clone(),
+            layout.clone(),
+            owner,
+            mem.clone(),
+        ));
         let mut daemon = VhostUserDaemon::new(format!("daxd-blk-{connection}"), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         daemon
@@ -132,7 +144,10 @@ pub fn serve_blk(listener: &mut Listener, device: Arc<BlkDevice>) -> Result<(), 
             )) => info!("blk: frontend disconnected (connection {connection})"),
             Err(e) => warn!("blk: connection {connection} ended: {e}"),
         }
-        // Dropping the daemon stops and joins its queue workers.
+        // Dropping the daemon stops and joins its queue workers; then nothing of this
+        // connection can still be using its mappings.
+        drop(daemon);
+        registry.release_owner(owner);
     }
     Ok(())
 }

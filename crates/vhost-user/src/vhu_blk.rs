@@ -2,20 +2,25 @@
 //! [`BlkDevice::handle`] and completions back. One worker thread per queue.
 
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
-use log::{debug, warn};
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use daxd_blk::{BlkDevice, ChainBuffers};
+use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow};
+use daxd_region::{FrameRange, Layout};
+use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
 
 /// The blk device as seen by one vhost-user connection. A fresh one is made for every
 /// connection so that no per-connection state (features, worker exit events) leaks into
@@ -23,7 +28,15 @@ use daxd_blk::{BlkDevice, ChainBuffers};
 #[derive(Debug)]
 pub struct VhostUserBlkBackend {
     device: Arc<BlkDevice>,
+    layout: Arc<Layout>,
+    /// This connection's mappings in the registry.
+    owner: OwnerId,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    /// Guest memory that is region pages (pmem windows the VMM mapped from the region
+    /// file), read once per batch by the queue workers.
+    guest_windows: RwLock<Arc<[GuestWindow]>>,
+    /// The registry mapping of each guest window.
+    window_mappings: Mutex<Vec<(GuestWindow, MappingId)>>,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// Scratch space for parsing, one per worker thread (uncontended).
@@ -31,11 +44,20 @@ pub struct VhostUserBlkBackend {
 }
 
 impl VhostUserBlkBackend {
-    pub fn new(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+    pub fn new(
+        device: Arc<BlkDevice>,
+        layout: Arc<Layout>,
+        owner: OwnerId,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Self {
         let workers = usize::from(device.config().num_queues);
         VhostUserBlkBackend {
             device,
+            layout,
+            owner,
             mem,
+            guest_windows: RwLock::new(Arc::from(Vec::new())),
+            window_mappings: Mutex::new(Vec::new()),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             chain_buffers: (0..workers).map(|_| Mutex::default()).collect(),
@@ -50,6 +72,11 @@ impl VhostUserBlkBackend {
             .device
             .limits(self.acked_features.load(Ordering::Relaxed));
         let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let guest_windows = self
+            .guest_windows
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut state = vring.get_mut();
         loop {
             if event_idx {
@@ -58,7 +85,9 @@ impl VhostUserBlkBackend {
             let mut completed = false;
             while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
                 let head = chain.head_index();
-                let used = self.device.handle(chain, &*mem, &limits, bufs);
+                let used = self
+                    .device
+                    .handle(chain, &*mem, &limits, &guest_windows, bufs);
                 state.add_used(head, used).map_err(io::Error::other)?;
                 completed = true;
             }
@@ -69,6 +98,96 @@ impl VhostUserBlkBackend {
                 return Ok(());
             }
         }
+    }
+}
+
+impl VhostUserBlkBackend {
+    /// Finds guest memory backed by the region file (QEMU puts a `memory-backend-file`
+    /// pmem window into every vhost-user backend's memory table) and keeps the registry in
+    /// step: such pages are guest-visible, so they get descriptors. Files are matched by
+    /// device and inode, never by descriptor number, which changes with every table.
+    fn register_guest_windows(&self, mem: &GuestMemoryMmap) {
+        let region = self.device.region();
+        let identity = region.identity();
+        let mut found = Vec::new();
+        for guest_region in mem.iter() {
+            let Some(file_offset) = guest_region.file_offset() else {
+                continue;
+            };
+            let Ok(meta) = file_offset.file().metadata() else {
+                continue;
+            };
+            if (meta.dev(), meta.ino()) != (identity.dev, identity.ino) {
+                continue;
+            }
+            let window = GuestWindow {
+                gpa: guest_region.start_addr().0,
+                len: guest_region.len(),
+                region_offset: file_offset.start(),
+            };
+            if region
+                .check_range(window.region_offset, window.len)
+                .is_err()
+            {
+                warn!(
+                    "guest memory at {:#x} maps bytes {}+{} of the region file, beyond the region; not tracked",
+                    window.gpa, window.region_offset, window.len
+                );
+                continue;
+            }
+            found.push(window);
+        }
+
+        let registry = self.device.registry();
+        let mut mappings = self
+            .window_mappings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        mappings.retain(|(window, id)| {
+            let keep = found.contains(window);
+            if !keep {
+                let _ = registry.unmap(*id);
+                info!(
+                    "guest memory at {:#x} no longer maps the region",
+                    window.gpa
+                );
+            }
+            keep
+        });
+        for window in found {
+            if mappings.iter().any(|(w, _)| *w == window) {
+                continue;
+            }
+            let name = self
+                .layout
+                .pmem_window_at(window.region_offset, window.len)
+                .map(|w| format!("pmem window {}", w.name))
+                .unwrap_or_else(|| "no declared pmem window".to_owned());
+            let request = MappingRequest {
+                device: "memory-backend-file in the vhost-user-blk memory table".into(),
+                target: Target::GuestPhysical { gpa: window.gpa },
+                frames: FrameRange::covering(window.region_offset, window.len),
+                writable: true,
+            };
+            match registry.map(self.owner, request) {
+                Ok(id) => {
+                    info!(
+                        "guest maps region bytes {:#x}+{:#x} ({name}) at guest address {:#x}: {} pages guest-visible",
+                        window.region_offset,
+                        window.len,
+                        window.gpa,
+                        window.len.div_ceil(daxd_region::PAGE_SIZE)
+                    );
+                    mappings.push((window, id));
+                }
+                Err(e) => warn!("cannot register guest memory at {:#x}: {e}", window.gpa),
+            }
+        }
+        let windows: Vec<GuestWindow> = mappings.iter().map(|(w, _)| *w).collect();
+        *self
+            .guest_windows
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::from(windows);
     }
 }
 
@@ -116,8 +235,10 @@ impl VhostUserBackend for VhostUserBlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        // The handler updates the GuestMemoryAtomic we share with it in place.
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // The handler has already updated the GuestMemoryAtomic we share with it; what is
+        // left is to notice memory that is the region file itself.
+        self.register_guest_windows(&mem.memory());
         Ok(())
     }
 

@@ -1,0 +1,69 @@
+//! `daxd print-qemu-args`: the QEMU options for a daxd configuration, with the window
+//! offsets filled in so nobody computes them by hand.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use daxd_region::{Layout, PMEM_ALIGN};
+
+use crate::args::Args;
+
+const GIB: u64 = 1 << 30;
+
+/// The QEMU options for `args`' disk and pmem windows, for a guest with `ram` bytes of RAM.
+pub fn qemu_args(args: &Args, layout: &Layout, region_path: &Path, ram: u64) -> String {
+    let mut out = String::new();
+    let pmem_total: u64 = layout.pmem().map(|w| w.size).sum();
+    let slots = layout.pmem().count() + 1;
+    let maxmem = (ram + pmem_total).div_ceil(GIB).max(1) * GIB;
+    let _ = writeln!(
+        out,
+        "# Guest RAM must be shared with daxd (vhost-user); pmem windows need hotplug slots."
+    );
+    let _ = writeln!(
+        out,
+        "-m {ram_m}M,slots={slots},maxmem={max_m}M -object memory-backend-memfd,id=mem,size={ram_m}M,share=on -numa node,memdev=mem",
+        ram_m = ram >> 20,
+        max_m = maxmem >> 20,
+    );
+    if let Some(disk) = layout.blk() {
+        let socket = match (&args.socket_path, args.fd) {
+            (Some(path), _) => path.display().to_string(),
+            (None, _) => "SOCKET".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "# disk: window {} (region bytes {:#x}+{:#x}), served on {socket}",
+            disk.name, disk.offset, disk.size
+        );
+        let _ = writeln!(
+            out,
+            "-chardev socket,id=daxd-{name},path={socket} -device vhost-user-blk-pci,chardev=daxd-{name},num-queues={q}",
+            name = disk.name,
+            q = args.num_queues
+        );
+    }
+    for w in layout.pmem() {
+        debug_assert_eq!(w.offset % PMEM_ALIGN, 0);
+        let _ = writeln!(
+            out,
+            "# pmem window {} (region bytes {:#x}+{:#x}), mapped by QEMU from the region file \
+             (daxd finds it in its vhost-user memory table and tracks its pages):",
+            w.name, w.offset, w.size
+        );
+        let _ = writeln!(
+            out,
+            "-object memory-backend-file,id={name},share=on,mem-path={path},offset={offset},size={size} -device virtio-pmem-pci,memdev={name},id=pmem-{name}",
+            name = w.name,
+            path = region_path.display(),
+            offset = w.offset,
+            size = w.size
+        );
+        let _ = writeln!(
+            out,
+            "#   or as an NVDIMM (add nvdimm=on to -machine): -device nvdimm,memdev={name},id=nvdimm-{name}",
+            name = w.name
+        );
+    }
+    out
+}
