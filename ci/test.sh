@@ -9,4 +9,4 @@ ci/install-deps.sh
 cargo build --workspace --all-targets
 cargo test --workspace
 ci/build-guest.sh >/dev/null
-cargo test -p daxd --test guest_blk -- --ignored --test-threads=1
+cargo test -p daxd --test guest_blk --test guest_pmem -- --ignored --test-threads=1

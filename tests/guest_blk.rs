@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use support::guest::boot;
+use support::guest::{boot, Vm};
 use support::{file_bytes, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
@@ -120,10 +120,7 @@ fn suite(peer: Peer) {
     let _one = ONE_GUEST_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::Builder::new()
-        .prefix("daxd-guest-")
-        .tempdir()
-        .unwrap();
+    let dir = support::test_dir("daxd-guest-");
     let d = dir.path();
     let region = d.join("region.img");
     std::fs::File::create(&region)
@@ -142,8 +139,7 @@ fn suite(peer: Peer) {
     let first = boot(
         d,
         "boot1",
-        &backend.socket,
-        QUEUES,
+        &Vm::blk(&backend.socket, QUEUES),
         &format!(
             "run_case identity case_identity {sectors} {QUEUES} {serial} 0\n\
              run_case fio case_fio 32 {QUEUES}\n\
@@ -154,6 +150,7 @@ fn suite(peer: Peer) {
             discard = discard_payload.display(),
         ),
         BOOT_TIMEOUT,
+        &mut |_, _| {},
     );
     let mut findings = String::new();
     for offset in DIRECT_OFFSETS {
@@ -177,8 +174,7 @@ fn suite(peer: Peer) {
     let second = boot(
         d,
         "boot2",
-        &backend.socket,
-        QUEUES,
+        &Vm::blk(&backend.socket, QUEUES),
         &format!(
             "run_case persisted case_persisted {payload} {offsets}\n\
              run_case ext4 case_ext4 {a} {b}\n",
@@ -187,6 +183,7 @@ fn suite(peer: Peer) {
             b = file_b.display(),
         ),
         BOOT_TIMEOUT,
+        &mut |_, _| {},
     );
     let region_arg = region.to_str().unwrap();
     let (fsck_ok, fsck_out, fsck_err) = host_tool("e2fsck", &["-fn", region_arg]);
@@ -219,8 +216,7 @@ fn suite(peer: Peer) {
     let third = boot(
         d,
         "boot3",
-        &backend.socket,
-        QUEUES,
+        &Vm::blk(&backend.socket, QUEUES),
         &format!(
             "run_case identity_ro case_identity {sectors} {QUEUES} {serial} 1\n\
              run_case read_only case_read_only {offset} 65536\n",
@@ -228,6 +224,7 @@ fn suite(peer: Peer) {
             offset = DIRECT_OFFSETS[0],
         ),
         BOOT_TIMEOUT,
+        &mut |_, _| {},
     );
     let _ = backend.terminate();
     let unchanged = std::fs::read(&region).unwrap() == before;

@@ -86,73 +86,115 @@ impl Boot {
     }
 }
 
-/// Boots the guest against the vhost-user-blk socket `socket` with `num_queues` queues,
-/// runs `script` (a file under `dir`, read by the guest over 9p) and waits up to `timeout`
-/// for it to power off. The console goes to `dir/<name>.console.log`.
+/// The machine a test boots.
+#[derive(Debug, Clone)]
+pub struct Vm<'a> {
+    /// The vhost-user-blk socket.
+    pub socket: &'a Path,
+    pub num_queues: u16,
+    /// `-machine` value.
+    pub machine: String,
+    /// `-m` value; the memfd backing guest RAM is always 1 GiB.
+    pub memory: String,
+    /// More QEMU arguments (pmem devices).
+    pub extra: Vec<String>,
+}
+
+impl<'a> Vm<'a> {
+    /// A guest with one vhost-user-blk disk.
+    pub fn blk(socket: &'a Path, num_queues: u16) -> Vm<'a> {
+        Vm {
+            socket,
+            num_queues,
+            machine: "q35".into(),
+            memory: "1G".into(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// Boots the guest, runs `script` (a file under `dir`, read by the guest over 9p, with
+/// resources/guest/*-cases.sh sourced) and waits up to `timeout` for it to power off. The
+/// console goes to `dir/<name>.console.log`. When the guest prints `WAIT <step>`, `host`
+/// runs with the step and the console so far, then the file `dir/<step>` is created,
+/// which the guest waits for.
 pub fn boot(
     dir: &Path,
     name: &str,
-    socket: &Path,
-    num_queues: u16,
+    vm: &Vm<'_>,
     script: &str,
     timeout: Duration,
+    host: &mut dyn FnMut(&str, &str),
 ) -> Boot {
     let (kernel, initrd) = guest_image();
     let script_path = dir.join(format!("{name}.sh"));
-    let lib = repo_root().join("resources/guest/blk-cases.sh");
-    std::fs::write(&script_path, format!(". /host{}\n{script}", lib.display())).unwrap();
+    let mut prelude = format!("WAIT_DIR={}\n", dir.display());
+    for lib in ["blk-cases.sh", "pmem-cases.sh"] {
+        let path = repo_root().join("resources/guest").join(lib);
+        prelude += &format!(". /host{}\n", path.display());
+    }
+    std::fs::write(&script_path, format!("{prelude}{script}")).unwrap();
     let console_log = dir.join(format!("{name}.console.log"));
     let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.args([
-        "-machine",
-        "q35",
-        "-accel",
-        "tcg,thread=multi",
-        "-cpu",
-        "max",
-        "-smp",
-        "2",
-        "-m",
-        "1G",
-    ])
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=1G,share=on",
-        "-numa",
-        "node,memdev=mem",
-    ])
-    .arg("-kernel")
-    .arg(&kernel)
-    .arg("-initrd")
-    .arg(&initrd)
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 panic=-1 quiet daxd.script={}",
-        script_path.display()
-    ))
-    .args(["-nodefaults", "-display", "none", "-no-reboot"])
-    .arg("-serial")
-    .arg(format!("file:{}", console_log.display()))
-    .arg("-chardev")
-    .arg(format!("socket,id=blk0,path={}", socket.display()))
-    .arg("-device")
-    .arg(format!(
-        "vhost-user-blk-pci,chardev=blk0,num-queues={num_queues}"
-    ))
-    .args([
-        "-virtfs",
-        "local,path=/,mount_tag=host,security_model=none,readonly=on",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    qemu.arg("-machine")
+        .arg(&vm.machine)
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+        ])
+        .arg(&vm.memory)
+        .args(["-object", "memory-backend-memfd,id=mem,size=1G,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet daxd.script={}",
+            script_path.display()
+        ))
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console_log.display()))
+        .arg("-chardev")
+        .arg(format!("socket,id=blk0,path={}", vm.socket.display()))
+        .arg("-device")
+        .arg(format!(
+            "vhost-user-blk-pci,chardev=blk0,num-queues={}",
+            vm.num_queues
+        ))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on",
+        ])
+        .args(&vm.extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = qemu
         .spawn()
         .expect("start qemu-system-x86_64 (run ci/install-deps.sh)");
     let deadline = Instant::now() + timeout;
+    let mut answered = 0;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
+        }
+        let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+        let waits: Vec<&str> = console
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix("WAIT "))
+            .collect();
+        for step in waits.iter().skip(answered) {
+            host(step, &console);
+            std::fs::write(dir.join(step), b"go").unwrap();
+            answered += 1;
         }
         if Instant::now() > deadline {
             let _ = child.kill();

@@ -255,6 +255,17 @@ impl QueueHandle {
     }
 }
 
+/// A temporary directory for one test; kept (and its path printed) when the environment
+/// sets DAXD_KEEP_TEST_DIR, to read console logs after a run.
+pub fn test_dir(prefix: &str) -> tempfile::TempDir {
+    let mut dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
+    if std::env::var_os("DAXD_KEEP_TEST_DIR").is_some() {
+        eprintln!("keeping {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
+    dir
+}
+
 /// Bytes `offset..offset+len` of a file, as the host sees them.
 pub fn file_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
     use std::io::{Read, Seek, SeekFrom};

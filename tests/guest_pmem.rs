@@ -1,0 +1,311 @@
+//! Persistent memory mapped by QEMU 10.0 from the region file (virtio-pmem-pci and nvdimm),
+//! next to daxd's disk on the same region, in one guest: DAX file system, markers both
+//! ways through the shared mapping, `daxd inspect` while mounted, a discard of the mapped
+//! window refused, descriptors gone after poweroff. The QEMU options come from
+//! `daxd print-qemu-args`. Run by ci/test.sh with `--ignored`.
+
+mod support;
+
+use std::cell::RefCell;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use support::guest::{boot, Vm};
+use support::{file_bytes, pattern, Backend};
+
+const MIB: u64 = 1 << 20;
+const WINDOW_OFFSET: u64 = 256 * MIB;
+const WINDOW_SIZE: u64 = 128 * MIB;
+/// Where in the pmem device the host writes its marker.
+const HOST_MARKER_AT: u64 = 32 * MIB;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Kind {
+    VirtioPmem,
+    Nvdimm,
+}
+
+fn daxd_args(region: &Path, control: &Path) -> Vec<String> {
+    [
+        "--region",
+        region.to_str().unwrap(),
+        "--size",
+        "512M",
+        "--num-queues",
+        "2",
+        "--window",
+        "name=disk,size=512M,serve=blk",
+        "--window",
+        "name=pm0,offset=256M,size=128M,serve=pmem",
+        "--allow-overlap",
+        "--control-socket",
+        control.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn inspect(control: &Path) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .args([
+            "inspect",
+            "--json",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "daxd inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
+}
+
+/// The console's `RESULT key value`.
+fn result_in(console: &str, key: &str) -> Option<String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::to_owned))
+}
+
+fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>) {
+    let out = Command::new(program)
+        .args(args)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    (out.status.success(), out.stdout)
+}
+
+fn suite(kind: Kind) {
+    let _one = ONE_GUEST_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let dir = support::test_dir("daxd-pmem-");
+    let d = dir.path();
+    let region = d.join("region.img");
+    let control = d.join("control.sock");
+    let args = daxd_args(&region, &control);
+    // start_daxd adds --region and --socket-path itself.
+    let serve_args: Vec<&str> = args[2..].iter().map(String::as_str).collect();
+    let backend = Backend::start_daxd(d, &region, &serve_args);
+
+    // The QEMU options for the window, as daxd prints them.
+    let printed = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .arg("print-qemu-args")
+        .args(&args[..args.len() - 2])
+        .arg("--socket-path")
+        .arg(&backend.socket)
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    let printed = String::from_utf8(printed.stdout).unwrap();
+    let line = |prefix: &str| {
+        printed
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("print-qemu-args printed no {prefix} line:\n{printed}"))
+            .to_owned()
+    };
+    let memory_line = line("-m ");
+    let memory = memory_line.split_whitespace().nth(1).unwrap().to_owned();
+    let pmem_line = line("-object memory-backend-file");
+    let mut extra: Vec<String> = pmem_line.split_whitespace().map(String::from).collect();
+    let machine = match kind {
+        Kind::VirtioPmem => "q35".to_owned(),
+        Kind::Nvdimm => {
+            // print-qemu-args offers the NVDIMM alternative in a comment.
+            let nvdimm = printed
+                .lines()
+                .find_map(|l| {
+                    l.split("-device ")
+                        .nth(1)
+                        .filter(|d| d.starts_with("nvdimm"))
+                })
+                .expect("an nvdimm alternative")
+                .to_owned();
+            let at = extra
+                .iter()
+                .position(|a| a.starts_with("virtio-pmem-pci"))
+                .unwrap();
+            extra[at] = nvdimm;
+            "q35,nvdimm=on".to_owned()
+        }
+    };
+    let vm = Vm {
+        socket: &backend.socket,
+        num_queues: 2,
+        machine,
+        memory,
+        extra,
+    };
+
+    let payload = d.join("payload.bin");
+    std::fs::write(&payload, pattern(11, 65536)).unwrap();
+    let file_a = d.join("file-a");
+    std::fs::write(&file_a, pattern(12, 200 << 10)).unwrap();
+    let file_b = d.join("file-b");
+    std::fs::write(&file_b, pattern(13, (3 << 20) + 7)).unwrap();
+    let nonce = std::process::id();
+    let guest_marker = format!("daxd-guest-marker-{nonce:08x}-through-the-mapping");
+    let host_marker = format!("daxd-host-marker-{nonce:08x}-into-the-window");
+    let kind_arg = match kind {
+        Kind::VirtioPmem => "virtio",
+        Kind::Nvdimm => "nvdimm",
+    };
+    let script = format!(
+        "run_case pmem_device case_pmem_device {kind_arg}\n\
+         run_case blk_alongside case_direct_io {payload} 0 4194304\n\
+         run_case host_marker case_host_marker {HOST_MARKER_AT} {host_marker}\n\
+         run_case pmem_fs case_pmem_fs {WINDOW_OFFSET} {guest_marker} {a} {b}\n",
+        payload = payload.display(),
+        a = file_a.display(),
+        b = file_b.display(),
+    );
+
+    let findings = RefCell::new(Vec::<String>::new());
+    let mapped_while_mounted = RefCell::new(None::<Value>);
+    let mut host = |step: &str, console: &str| {
+        let data_offset: u64 = result_in(console, "data_offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        match step {
+            "host-marker" => {
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&region)
+                    .unwrap();
+                file.write_at(
+                    host_marker.as_bytes(),
+                    WINDOW_OFFSET + data_offset + HOST_MARKER_AT,
+                )
+                .unwrap();
+            }
+            "mounted" => {
+                let window = file_bytes(&region, WINDOW_OFFSET, WINDOW_SIZE as usize);
+                if !window
+                    .windows(guest_marker.len())
+                    .any(|w| w == guest_marker.as_bytes())
+                {
+                    findings
+                        .borrow_mut()
+                        .push("the guest's marker (written without sync) is not in the window of the region file".into());
+                }
+                *mapped_while_mounted.borrow_mut() = Some(inspect(&control));
+            }
+            other => findings
+                .borrow_mut()
+                .push(format!("unexpected step {other}")),
+        }
+    };
+    let booted = boot(d, "pmem", &vm, &script, BOOT_TIMEOUT, &mut host);
+    let findings = findings.into_inner();
+    booted.assert_passed(
+        &["pmem_device", "blk_alongside", "host_marker", "pmem_fs"],
+        &findings.join("; "),
+    );
+    assert!(findings.is_empty(), "host checks: {findings:?}");
+
+    // While mounted, the window's pages were guest-visible: one mapping, every page of the
+    // window with a descriptor, mapped once.
+    let inspected = mapped_while_mounted
+        .into_inner()
+        .expect("inspected while mounted");
+    let registry = &inspected["registry"];
+    let window_frames = WINDOW_SIZE / 4096;
+    let first_frame = WINDOW_OFFSET / 4096;
+    assert_eq!(
+        registry["descriptors"].as_u64(),
+        Some(window_frames),
+        "{registry}"
+    );
+    assert_eq!(
+        registry["descriptor_bytes"].as_u64(),
+        Some(window_frames * 16)
+    );
+    let mappings = registry["mappings"].as_array().unwrap();
+    assert_eq!(mappings.len(), 1, "{registry}");
+    assert_eq!(mappings[0]["frames"]["start"].as_u64(), Some(first_frame));
+    assert_eq!(
+        mappings[0]["frames"]["end"].as_u64(),
+        Some(first_frame + window_frames)
+    );
+    let mapped: u64 = registry["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["mapped"].as_u64().unwrap())
+        .sum();
+    assert_eq!(mapped, window_frames);
+
+    // After poweroff (QEMU exits, the connection ends) no descriptor is left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let after = inspect(&control);
+        if after["registry"]["descriptors"].as_u64() == Some(0) {
+            assert!(after["registry"]["mappings"].as_array().unwrap().is_empty());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "descriptors left after poweroff: {after}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The host finds the guest's file system where the window's data area starts.
+    let data_offset: u64 = booted.result("data_offset").unwrap().parse().unwrap();
+    let fs_image = d.join("window-fs.img");
+    std::fs::write(
+        &fs_image,
+        file_bytes(
+            &region,
+            WINDOW_OFFSET + data_offset,
+            (WINDOW_SIZE - data_offset) as usize,
+        ),
+    )
+    .unwrap();
+    let image = fs_image.to_str().unwrap();
+    let (fsck_ok, fsck_out) = host_tool("e2fsck", &["-fn", image]);
+    assert!(
+        fsck_ok,
+        "host e2fsck of the window: {}",
+        String::from_utf8_lossy(&fsck_out)
+    );
+    for (name, path) in [("file-a", &file_a), ("file-b", &file_b)] {
+        let (ok, content) = host_tool("debugfs", &["-R", &format!("cat /{name}"), image]);
+        assert!(
+            ok && content == std::fs::read(path).unwrap(),
+            "/{name} differs on the host"
+        );
+    }
+    // The disk's writes landed outside the window, at their offsets.
+    for offset in [0, 4 * MIB] {
+        assert_eq!(file_bytes(&region, offset, 65536), pattern(11, 65536));
+    }
+    let status = backend.terminate();
+    assert!(status.success(), "daxd exit status {status}");
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn virtio_pmem_mapped_by_qemu_from_the_region() {
+    suite(Kind::VirtioPmem);
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn nvdimm_mapped_by_qemu_from_the_region() {
+    suite(Kind::Nvdimm);
+}
