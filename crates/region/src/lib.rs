@@ -262,6 +262,11 @@ impl Region {
         &self.path
     }
 
+    /// The open backing file (to hand to a VMM that maps it, e.g. SHMEM_MAP).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// Size in bytes; always a multiple of [`PAGE_SIZE`].
     pub fn size(&self) -> u64 {
         self.size
