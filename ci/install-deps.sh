@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suites need on a fresh Debian bookworm machine (as root):
 # qemu-storage-daemon (peer backend), QEMU 10.0 from bookworm-backports (real guests),
-# fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools), and
-# the tools ci/build-guest.sh uses. Idempotent: installs nothing when all is present.
+# fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools), the
+# tools ci/build-guest.sh uses, and mmdebstrap for ci/build-sid-root.sh (QEMU 11.1). Idempotent: installs nothing when all is present.
 set -euo pipefail
 
 backports=/etc/apt/sources.list.d/daxd-bookworm-backports.sources
@@ -15,7 +15,7 @@ qemu_ok() {
 
 need=()
 for tool in cc:gcc qemu-storage-daemon:qemu-utils fio:fio e2fsck:e2fsprogs debugfs:e2fsprogs \
-    blkdiscard:util-linux depmod:kmod cpio:cpio xz:xz-utils; do
+    blkdiscard:util-linux depmod:kmod cpio:cpio xz:xz-utils mmdebstrap:mmdebstrap; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 qemu_ok || need+=(qemu-system-x86)

@@ -1,8 +1,11 @@
-//! Persistent memory mapped by QEMU 10.0 from the region file (virtio-pmem-pci and nvdimm),
-//! next to daxd's disk on the same region, in one guest: DAX file system, markers both
-//! ways through the shared mapping, `daxd inspect` while mounted, a discard of the mapped
-//! window refused, descriptors gone after poweroff. The QEMU options come from
-//! `daxd print-qemu-args`. Run by ci/test.sh with `--ignored`.
+//! Persistent memory next to daxd's disk on the same region, in one guest, both ways the
+//! guest can get it: mapped by QEMU 10.0 from the region file (virtio-pmem-pci, nvdimm),
+//! and served by daxd itself as vhost-user virtio-pmem mapped into shared memory (QEMU
+//! 11.1 from a Debian sid root). Each: DAX file system, markers both ways through the
+//! mapping, `daxd inspect` while mounted, a discard of the mapped window refused, the
+//! guest's sync reaching daxd's flush (where daxd serves pmem), descriptors gone after
+//! poweroff. The QEMU options come from `daxd print-qemu-args`. Run by ci/test.sh with
+//! `--ignored`.
 
 mod support;
 
@@ -15,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use support::guest::{boot, Vm};
+use support::guest::{boot, sid_qemu, Vm};
 use support::{file_bytes, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
@@ -29,12 +32,16 @@ static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {
+    /// QEMU 10.0 maps the window from the file as a virtio-pmem-pci device.
     VirtioPmem,
+    /// QEMU 10.0 maps the window from the file as an NVDIMM.
     Nvdimm,
+    /// QEMU 11.1: daxd serves virtio-pmem and maps the window into shared memory.
+    SharedMemory,
 }
 
-fn daxd_args(region: &Path, control: &Path) -> Vec<String> {
-    [
+fn daxd_args(region: &Path, control: &Path, pmem_socket: Option<&Path>) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--region",
         region.to_str().unwrap(),
         "--size",
@@ -46,11 +53,14 @@ fn daxd_args(region: &Path, control: &Path) -> Vec<String> {
         "--window",
         "name=pm0,offset=256M,size=128M,serve=pmem",
         "--allow-overlap",
-        "--control-socket",
-        control.to_str().unwrap(),
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    if let Some(socket) = pmem_socket {
+        args.extend(["--pmem-socket-path".into(), socket.to_str().unwrap().into()]);
+    }
+    args.extend(["--control-socket".into(), control.to_str().unwrap().into()]);
+    args
 }
 
 fn inspect(control: &Path) -> Value {
@@ -96,7 +106,12 @@ fn suite(kind: Kind) {
     let d = dir.path();
     let region = d.join("region.img");
     let control = d.join("control.sock");
-    let args = daxd_args(&region, &control);
+    let pmem_socket = d.join("pmem.sock");
+    let args = daxd_args(
+        &region,
+        &control,
+        (kind == Kind::SharedMemory).then_some(pmem_socket.as_path()),
+    );
     // start_daxd adds --region and --socket-path itself.
     let serve_args: Vec<&str> = args[2..].iter().map(String::as_str).collect();
     let backend = Backend::start_daxd(d, &region, &serve_args);
@@ -120,10 +135,13 @@ fn suite(kind: Kind) {
     };
     let memory_line = line("-m ");
     let memory = memory_line.split_whitespace().nth(1).unwrap().to_owned();
-    let pmem_line = line("-object memory-backend-file");
+    let pmem_line = match kind {
+        Kind::SharedMemory => line("-chardev socket,id=daxd-pmem-"),
+        _ => line("-object memory-backend-file"),
+    };
     let mut extra: Vec<String> = pmem_line.split_whitespace().map(String::from).collect();
     let machine = match kind {
-        Kind::VirtioPmem => "q35".to_owned(),
+        Kind::VirtioPmem | Kind::SharedMemory => "q35".to_owned(),
         Kind::Nvdimm => {
             // print-qemu-args offers the NVDIMM alternative in a comment.
             let nvdimm = printed
@@ -149,6 +167,10 @@ fn suite(kind: Kind) {
         machine,
         memory,
         extra,
+        qemu: match kind {
+            Kind::SharedMemory => sid_qemu(d),
+            _ => vec!["qemu-system-x86_64".into()],
+        },
     };
 
     let payload = d.join("payload.bin");
@@ -161,7 +183,7 @@ fn suite(kind: Kind) {
     let guest_marker = format!("daxd-guest-marker-{nonce:08x}-through-the-mapping");
     let host_marker = format!("daxd-host-marker-{nonce:08x}-into-the-window");
     let kind_arg = match kind {
-        Kind::VirtioPmem => "virtio",
+        Kind::VirtioPmem | Kind::SharedMemory => "virtio",
         Kind::Nvdimm => "nvdimm",
     };
     let script = format!(
@@ -176,6 +198,7 @@ fn suite(kind: Kind) {
 
     let findings = RefCell::new(Vec::<String>::new());
     let mapped_while_mounted = RefCell::new(None::<Value>);
+    let after_sync = RefCell::new(None::<Value>);
     let mut host = |step: &str, console: &str| {
         let data_offset: u64 = result_in(console, "data_offset")
             .and_then(|v| v.parse().ok())
@@ -204,6 +227,7 @@ fn suite(kind: Kind) {
                 }
                 *mapped_while_mounted.borrow_mut() = Some(inspect(&control));
             }
+            "synced" => *after_sync.borrow_mut() = Some(inspect(&control)),
             other => findings
                 .borrow_mut()
                 .push(format!("unexpected step {other}")),
@@ -217,8 +241,10 @@ fn suite(kind: Kind) {
     );
     assert!(findings.is_empty(), "host checks: {findings:?}");
 
-    // While mounted, the window's pages were guest-visible: one mapping, every page of the
-    // window with a descriptor, mapped once.
+    // While mounted, every page of the window had one descriptor. With QEMU 10.0 one
+    // mapping covers it (the memory-backend-file in the disk's memory table). With shared
+    // memory there are two aliases of the same pages: daxd's own SHMEM_MAP, and the BAR
+    // that QEMU 11.1 also puts in the disk's memory table; they share the descriptors.
     let inspected = mapped_while_mounted
         .into_inner()
         .expect("inspected while mounted");
@@ -235,19 +261,44 @@ fn suite(kind: Kind) {
         Some(window_frames * 16)
     );
     let mappings = registry["mappings"].as_array().unwrap();
-    assert_eq!(mappings.len(), 1, "{registry}");
-    assert_eq!(mappings[0]["frames"]["start"].as_u64(), Some(first_frame));
-    assert_eq!(
-        mappings[0]["frames"]["end"].as_u64(),
-        Some(first_frame + window_frames)
-    );
-    let mapped: u64 = registry["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["mapped"].as_u64().unwrap())
-        .sum();
+    let aliases = if kind == Kind::SharedMemory { 2 } else { 1 };
+    assert_eq!(mappings.len(), aliases, "{registry}");
+    for m in mappings {
+        assert_eq!(m["frames"]["start"].as_u64(), Some(first_frame), "{m}");
+        assert_eq!(
+            m["frames"]["end"].as_u64(),
+            Some(first_frame + window_frames),
+            "{m}"
+        );
+    }
+    if kind == Kind::SharedMemory {
+        assert!(
+            mappings
+                .iter()
+                .any(|m| m["target"]["shared_memory"]["shmid"] == 0),
+            "no shared-memory mapping: {registry}"
+        );
+    }
+    let sections = registry["sections"].as_array().unwrap();
+    let mapped: u64 = sections.iter().map(|s| s["mapped"].as_u64().unwrap()).sum();
     assert_eq!(mapped, window_frames);
+    assert!(
+        sections
+            .iter()
+            .all(|s| s["max_map_count"].as_u64() == Some(aliases as u64)),
+        "{registry}"
+    );
+    // Where daxd serves virtio-pmem, the guest's sync of the DAX file system is a FLUSH
+    // request that completed a flush epoch in daxd.
+    if kind == Kind::SharedMemory {
+        let synced = after_sync.into_inner().expect("inspected after sync");
+        let before = registry["last_flushed"].as_u64().unwrap();
+        let after = synced["registry"]["last_flushed"].as_u64().unwrap();
+        assert!(
+            after > before,
+            "no flush reached daxd: last_flushed {before} -> {after}"
+        );
+    }
 
     // After poweroff (QEMU exits, the connection ends) no descriptor is left.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -308,4 +359,10 @@ fn virtio_pmem_mapped_by_qemu_from_the_region() {
 #[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
 fn nvdimm_mapped_by_qemu_from_the_region() {
     suite(Kind::Nvdimm);
+}
+
+#[test]
+#[ignore = "needs QEMU 11.1 (ci/build-sid-root.sh) and the test guest; run by ci/test.sh"]
+fn virtio_pmem_served_by_daxd_in_shared_memory() {
+    suite(Kind::SharedMemory);
 }

@@ -55,7 +55,8 @@ case_host_marker() {
 
 # pmem_fs DISK_OFFSET MARKER FILE...: ext4 with DAX on /dev/pmem0, files with known
 # checksums, a marker written through the mapping (no sync) for the host to find, a
-# refused discard of the mapped window from the blk disk, then sync, umount, fsck.
+# refused discard of the mapped window from the blk disk, then sync (the host checks the
+# flush), umount, fsck.
 case_pmem_fs() {
     disk_offset=$1 marker=$2
     shift 2
@@ -79,6 +80,7 @@ case_pmem_fs() {
         "$(dd if=/dev/pmem0 bs=65536 count=64 iflag=direct 2>/dev/null | sha_of_stdin)" "$before"
 
     sync
+    wait_host synced || return
     umount /mnt || fail "umount failed"
     host e2fsck -fn /dev/pmem0 > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck -fn found problems"; }
 }

@@ -98,6 +98,8 @@ pub struct Vm<'a> {
     pub memory: String,
     /// More QEMU arguments (pmem devices).
     pub extra: Vec<String>,
+    /// The command that runs QEMU, QEMU's arguments appended (default: the host's QEMU).
+    pub qemu: Vec<String>,
 }
 
 impl<'a> Vm<'a> {
@@ -109,8 +111,42 @@ impl<'a> Vm<'a> {
             machine: "q35".into(),
             memory: "1G".into(),
             extra: Vec::new(),
+            qemu: vec!["qemu-system-x86_64".into()],
         }
     }
+}
+
+/// The command prefix that runs QEMU >= 11.1 from the sid root ci/build-sid-root.sh made:
+/// in a private mount namespace with /dev, the repository and `dir` bind-mounted at their
+/// own paths, chrooted into the root. The guest's 9p share of "/" is then the sid root.
+pub fn sid_qemu(dir: &Path) -> Vec<String> {
+    let sid = repo_root().join(".cache/sid-root");
+    assert!(
+        sid.join("usr/bin/qemu-system-x86_64").exists(),
+        "no QEMU 11.1 root in {}: run ci/build-sid-root.sh (ci/test.sh does)",
+        sid.display()
+    );
+    let repo = repo_root();
+    let script = format!(
+        "set -e; mount --rbind /dev {sid}/dev; \
+         mkdir -p {sid}{dir} {sid}{repo}; mount --bind {dir} {sid}{dir}; mount --bind {repo} {sid}{repo}; \
+         exec chroot {sid} qemu-system-x86_64 \"$@\"",
+        sid = sid.display(),
+        dir = dir.display(),
+        repo = repo.display(),
+    );
+    [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &script,
+        "sh",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Boots the guest, runs `script` (a file under `dir`, read by the guest over 9p, with
@@ -135,8 +171,9 @@ pub fn boot(
     }
     std::fs::write(&script_path, format!("{prelude}{script}")).unwrap();
     let console_log = dir.join(format!("{name}.console.log"));
-    let mut qemu = Command::new("qemu-system-x86_64");
-    qemu.arg("-machine")
+    let mut qemu = Command::new(&vm.qemu[0]);
+    qemu.args(&vm.qemu[1..])
+        .arg("-machine")
         .arg(&vm.machine)
         .args([
             "-accel",
@@ -179,7 +216,7 @@ pub fn boot(
         .stderr(Stdio::piped());
     let mut child = qemu
         .spawn()
-        .expect("start qemu-system-x86_64 (run ci/install-deps.sh)");
+        .unwrap_or_else(|e| panic!("start {:?} (run ci/install-deps.sh): {e}", vm.qemu));
     let deadline = Instant::now() + timeout;
     let mut answered = 0;
     let status = loop {

@@ -145,6 +145,17 @@ pub struct Args {
     #[arg(long)]
     pub allow_overlap: bool,
 
+    /// Also serve a pmem window as a vhost-user virtio-pmem device on this socket (QEMU >=
+    /// 11.1: -device vhost-user-test-device-pci,chardev=...,virtio-id=27,num_vqs=1,config_size=16).
+    /// daxd maps the window into the device's shared memory itself. With QEMU 10.0, leave
+    /// this out and let QEMU map the window from the file (see print-qemu-args).
+    #[arg(long, value_name = "PATH")]
+    pub pmem_socket_path: Option<PathBuf>,
+
+    /// The window the --pmem-socket-path device serves (default: the only pmem window).
+    #[arg(long, value_name = "NAME", requires = "pmem_socket_path")]
+    pub pmem_window: Option<String>,
+
     /// UNIX socket on which daxd answers `daxd inspect`.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,

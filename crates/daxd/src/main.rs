@@ -21,7 +21,8 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use daxd_blk::{BlkDevice, Serial};
-use daxd_region::{Layout, Region};
+use daxd_pmem::PmemDevice;
+use daxd_region::{Layout, Region, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::SocketAddr;
 
@@ -74,6 +75,24 @@ fn print_qemu_args(print: &PrintArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// The window `--pmem-socket-path` serves.
+pub(crate) fn pmem_window<'a>(args: &Args, layout: &'a Layout) -> Result<&'a Window, String> {
+    match &args.pmem_window {
+        Some(name) => layout
+            .pmem()
+            .find(|w| &w.name == name)
+            .ok_or_else(|| format!("--pmem-window {name}: no pmem window of that name")),
+        None => {
+            let mut pmem = layout.pmem();
+            match (pmem.next(), pmem.next()) {
+                (Some(w), None) => Ok(w),
+                (None, _) => Err("--pmem-socket-path needs a window with serve=pmem or serve=both".into()),
+                (Some(_), Some(_)) => Err("several pmem windows: say which one --pmem-socket-path serves with --pmem-window".into()),
+            }
+        }
+    }
+}
+
 fn run(args: &Args) -> Result<(), String> {
     // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
     let signals = SignalPipe::new()?;
@@ -102,6 +121,21 @@ fn run(args: &Args) -> Result<(), String> {
             w.name, w.offset, w.size
         );
     }
+    let pmem = match &args.pmem_socket_path {
+        Some(path) => {
+            let window = pmem_window(args, &layout)?.clone();
+            let listener = daxd_vhost_user::listen(&SocketAddr::Path(path.clone()))
+                .map_err(|e| e.to_string())?;
+            info!(
+                "serving pmem window {} as vhost-user virtio-pmem on {}",
+                window.name,
+                path.display()
+            );
+            let device = Arc::new(PmemDevice::new(region.clone(), registry.clone(), window));
+            Some((listener, device, path.clone()))
+        }
+        None => None,
+    };
     let control = args
         .control_socket
         .as_ref()
@@ -159,6 +193,20 @@ fn run(args: &Args) -> Result<(), String> {
         })
         .map_err(|e| format!("cannot start the blk server thread: {e}"))?;
 
+    let pmem_socket = pmem.as_ref().map(|(_, _, path)| path.clone());
+    if let Some((mut listener, device, path)) = pmem {
+        std::thread::Builder::new()
+            .name("daxd-pmem-accept".into())
+            .spawn(move || {
+                if let Err(e) = daxd_vhost_user::serve_pmem(&mut listener, device) {
+                    error!("pmem device stopped: {e}");
+                    remove_socket(Some(&path));
+                    std::process::exit(1);
+                }
+            })
+            .map_err(|e| format!("cannot start the pmem server thread: {e}"))?;
+    }
+
     let shutdown = signals.requested.clone();
     let mut events = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
         .map_err(|e| format!("cannot create the event loop: {e}"))?;
@@ -178,6 +226,7 @@ fn run(args: &Args) -> Result<(), String> {
     let flushed = region.flush();
     remove_socket(socket_path.as_ref());
     remove_socket(control_path.as_ref());
+    remove_socket(pmem_socket.as_ref());
     // Queue workers may be mid-request; the process exits under them. Every request they
     // acknowledged is in the file (the mapping is the page cache) and flushed above.
     match flushed {

@@ -65,5 +65,22 @@ pub fn qemu_args(args: &Args, layout: &Layout, region_path: &Path, ram: u64) -> 
             name = w.name
         );
     }
+    if let (Some(socket), Some(w)) = (
+        &args.pmem_socket_path,
+        crate::pmem_window(args, layout).ok(),
+    ) {
+        let _ = writeln!(
+            out,
+            "# QEMU >= 11.1 instead: daxd serves window {} as virtio-pmem and maps it into the \
+             device's shared memory itself (no memory-backend-file, no hotplug slot needed):",
+            w.name
+        );
+        let _ = writeln!(
+            out,
+            "-chardev socket,id=daxd-pmem-{name},path={socket} -device vhost-user-test-device-pci,chardev=daxd-pmem-{name},virtio-id=27,num_vqs=1,config_size=16",
+            name = w.name,
+            socket = socket.display()
+        );
+    }
     out
 }

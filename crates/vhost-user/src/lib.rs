@@ -2,6 +2,7 @@
 //! `VhostUserBackend` per device type (`vhu_*.rs`). Device logic lives in its own crates.
 
 pub mod vhu_blk;
+pub mod vhu_pmem;
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
@@ -16,9 +17,13 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use daxd_blk::BlkDevice;
+use daxd_pmem::PmemDevice;
 use daxd_region::Layout;
+use daxd_registry::{OwnerId, Registry};
+use vhost_user_backend::VhostUserBackend;
 
 pub use vhu_blk::VhostUserBlkBackend;
+pub use vhu_pmem::VhostUserPmemBackend;
 
 /// Errors setting up or serving a vhost-user socket.
 #[derive(Debug, thiserror::Error)]
@@ -113,36 +118,55 @@ fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
     Ok(value)
 }
 
-/// Serves the blk device to one frontend after another, forever. Each connection gets a
-/// fresh backend and daemon; the device and its region carry over, so a reconnecting
-/// frontend (QEMU, cloud-hypervisor) finds its data.
+/// Serves the blk device to one frontend after another, forever. The device and its
+/// region carry over between connections, so a reconnecting frontend (QEMU,
+/// cloud-hypervisor) finds its data.
 pub fn serve_blk(
     listener: &mut Listener,
     device: Arc<BlkDevice>,
     layout: Arc<Layout>,
 ) -> Result<(), ServeError> {
     let registry = device.registry().clone();
+    serve(listener, &registry, "blk", |owner, mem| {
+        VhostUserBlkBackend::new(device.clone(), layout.clone(), owner, mem)
+    })
+}
+
+/// Serves the virtio-pmem device (vhost-user shared memory) like [`serve_blk`].
+pub fn serve_pmem(listener: &mut Listener, device: Arc<PmemDevice>) -> Result<(), ServeError> {
+    let registry = device.registry().clone();
+    serve(listener, &registry, "pmem", |owner, mem| {
+        VhostUserPmemBackend::new(device.clone(), owner, mem)
+    })
+}
+
+/// One connection after another: each gets a fresh backend and daemon (no state of one
+/// frontend leaks into the next) and a registry owner whose mappings go when it ends.
+fn serve<B>(
+    listener: &mut Listener,
+    registry: &Registry,
+    name: &str,
+    backend: impl Fn(OwnerId, GuestMemoryAtomic<GuestMemoryMmap>) -> B,
+) -> Result<(), ServeError>
+where
+    B: VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + 'static,
+{
     for connection in 1u64.. {
-        let owner = registry.new_owner(&format!("vhost-user-blk connection {connection}"));
+        let owner = registry.new_owner(&format!("vhost-user-{name} connection {connection}"));
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(VhostUserBlkBackend::new(
-            device.clone(),
-            layout.clone(),
-            owner,
-            mem.clone(),
-        ));
-        let mut daemon = VhostUserDaemon::new(format!("daxd-blk-{connection}"), backend, mem)
+        let backend = Arc::new(backend(owner, mem.clone()));
+        let mut daemon = VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
         daemon
             .start(listener)
             .map_err(|e| ServeError::Accept(e.to_string()))?;
-        info!("blk: frontend connected (connection {connection})");
+        info!("{name}: frontend connected (connection {connection})");
         match daemon.wait() {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("blk: frontend disconnected (connection {connection})"),
-            Err(e) => warn!("blk: connection {connection} ended: {e}"),
+            )) => info!("{name}: frontend disconnected (connection {connection})"),
+            Err(e) => warn!("{name}: connection {connection} ended: {e}"),
         }
         // Dropping the daemon stops and joins its queue workers; then nothing of this
         // connection can still be using its mappings.

@@ -1,0 +1,248 @@
+//! `VhostUserBackend` for virtio-pmem over vhost-user shared memory (QEMU >= 11.1,
+//! `-device vhost-user-test-device-pci,virtio-id=27,num_vqs=1,config_size=16`).
+//!
+//! daxd maps the window's file range into the device's shared-memory region 0 with
+//! `VHOST_USER_BACKEND_SHMEM_MAP`. Facts that shape this (QEMU 11.1.3): the map can only
+//! be handled once the guest has set DRIVER_OK (earlier crashes QEMU), and sending it from
+//! inside a message handler deadlocks (QEMU waits for that handler's reply while the vCPU
+//! holds its lock). SET_FEATURES arrives as the device starts, after DRIVER_OK, so the map
+//! is sent from a thread of its own started there. Until it is handled, guest accesses to
+//! the region hit nothing; the time is logged. QEMU drops the mapping on a virtio reset
+//! without telling the backend, so every start maps again; a map refused as overlapping
+//! (stop/cont) means the old one is still in place.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use log::{error, info, warn};
+use vhost::vhost_user::message::{
+    VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use daxd_pmem::{PmemDevice, SHMEM_REGION_ID};
+use daxd_region::FrameRange;
+use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
+
+/// The pmem device as seen by one vhost-user connection.
+pub struct VhostUserPmemBackend {
+    device: Arc<PmemDevice>,
+    owner: OwnerId,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: AtomicBool,
+    backend_req: Mutex<Option<Backend>>,
+    /// The registry mapping of the shared-memory window, once QEMU accepted the map.
+    mapping: Arc<Mutex<Option<MappingId>>>,
+}
+
+impl std::fmt::Debug for VhostUserPmemBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhostUserPmemBackend")
+            .field("device", &self.device)
+            .field("owner", &self.owner)
+            .field("mapping", &self.mapping)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VhostUserPmemBackend {
+    pub fn new(
+        device: Arc<PmemDevice>,
+        owner: OwnerId,
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    ) -> Self {
+        VhostUserPmemBackend {
+            device,
+            owner,
+            mem,
+            event_idx: AtomicBool::new(false),
+            backend_req: Mutex::new(None),
+            mapping: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Asks the frontend, from a thread of its own, to map the window into region 0.
+    fn map_window(&self) {
+        let backend = self
+            .backend_req
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(backend) = backend else {
+            error!(
+                "virtio-pmem: the frontend set up no backend request channel (BACKEND_REQ), so daxd \
+                 cannot map window {}: the guest's pmem device is backed by nothing",
+                self.device.window().name
+            );
+            return;
+        };
+        let device = self.device.clone();
+        let mapping = self.mapping.clone();
+        let owner = self.owner;
+        let started = Instant::now();
+        let spawned = std::thread::Builder::new()
+            .name("daxd-pmem-map".into())
+            .spawn(move || {
+                let window = device.window();
+                let request = VhostUserMMap {
+                    shmid: SHMEM_REGION_ID,
+                    fd_offset: window.offset,
+                    shm_offset: 0,
+                    len: window.size,
+                    flags: VhostUserMMapFlags::WRITABLE.bits(),
+                    ..Default::default()
+                };
+                let result = backend.shmem_map(&request, device.region().file());
+                let elapsed = started.elapsed();
+                let mut mapping = mapping.lock().unwrap_or_else(|e| e.into_inner());
+                match result {
+                    Ok(_) => {
+                        let registry = device.registry();
+                        if let Some(old) = mapping.take() {
+                            // QEMU dropped the old one at a reset; this map replaces it.
+                            let _ = registry.unmap(old);
+                        }
+                        let registered = registry.map(
+                            owner,
+                            MappingRequest {
+                                device: "virtio-pmem (vhost-user shared memory)".into(),
+                                target: Target::SharedMemory {
+                                    shmid: SHMEM_REGION_ID,
+                                    offset: 0,
+                                },
+                                frames: FrameRange::covering(window.offset, window.size),
+                                writable: true,
+                            },
+                        );
+                        match registered {
+                            Ok(id) => *mapping = Some(id),
+                            Err(e) => error!("virtio-pmem: cannot register window {}: {e}", window.name),
+                        }
+                        info!(
+                            "virtio-pmem: window {} mapped into shared memory region {SHMEM_REGION_ID}, \
+                             {:.2} ms after the device started (guest accesses before that hit nothing)",
+                            window.name,
+                            elapsed.as_secs_f64() * 1000.0
+                        );
+                    }
+                    Err(e) if mapping.is_some() => info!(
+                        "virtio-pmem: window {} is still mapped from before (frontend: {e})",
+                        window.name
+                    ),
+                    Err(e) => error!(
+                        "virtio-pmem: the frontend refused to map window {}: {e}; the guest's pmem \
+                         device is backed by nothing",
+                        window.name
+                    ),
+                }
+            });
+        if let Err(e) = spawned {
+            error!("virtio-pmem: cannot start the map thread: {e}");
+        }
+    }
+
+    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+        let mem = self.mem.memory();
+        let event_idx = self.event_idx.load(Ordering::Relaxed);
+        let mut state = vring.get_mut();
+        loop {
+            if event_idx {
+                state.disable_notification().map_err(io::Error::other)?;
+            }
+            let mut completed = false;
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
+                let head = chain.head_index();
+                let used = self.device.handle(chain, &*mem);
+                state.add_used(head, used).map_err(io::Error::other)?;
+                completed = true;
+            }
+            if completed && state.needs_notification().map_err(io::Error::other)? {
+                state.signal_used_queue()?;
+            }
+            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for VhostUserPmemBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        1
+    }
+
+    fn max_queue_size(&self) -> usize {
+        256
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, _features: u64) {
+        // SET_FEATURES: the device is starting, after the guest's DRIVER_OK.
+        self.map_window();
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::SHMEM
+            | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.device.read_config(offset, size)
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        *self.backend_req.lock().unwrap_or_else(|e| e.into_inner()) = Some(backend);
+    }
+
+    fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
+        Ok(VhostUserShMemConfig::new(1, &[self.device.window().size]))
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+            .map_err(|e| warn!("cannot create a worker exit event: {e}"))
+            .ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        match vrings.get(usize::from(device_event)) {
+            Some(vring) => self.process_queue(vring),
+            None => Err(io::Error::other(format!(
+                "no queue for event {device_event}"
+            ))),
+        }
+    }
+}
