@@ -133,6 +133,9 @@ struct RunStats {
     bytes: u64,
     elapsed: f64,
     latencies_ns: Vec<u32>,
+    /// The backend's resident memory outside the benchmark file's mapping, at the end of
+    /// the measurement, in KiB.
+    rss_kib: u64,
 }
 
 impl RunStats {
@@ -188,7 +191,7 @@ fn main() {
     prefill(&file, args.size);
 
     let csv_path = args.dir.join("results.csv");
-    let mut csv = String::from("workload,backend,round,iops,mib_s,p50_us,p99_us\n");
+    let mut csv = String::from("workload,backend,round,iops,mib_s,p50_us,p99_us,rss_kib\n");
     println!(
         "{} per run, {} A/B pairs, file {} ({} MiB, prefilled, host page cache for both: \
          daxd maps it shared; qsd uses aio=io_uring,cache.direct=off)",
@@ -198,7 +201,7 @@ fn main() {
         args.size >> 20
     );
     println!(
-        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}",
         "workload",
         "daxd IOPS",
         "qsd IOPS",
@@ -208,8 +211,11 @@ fn main() {
         "q p50us",
         "d p99us",
         "q p99us",
-        "ratio"
+        "ratio",
+        "p50 d/q",
+        "d RSS MiB"
     );
+    let mut summaries = Vec::new();
     for workload in &selected {
         let mut pairs: Vec<(RunStats, RunStats)> = Vec::new();
         for round in 0..args.rounds {
@@ -218,23 +224,79 @@ fn main() {
             for (backend, stats) in [Backend::Daxd, Backend::Qsd].iter().zip(runs.iter_mut()) {
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{:.0},{:.1},{:.1},{:.1}",
+                    "{},{},{},{:.0},{:.1},{:.1},{:.1},{}",
                     workload.name,
                     backend.name(),
                     round,
                     stats.iops(),
                     stats.mib_s(),
                     stats.percentile_us(0.5),
-                    stats.percentile_us(0.99)
+                    stats.percentile_us(0.99),
+                    stats.rss_kib
                 );
             }
             let [a, b] = runs;
             pairs.push((a, b));
         }
-        report(workload, &mut pairs);
+        summaries.push(report(workload, &mut pairs));
     }
     std::fs::write(&csv_path, csv).expect("write results");
-    println!("results: {}", csv_path.display());
+    let svg_path = args.dir.join("results.svg");
+    std::fs::write(&svg_path, chart(&summaries)).expect("write the chart");
+    println!("results: {} and {}", csv_path.display(), svg_path.display());
+}
+
+/// One workload's medians over the A/B pairs.
+struct Summary {
+    name: &'static str,
+    daxd_iops: f64,
+    qsd_iops: f64,
+    /// Median over pairs of daxd IOPS / qsd IOPS.
+    ratio: f64,
+}
+
+/// A bar chart of daxd/qsd IOPS ratios per workload, with each pair's IOPS as labels.
+fn chart(summaries: &[Summary]) -> String {
+    let row = 34.0;
+    let left = 230.0;
+    let width = 520.0;
+    let max_ratio = summaries.iter().map(|s| s.ratio).fold(2.0f64, f64::max) * 1.1;
+    let height = 70.0 + row * summaries.len() as f64;
+    let x = |ratio: f64| left + width * ratio / max_ratio;
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<text x="10" y="20" font-size="14">daxd vs qemu-storage-daemon (vhost-user-blk, same blkio client): IOPS ratio, median of A/B pairs</text>
+"#,
+        w = left + width + 150.0
+    );
+    for (i, s) in summaries.iter().enumerate() {
+        let y = 40.0 + row * i as f64;
+        let colour = if s.ratio >= 1.0 { "#2b8a3e" } else { "#c92a2a" };
+        let _ = writeln!(
+            svg,
+            r#"<text x="{tx}" y="{ty}" text-anchor="end">{name}</text><rect x="{left}" y="{y}" width="{bw:.1}" height="22" fill="{colour}"/><text x="{lx:.1}" y="{ty}">{ratio:.2}x ({d:.0} vs {q:.0} IOPS)</text>"#,
+            tx = left - 8.0,
+            ty = y + 15.0,
+            name = s.name,
+            bw = x(s.ratio) - left,
+            lx = x(s.ratio) + 6.0,
+            ratio = s.ratio,
+            d = s.daxd_iops,
+            q = s.qsd_iops,
+        );
+    }
+    for mark in [1.0, 2.0] {
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{x:.1}" y1="32" x2="{x:.1}" y2="{y2}" stroke="#555" stroke-dasharray="4 3"/><text x="{x:.1}" y="{ty}" text-anchor="middle">{mark:.0}x</text>"##,
+            x = x(mark),
+            y2 = height - 20.0,
+            ty = height - 6.0,
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -242,8 +304,15 @@ fn median(mut values: Vec<f64>) -> f64 {
     values[values.len() / 2]
 }
 
-fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) {
+fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
     let ratio = median(pairs.iter().map(|(d, q)| d.iops() / q.iops()).collect());
+    let p50_ratio = median(
+        pairs
+            .iter_mut()
+            .map(|(d, q)| d.percentile_us(0.5) / q.percentile_us(0.5))
+            .collect(),
+    );
+    let rss_mib = pairs.iter().map(|(d, _)| d.rss_kib).max().unwrap_or(0) as f64 / 1024.0;
     let mut med = |f: &mut dyn FnMut(&mut RunStats) -> f64, daxd: bool| {
         median(
             pairs
@@ -252,20 +321,30 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) {
                 .collect(),
         )
     };
+    let daxd_iops = med(&mut |s| s.iops(), true);
+    let qsd_iops = med(&mut |s| s.iops(), false);
     println!(
-        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x",
+        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1}",
         workload.name,
-        med(&mut |s| s.iops(), true),
-        med(&mut |s| s.iops(), false),
+        daxd_iops,
+        qsd_iops,
         med(&mut |s| s.mib_s(), true),
         med(&mut |s| s.mib_s(), false),
         med(&mut |s| s.percentile_us(0.5), true),
         med(&mut |s| s.percentile_us(0.5), false),
         med(&mut |s| s.percentile_us(0.99), true),
         med(&mut |s| s.percentile_us(0.99), false),
-        ratio
+        ratio,
+        p50_ratio,
+        rss_mib
     );
     let _ = std::io::stdout().flush();
+    Summary {
+        name: workload.name,
+        daxd_iops,
+        qsd_iops,
+        ratio,
+    }
 }
 
 /// Writes the whole file once so reads hit data, not holes, for both backends.
@@ -354,15 +433,57 @@ fn run(
     round: usize,
 ) -> RunStats {
     let (mut child, socket) = start_backend(args, daxd, file, backend, workload.queues);
-    let stats = drive(&socket, workload, args.seconds, round as u64);
+    let pid = child.id();
+    let file = file.canonicalize().unwrap_or_else(|_| file.to_owned());
+    let stats = drive(&socket, workload, args.seconds, round as u64, || {
+        rss_kib_excluding(pid, &file)
+    });
     // SAFETY: kill(2) on our own, not yet reaped child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     stats
 }
 
-/// Runs the workload from one thread per queue and merges their numbers.
-fn drive(socket: &Path, workload: &Workload, seconds: f64, seed: u64) -> RunStats {
+/// Resident memory of process `pid` outside mappings of `file`, in KiB, from
+/// /proc/PID/smaps (the region mapping is the file's page cache, not daxd's own memory).
+fn rss_kib_excluding(pid: u32, file: &Path) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return 0;
+    };
+    let file = file.to_string_lossy();
+    let mut total = 0;
+    let mut counted = true;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            // Mapping headers start with an address range "start-end".
+            Some(first)
+                if first.contains('-')
+                    && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') =>
+            {
+                counted = !line.ends_with(file.as_ref());
+            }
+            Some("Rss:") if counted => {
+                total += fields
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+            _ => {}
+        }
+    }
+    total
+}
+
+/// Runs the workload from one thread per queue and merges their numbers; `rss` samples the
+/// backend's memory while the load is still on.
+fn drive(
+    socket: &Path,
+    workload: &Workload,
+    seconds: f64,
+    seed: u64,
+    rss: impl Fn() -> u64,
+) -> RunStats {
     let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     blkio.set_str("path", socket.to_str().unwrap()).unwrap();
     blkio
@@ -403,7 +524,14 @@ fn drive(socket: &Path, workload: &Workload, seconds: f64, seed: u64) -> RunStat
             })
         })
         .collect();
-    let mut total = RunStats::default();
+    // Sample the backend's memory near the end of the measurement, under load.
+    let sample_at = begin + warmup + measure.mul_f64(0.9);
+    std::thread::sleep(sample_at.saturating_duration_since(Instant::now()));
+    let rss_kib = rss();
+    let mut total = RunStats {
+        rss_kib,
+        ..RunStats::default()
+    };
     for t in threads {
         let s = t.join().expect("queue thread");
         total.ops += s.ops;
