@@ -46,6 +46,22 @@ struct Args {
     /// qemu-storage-daemon binary.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
+    /// Run qemu-storage-daemon's export in an iothread (with QEMU's adaptive polling, up
+    /// to --backend-poll-us) instead of its main loop.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    qsd_iothread: bool,
+    /// Let the client busy-poll for completions (blkio poll queues) instead of waiting on
+    /// its completion eventfd, for both backends; takes the client's own wake-ups out of
+    /// the latency.
+    #[arg(long)]
+    client_poll: bool,
+    /// Busy-poll budget given to both backends, in microseconds: daxd --poll-us, and
+    /// qemu-storage-daemon's iothread poll-max-ns (its adaptive polling). 0: no polling.
+    #[arg(long, default_value_t = 200)]
+    backend_poll_us: u64,
+    /// An extra argument for daxd (repeatable).
+    #[arg(long = "daxd-arg", value_name = "ARG", allow_hyphen_values = true)]
+    daxd_args: Vec<String>,
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {
@@ -136,6 +152,8 @@ struct RunStats {
     /// The backend's resident memory outside the benchmark file's mapping, at the end of
     /// the measurement, in KiB.
     rss_kib: u64,
+    /// CPU the backend used during the measurement, in cores (1.0 = one core busy).
+    cpu_cores: f64,
 }
 
 impl RunStats {
@@ -191,17 +209,27 @@ fn main() {
     prefill(&file, args.size);
 
     let csv_path = args.dir.join("results.csv");
-    let mut csv = String::from("workload,backend,round,iops,mib_s,p50_us,p99_us,rss_kib\n");
+    let mut csv =
+        String::from("workload,backend,round,iops,mib_s,p50_us,p99_us,rss_kib,cpu_cores\n");
     println!(
-        "{} per run, {} A/B pairs, file {} ({} MiB, prefilled, host page cache for both: \
-         daxd maps it shared; qsd uses aio=io_uring,cache.direct=off)",
+        "{} s per run, {} A/B pairs, file {} ({} MiB, prefilled, host page cache for both: \
+         daxd maps it shared; qsd uses aio=io_uring,cache.direct=off{}); backend polling up to {} us; \
+         daxd args: {:?}; client {}",
         args.seconds,
         args.rounds,
         file.display(),
-        args.size >> 20
+        args.size >> 20,
+        if args.qsd_iothread {
+            ", export in an iothread"
+        } else {
+            ", export in the main loop"
+        },
+        args.backend_poll_us,
+        args.daxd_args,
+        if args.client_poll { "polls for completions" } else { "waits on its completion eventfd" }
     );
     println!(
-        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8}",
+        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9}",
         "workload",
         "daxd IOPS",
         "qsd IOPS",
@@ -213,7 +241,8 @@ fn main() {
         "q p99us",
         "ratio",
         "p50 d/q",
-        "d RSS MiB"
+        "d RSS MiB",
+        "CPU d/q"
     );
     let mut summaries = Vec::new();
     for workload in &selected {
@@ -224,7 +253,7 @@ fn main() {
             for (backend, stats) in [Backend::Daxd, Backend::Qsd].iter().zip(runs.iter_mut()) {
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{:.0},{:.1},{:.1},{:.1},{}",
+                    "{},{},{},{:.0},{:.1},{:.1},{:.1},{},{:.2}",
                     workload.name,
                     backend.name(),
                     round,
@@ -232,7 +261,8 @@ fn main() {
                     stats.mib_s(),
                     stats.percentile_us(0.5),
                     stats.percentile_us(0.99),
-                    stats.rss_kib
+                    stats.rss_kib,
+                    stats.cpu_cores
                 );
             }
             let [a, b] = runs;
@@ -324,7 +354,7 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
     let daxd_iops = med(&mut |s| s.iops(), true);
     let qsd_iops = med(&mut |s| s.iops(), false);
     println!(
-        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1}",
+        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2}",
         workload.name,
         daxd_iops,
         qsd_iops,
@@ -336,7 +366,9 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
         med(&mut |s| s.percentile_us(0.99), false),
         ratio,
         p50_ratio,
-        rss_mib
+        rss_mib,
+        med(&mut |s| s.cpu_cores, true),
+        med(&mut |s| s.cpu_cores, false)
     );
     let _ = std::io::stdout().flush();
     Summary {
@@ -384,11 +416,22 @@ fn start_backend(
                 .arg(&socket)
                 .arg("--num-queues")
                 .arg(queues.to_string())
+                .arg(format!("--poll-us={}", args.backend_poll_us))
+                .args(&args.daxd_args)
                 .env("RUST_LOG", "warn");
             c
         }
         Backend::Qsd => {
             let mut c = Command::new(&args.qsd);
+            let iothread = if args.qsd_iothread {
+                c.arg("--object").arg(format!(
+                    "iothread,id=iot0,poll-max-ns={}",
+                    args.backend_poll_us * 1000
+                ));
+                ",iothread=iot0"
+            } else {
+                ""
+            };
             c.arg("--blockdev")
                 .arg(format!(
                     "driver=file,node-name=f,filename={},aio=io_uring,cache.direct=off",
@@ -396,7 +439,7 @@ fn start_backend(
                 ))
                 .arg("--export")
                 .arg(format!(
-                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+                    "type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={},writable=on,num-queues={queues}{iothread}",
                     socket.display()
                 ));
             c
@@ -435,13 +478,35 @@ fn run(
     let (mut child, socket) = start_backend(args, daxd, file, backend, workload.queues);
     let pid = child.id();
     let file = file.canonicalize().unwrap_or_else(|_| file.to_owned());
-    let stats = drive(&socket, workload, args.seconds, round as u64, || {
-        rss_kib_excluding(pid, &file)
-    });
+    let stats = drive(
+        &socket,
+        workload,
+        args.seconds,
+        round as u64,
+        args.client_poll,
+        || (rss_kib_excluding(pid, &file), cpu_seconds(pid)),
+    );
     // SAFETY: kill(2) on our own, not yet reaped child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     stats
+}
+
+/// User plus system CPU time of process `pid` so far, in seconds (/proc/PID/stat).
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields
+        .get(11..13)
+        .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
+        .unwrap_or(0);
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
 }
 
 /// Resident memory of process `pid` outside mappings of `file`, in KiB, from
@@ -482,17 +547,29 @@ fn drive(
     workload: &Workload,
     seconds: f64,
     seed: u64,
-    rss: impl Fn() -> u64,
+    client_poll: bool,
+    sample: impl Fn() -> (u64, f64),
 ) -> RunStats {
     let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
     blkio.set_str("path", socket.to_str().unwrap()).unwrap();
     blkio
         .connect()
         .unwrap_or_else(|e| panic!("connect: {}", e.message()));
-    blkio.set_i32("num-queues", workload.queues as i32).unwrap();
+    let (queues, poll_queues) = if client_poll {
+        (0, workload.queues as i32)
+    } else {
+        (workload.queues as i32, 0)
+    };
+    blkio.set_i32("num-queues", queues).unwrap();
+    blkio.set_i32("num-poll-queues", poll_queues).unwrap();
     let started = blkio
         .start()
         .unwrap_or_else(|e| panic!("start: {}", e.message()));
+    let client_queues = if client_poll {
+        started.poll_queues
+    } else {
+        started.queues
+    };
     let capacity = blkio.get_u64("capacity").unwrap();
     let per_queue = workload.depth * workload.block;
     let region = blkio
@@ -503,8 +580,7 @@ fn drive(
     let warmup = Duration::from_millis(500);
     let measure = Duration::from_secs_f64(seconds);
     let begin = Instant::now() + Duration::from_millis(50);
-    let threads: Vec<_> = started
-        .queues
+    let threads: Vec<_> = client_queues
         .into_iter()
         .enumerate()
         .map(|(i, q)| {
@@ -524,12 +600,17 @@ fn drive(
             })
         })
         .collect();
-    // Sample the backend's memory near the end of the measurement, under load.
-    let sample_at = begin + warmup + measure.mul_f64(0.9);
-    std::thread::sleep(sample_at.saturating_duration_since(Instant::now()));
-    let rss_kib = rss();
+    // Sample the backend's CPU time over most of the measurement, and its memory near
+    // the end, under load.
+    let from = begin + warmup;
+    std::thread::sleep(from.saturating_duration_since(Instant::now()));
+    let (_, cpu_before) = sample();
+    let counted_from = Instant::now();
+    std::thread::sleep((from + measure.mul_f64(0.9)).saturating_duration_since(Instant::now()));
+    let (rss_kib, cpu_after) = sample();
     let mut total = RunStats {
         rss_kib,
+        cpu_cores: (cpu_after - cpu_before) / counted_from.elapsed().as_secs_f64(),
         ..RunStats::default()
     };
     for t in threads {

@@ -182,10 +182,11 @@ fn run(args: &Args) -> Result<(), String> {
 
     let server_socket = socket_path.clone();
     let server_layout = layout.clone();
+    let poll = std::time::Duration::from_micros(args.poll_us);
     std::thread::Builder::new()
         .name("daxd-blk-accept".into())
         .spawn(move || {
-            if let Err(e) = daxd_vhost_user::serve_blk(&mut listener, device, server_layout) {
+            if let Err(e) = daxd_vhost_user::serve_blk(&mut listener, device, server_layout, poll) {
                 error!("blk device stopped: {e}");
                 remove_socket(server_socket.as_ref());
                 std::process::exit(1);

@@ -121,14 +121,16 @@ fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
 /// Serves the blk device to one frontend after another, forever. The device and its
 /// region carry over between connections, so a reconnecting frontend (QEMU,
 /// cloud-hypervisor) finds its data.
+/// `poll`: how long each queue worker keeps polling after its queue ran empty.
 pub fn serve_blk(
     listener: &mut Listener,
     device: Arc<BlkDevice>,
     layout: Arc<Layout>,
+    poll: std::time::Duration,
 ) -> Result<(), ServeError> {
     let registry = device.registry().clone();
     serve(listener, &registry, "blk", |owner, mem| {
-        VhostUserBlkBackend::new(device.clone(), layout.clone(), owner, mem)
+        VhostUserBlkBackend::new(device.clone(), layout.clone(), owner, mem, poll)
     })
 }
 
