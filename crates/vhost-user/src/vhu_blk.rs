@@ -2,24 +2,21 @@
 //! [`BlkDevice::handle`] and completions back. One worker thread per queue.
 
 use std::io;
-use std::num::Wrapping;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::queue;
 use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow};
 use daxd_region::{FrameRange, Layout};
 use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
@@ -70,68 +67,27 @@ impl VhostUserBlkBackend {
         }
     }
 
-    /// Serves every available chain of `vring`. With EVENT_IDX, re-checks the ring after
-    /// re-enabling notifications so that a chain added in between is not left waiting.
-    /// With polling on, an empty queue is watched for `poll` before notifications are
-    /// re-enabled: meanwhile the driver does not kick, and a new request is picked up
-    /// without a system call on either side.
+    /// Serves every available chain of `vring` (see [`queue::drain`]).
     fn process_queue(&self, vring: &VringRwLock, bufs: &mut ChainBuffers) -> io::Result<()> {
         let mem = self.mem.memory();
         let limits = self
             .device
             .limits(self.acked_features.load(Ordering::Relaxed));
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
         let guest_windows = self
             .guest_windows
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mut state = vring.get_mut();
-        loop {
-            if event_idx {
-                state.disable_notification().map_err(io::Error::other)?;
-            }
-            let mut completed = false;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let used = self
-                    .device
-                    .handle(chain, &*mem, &limits, &guest_windows, bufs);
-                state.add_used(head, used).map_err(io::Error::other)?;
-                completed = true;
-            }
-            if completed && state.needs_notification().map_err(io::Error::other)? {
-                state.signal_used_queue()?;
-            }
-            if !self.poll.is_zero() && self.poll_for_work(state.get_queue(), &*mem)? {
-                continue;
-            }
-            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Spins until the driver makes a chain available or `poll` passes; true if it did.
-    fn poll_for_work(
-        &self,
-        queue: &virtio_queue::Queue,
-        mem: &GuestMemoryMmap,
-    ) -> io::Result<bool> {
-        let deadline = Instant::now() + self.poll;
-        let next = Wrapping(queue.next_avail());
-        loop {
-            let avail = queue
-                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
-                .map_err(io::Error::other)?;
-            if avail != next {
-                return Ok(true);
-            }
-            if Instant::now() >= deadline {
-                return Ok(false);
-            }
-            std::hint::spin_loop();
-        }
+        queue::drain(
+            vring,
+            &mem,
+            self.event_idx.load(Ordering::Relaxed),
+            self.poll,
+            |chain| {
+                self.device
+                    .handle(chain, &*mem, &limits, &guest_windows, bufs)
+            },
+        )
     }
 }
 
@@ -281,9 +237,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .map_err(|e| warn!("cannot create a worker exit event: {e}"))
-            .ok()
+        queue::exit_event()
     }
 
     fn handle_event(

@@ -14,22 +14,20 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{error, info};
 use vhost::vhost_user::message::{
     VhostUserMMap, VhostUserMMapFlags, VhostUserProtocolFeatures, VhostUserShMemConfig,
     VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::QueueT;
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::queue;
 use daxd_pmem::{PmemDevice, SHMEM_REGION_ID};
 use daxd_region::FrameRange;
 use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
@@ -153,26 +151,14 @@ impl VhostUserPmemBackend {
 
     fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.mem.memory();
-        let event_idx = self.event_idx.load(Ordering::Relaxed);
-        let mut state = vring.get_mut();
-        loop {
-            if event_idx {
-                state.disable_notification().map_err(io::Error::other)?;
-            }
-            let mut completed = false;
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*mem) {
-                let head = chain.head_index();
-                let used = self.device.handle(chain, &*mem);
-                state.add_used(head, used).map_err(io::Error::other)?;
-                completed = true;
-            }
-            if completed && state.needs_notification().map_err(io::Error::other)? {
-                state.signal_used_queue()?;
-            }
-            if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
-                return Ok(());
-            }
-        }
+        // FLUSH requests are rare and slow anyway: no polling.
+        queue::drain(
+            vring,
+            &mem,
+            self.event_idx.load(Ordering::Relaxed),
+            Duration::ZERO,
+            |chain| self.device.handle(chain, &*mem),
+        )
     }
 }
 
@@ -226,9 +212,7 @@ impl VhostUserBackend for VhostUserPmemBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-            .map_err(|e| warn!("cannot create a worker exit event: {e}"))
-            .ok()
+        queue::exit_event()
     }
 
     fn handle_event(
