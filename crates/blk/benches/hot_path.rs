@@ -13,7 +13,7 @@ use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use daxd_blk::{BlkConfig, BlkDevice, ChainBuffers, Serial};
+use daxd_blk::{BlkConfig, BlkDevice, ChainBuffers, Handled, Serial};
 use daxd_region::{Layout, Region, RegionConfig};
 use daxd_registry::Registry;
 
@@ -76,7 +76,8 @@ fn main() {
             ];
             let used = device.handle(black_box(chain), &mem, &limits, &[], &mut bufs);
             assert_eq!(mem.read_obj::<u8>(GuestAddress(0x8000)).unwrap(), 0);
-            black_box(used);
+            let expected = if kind == VIRTIO_BLK_T_IN { 4097 } else { 1 };
+            assert_eq!(black_box(used), Handled::Done(expected));
         }
         let ns = start.elapsed().as_nanos() as f64 / iters as f64;
         println!("{name}: {ns:.0} ns per request ({iters} requests)");

@@ -83,9 +83,7 @@ impl BlkDevice {
                 Ok(0)
             }
             Request::Flush => {
-                let ticket = self.registry.flush_begin();
-                region.flush().map_err(ExecError::Flush)?;
-                self.registry.flush_complete(ticket);
+                self.flush_region()?;
                 Ok(0)
             }
             Request::GetId { len } => {
@@ -112,6 +110,14 @@ impl BlkDevice {
                 Ok(0)
             }
         }
+    }
+
+    /// Makes every write completed so far durable and records the flush epoch.
+    pub(crate) fn flush_region(&self) -> Result<(), ExecError> {
+        let ticket = self.registry.flush_begin();
+        self.region.flush().map_err(ExecError::Flush)?;
+        self.registry.flush_complete(ticket);
+        Ok(())
     }
 
     fn zero_ranges(

@@ -126,6 +126,22 @@ pub struct DeviceLimits {
     pub max_write_zeroes_sectors: u32,
 }
 
+/// What [`BlkDevice::handle`] did with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Handled {
+    /// Completed; the chain's used length.
+    Done(u32),
+    /// A FLUSH, still to be completed with [`BlkDevice::complete_flushes`].
+    Flush(PendingFlush),
+}
+
+/// A FLUSH request waiting for the region to be flushed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingFlush {
+    status: vm_memory::GuestAddress,
+}
+
 /// Guest physical memory that is a window of the region (a pmem window the VMM mapped from
 /// the region file): guest buffers there are region pages and get pinned while in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,9 +282,12 @@ impl BlkDevice {
         }
     }
 
-    /// Parses and executes one chain, writes its status and returns the number of bytes
-    /// written into the chain's writable buffers (the used length). `guest_windows` lists
-    /// the guest memory that is region pages (usually none).
+    /// Parses and executes one chain. Every request but a valid FLUSH is completed here:
+    /// its status is written and [`Handled::Done`] carries the number of bytes written into
+    /// the chain's writable buffers (the used length). A FLUSH is returned as
+    /// [`Handled::Flush`], to be completed with [`BlkDevice::complete_flushes`] so that the
+    /// queue need not wait for the disk. `guest_windows` lists the guest memory that is
+    /// region pages (usually none).
     pub fn handle<M: GuestMemoryBackend>(
         &self,
         descriptors: impl IntoIterator<Item = Descriptor>,
@@ -276,7 +295,7 @@ impl BlkDevice {
         limits: &DeviceLimits,
         guest_windows: &[GuestWindow],
         bufs: &mut ChainBuffers,
-    ) -> u32 {
+    ) -> Handled {
         let parsed = request::parse(descriptors, mem, limits, bufs);
         let Some(status_addr) = parsed.status else {
             self.log_refusal(&format!(
@@ -287,9 +306,14 @@ impl BlkDevice {
                     .map(|e| e.to_string())
                     .unwrap_or_default()
             ));
-            return 0;
+            return Handled::Done(0);
         };
         let (status, written) = match parsed.request {
+            Ok(Request::Flush) => {
+                return Handled::Flush(PendingFlush {
+                    status: status_addr,
+                })
+            }
             Ok(request) => match self.execute(&request, bufs, mem, guest_windows) {
                 Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
                 Err(e) => {
@@ -305,10 +329,38 @@ impl BlkDevice {
         if let Err(e) = mem.write_obj(status, status_addr) {
             // Checked while parsing; only a memory table change under our feet gets here.
             self.log_refusal(&format!("cannot write status at {:#x}: {e}", status_addr.0));
-            return 0;
+            return Handled::Done(0);
         }
         // written <= the writable stream, which is at most 4 GiB by virtio's chain limit.
-        (written + 1) as u32
+        Handled::Done((written + 1) as u32)
+    }
+
+    /// Completes FLUSH requests: one flush of the region makes every write completed
+    /// before any of them was handled durable, then each gets its status. Returns the
+    /// used length of each, in order (1, or 0 where the status could not be written).
+    pub fn complete_flushes<M: GuestMemoryBackend>(
+        &self,
+        pending: &[PendingFlush],
+        mem: &M,
+    ) -> Vec<u32> {
+        let status = match self.flush_region() {
+            Ok(()) => VIRTIO_BLK_S_OK as u8,
+            Err(e) => {
+                self.log_refusal(&format!("flush failed: {e}"));
+                e.status()
+            }
+        };
+        pending
+            .iter()
+            .map(|flush| match mem.write_obj(status, flush.status) {
+                Ok(()) => 1,
+                Err(e) => {
+                    let at = flush.status.0;
+                    self.log_refusal(&format!("cannot write status at {at:#x}: {e}"));
+                    0
+                }
+            })
+            .collect()
     }
 
     fn log_refusal(&self, message: &str) {

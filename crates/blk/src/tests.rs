@@ -100,10 +100,21 @@ fn run(f: &mut Fixture, chain: &[Descriptor]) -> (u32, u8) {
 }
 
 fn run_with(f: &mut Fixture, chain: &[Descriptor], limits: &DeviceLimits) -> (u32, u8) {
-    let used = f
+    let handled = f
         .device
         .handle(chain.iter().copied(), &f.mem, limits, &[], &mut f.bufs);
-    (used, f.mem.read_obj(GuestAddress(STATUS)).unwrap())
+    (
+        complete(f, handled),
+        f.mem.read_obj(GuestAddress(STATUS)).unwrap(),
+    )
+}
+
+/// The used length, completing a deferred FLUSH the way a queue worker's flusher does.
+fn complete(f: &Fixture, handled: Handled) -> u32 {
+    match handled {
+        Handled::Done(used) => used,
+        Handled::Flush(pending) => f.device.complete_flushes(&[pending], &f.mem)[0],
+    }
 }
 
 fn disk(f: &Fixture, offset: u64, len: usize) -> Vec<u8> {
@@ -550,7 +561,10 @@ fn chains_from_a_real_split_queue_including_indirect_tables() {
     let mut q: Queue = queue.create_queue().unwrap();
     let chain = q.iter(&mem).unwrap().next().unwrap();
     let limits = all_features(&f);
-    assert_eq!(f.device.handle(chain, &mem, &limits, &[], &mut f.bufs), 513);
+    assert_eq!(
+        f.device.handle(chain, &mem, &limits, &[], &mut f.bufs),
+        Handled::Done(513)
+    );
     assert_eq!(guest(&f, DATA, 512), vec![0x77; 512]);
 
     // The same request through an indirect table.
@@ -585,7 +599,10 @@ fn chains_from_a_real_split_queue_including_indirect_tables() {
     let _ = &mut queue;
     let mut q: Queue = queue.create_queue().unwrap();
     let chain = q.iter(&mem).unwrap().next().unwrap();
-    assert_eq!(f.device.handle(chain, &mem, &limits, &[], &mut f.bufs), 513);
+    assert_eq!(
+        f.device.handle(chain, &mem, &limits, &[], &mut f.bufs),
+        Handled::Done(513)
+    );
     assert_eq!(guest(&f, DATA, 512), vec![0x77; 512]);
 }
 
@@ -610,7 +627,10 @@ fn looping_chains_terminate() {
     let limits = all_features(&f);
     // The loop is cut at the queue size: 15 data buffers of 512 bytes whose last byte is
     // taken as status; 7679 data bytes is not a sector multiple.
-    assert_eq!(f.device.handle(chain, &mem, &limits, &[], &mut f.bufs), 1);
+    assert_eq!(
+        f.device.handle(chain, &mem, &limits, &[], &mut f.bufs),
+        Handled::Done(1)
+    );
     assert_disk_untouched(&f);
 }
 
@@ -692,7 +712,7 @@ fn guest_buffers_in_a_visible_window_are_pinned_only_while_in_use() {
         &windows,
         &mut f.bufs,
     );
-    assert_eq!(used, 513);
+    assert_eq!(used, Handled::Done(513));
     assert_eq!(guest(&f, DATA + 4096, 512), vec![0x42; 512]);
     let registry = f.device.registry();
     assert_eq!(
@@ -712,4 +732,40 @@ fn guest_buffers_in_a_visible_window_are_pinned_only_while_in_use() {
         .device
         .pin_guest_buffers(&f.bufs.writable, 0, 512, &[])
         .is_empty());
+}
+
+#[test]
+fn flushes_are_deferred_and_completed_together() {
+    let mut f = fixture();
+    let limits = all_features(&f);
+    header(&f, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    f.mem
+        .write_obj(STATUS_UNTOUCHED, GuestAddress(STATUS + 1))
+        .unwrap();
+    let first = f.device.handle(
+        [d(HDR, 16, 0), d(STATUS, 1, W)],
+        &f.mem,
+        &limits,
+        &[],
+        &mut f.bufs,
+    );
+    let second = f.device.handle(
+        [d(HDR, 16, 0), d(STATUS + 1, 1, W)],
+        &f.mem,
+        &limits,
+        &[],
+        &mut f.bufs,
+    );
+    let (Handled::Flush(a), Handled::Flush(b)) = (first, second) else {
+        panic!("flushes were not deferred: {first:?} {second:?}");
+    };
+    // Nothing is reported before the flush ran.
+    assert_eq!(guest(&f, STATUS, 2), [STATUS_UNTOUCHED, STATUS_UNTOUCHED]);
+    let epoch = f.device.registry().snapshot().last_flushed;
+    assert_eq!(f.device.complete_flushes(&[a, b], &f.mem), vec![1, 1]);
+    assert_eq!(guest(&f, STATUS, 2), [OK, OK]);
+    assert!(
+        f.device.registry().snapshot().last_flushed > epoch,
+        "one flush epoch completed"
+    );
 }

@@ -4,7 +4,7 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -17,7 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::queue;
-use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow};
+use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled, PendingFlush};
 use daxd_region::{FrameRange, Layout};
 use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
 
@@ -42,6 +42,47 @@ pub struct VhostUserBlkBackend {
     chain_buffers: Vec<Mutex<ChainBuffers>>,
     /// How long a worker keeps polling its queue after it ran empty (0: not at all).
     poll: Duration,
+    /// Where queue workers hand FLUSH requests, so that a queue keeps moving while the
+    /// region is flushed.
+    flusher: mpsc::Sender<FlushJob>,
+}
+
+/// A FLUSH request waiting for the flusher.
+struct FlushJob {
+    vring: VringRwLock,
+    head: u16,
+    pending: PendingFlush,
+}
+
+/// The connection's flusher: one `fdatasync` completes every FLUSH that arrived while the
+/// previous one ran (group commit). Each FLUSH covers every write completed before a queue
+/// worker handed it over, since those writes were in the mapping before this thread
+/// received it. Ends when the backend (the sender) is dropped.
+fn spawn_flusher(
+    device: Arc<BlkDevice>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+) -> mpsc::Sender<FlushJob> {
+    let (sender, receiver) = mpsc::channel::<FlushJob>();
+    let spawned = std::thread::Builder::new()
+        .name("daxd-blk-flush".into())
+        .spawn(move || {
+            while let Ok(first) = receiver.recv() {
+                let mut jobs = vec![first];
+                jobs.extend(receiver.try_iter());
+                let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
+                let used = device.complete_flushes(&pending, &*mem.memory());
+                for (job, used) in jobs.iter().zip(used) {
+                    if let Err(e) = queue::complete_later(&job.vring, job.head, used) {
+                        warn!("cannot complete a FLUSH request: {e}");
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        // Without the thread the channel is closed and queue workers flush inline.
+        warn!("cannot start the flush thread ({e}); flushing on the queue workers");
+    }
+    sender
 }
 
 impl VhostUserBlkBackend {
@@ -53,6 +94,7 @@ impl VhostUserBlkBackend {
         poll: Duration,
     ) -> Self {
         let workers = usize::from(device.config().num_queues);
+        let flusher = spawn_flusher(device.clone(), mem.clone());
         VhostUserBlkBackend {
             device,
             layout,
@@ -64,6 +106,7 @@ impl VhostUserBlkBackend {
             acked_features: AtomicU64::new(0),
             chain_buffers: (0..workers).map(|_| Mutex::default()).collect(),
             poll,
+            flusher,
         }
     }
 
@@ -84,8 +127,27 @@ impl VhostUserBlkBackend {
             self.event_idx.load(Ordering::Relaxed),
             self.poll,
             |chain| {
-                self.device
+                let head = chain.head_index();
+                match self
+                    .device
                     .handle(chain, &*mem, &limits, &guest_windows, bufs)
+                {
+                    Handled::Done(used) => Some(used),
+                    Handled::Flush(pending) => {
+                        let job = FlushJob {
+                            vring: vring.clone(),
+                            head,
+                            pending,
+                        };
+                        match self.flusher.send(job) {
+                            Ok(()) => None,
+                            // No flusher thread: flush here.
+                            Err(mpsc::SendError(job)) => {
+                                Some(self.device.complete_flushes(&[job.pending], &*mem)[0])
+                            }
+                        }
+                    }
+                }
             },
         )
     }

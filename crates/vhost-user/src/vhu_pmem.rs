@@ -157,7 +157,7 @@ impl VhostUserPmemBackend {
             &mem,
             self.event_idx.load(Ordering::Relaxed),
             Duration::ZERO,
-            |chain| self.device.handle(chain, &*mem),
+            |chain| Some(self.device.handle(chain, &*mem)),
         )
     }
 }
