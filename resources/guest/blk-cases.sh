@@ -44,31 +44,33 @@ case_identity() {
     echo "RESULT write_cache $(cat /sys/block/vda/queue/write_cache | tr ' ' _)"
 }
 
+# expect_payload_at WHAT PAYLOAD OFFSET...: /dev/vda holds PAYLOAD at each byte OFFSET
+# (read with O_DIRECT, so not from the guest's page cache).
+expect_payload_at() {
+    what=$1 payload=$2
+    shift 2
+    want=$(sha_of_stdin < "/host$payload")
+    len=$(stat -c %s "/host$payload")
+    for off in "$@"; do
+        expect_eq "$what at $off" "$(read_sha "$off" "$len")" "$want"
+    done
+}
+
 # direct_io PAYLOAD OFFSET...: O_DIRECT writes of PAYLOAD at each byte OFFSET read back
 # the same.
 case_direct_io() {
     payload=$1
     shift
-    want=$(sha_of_stdin < "/host$payload")
-    len=$(stat -c %s "/host$payload")
     for off in "$@"; do
         host dd if="$payload" of=/dev/vda bs=4096 seek=$((off / 4096)) oflag=direct conv=notrunc status=none \
             || fail "O_DIRECT write at $off failed"
     done
-    for off in "$@"; do
-        expect_eq "O_DIRECT read-back at $off" "$(read_sha "$off" "$len")" "$want"
-    done
+    expect_payload_at "O_DIRECT read-back" "$payload" "$@"
 }
 
 # persisted PAYLOAD OFFSET...: data written by an earlier boot is still there.
 case_persisted() {
-    payload=$1
-    shift
-    want=$(sha_of_stdin < "/host$payload")
-    len=$(stat -c %s "/host$payload")
-    for off in "$@"; do
-        expect_eq "data from the previous boot at $off" "$(read_sha "$off" "$len")" "$want"
-    done
+    expect_payload_at "data from the previous boot" "$@"
 }
 
 # discard PAYLOAD OFFSET LEN: after writing data and discarding it, the range reads zero.

@@ -475,6 +475,11 @@ fn run(
     workload: &Workload,
     round: usize,
 ) -> RunStats {
+    // Start every run from a clean file: dirty pages left by the previous run would make
+    // this run's first flushes pay for writes it did not make.
+    std::fs::File::open(file)
+        .and_then(|f| f.sync_all())
+        .expect("sync the benchmark file");
     let (mut child, socket) = start_backend(args, daxd, file, backend, workload.queues);
     let pid = child.id();
     let file = file.canonicalize().unwrap_or_else(|_| file.to_owned());

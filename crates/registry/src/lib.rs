@@ -581,19 +581,23 @@ pub struct BusySnapshot {
     pub what: &'static str,
 }
 
+/// The key from which sections overlapping `frames` start: the section starting at or
+/// before `frames.start` may reach into the range.
+fn first_candidate(sections: &BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) -> u64 {
+    sections
+        .range(..=frames.start)
+        .next_back()
+        .map(|(s, _)| *s)
+        .unwrap_or(frames.start)
+}
+
 /// Sections overlapping `frames`, as (first frame, descriptors).
 fn sections_in(
     sections: &BTreeMap<u64, Vec<PageDescriptor>>,
     frames: FrameRange,
 ) -> impl Iterator<Item = (u64, &Vec<PageDescriptor>)> {
-    // The section starting at or before frames.start may reach into the range.
-    let first = sections
-        .range(..=frames.start)
-        .next_back()
-        .map(|(s, _)| *s)
-        .unwrap_or(frames.start);
     sections
-        .range(first..frames.end)
+        .range(first_candidate(sections, frames)..frames.end)
         .filter(move |(s, d)| **s + d.len() as u64 > frames.start)
         .map(|(s, d)| (*s, d))
 }
@@ -602,11 +606,7 @@ fn sections_in_mut(
     sections: &mut BTreeMap<u64, Vec<PageDescriptor>>,
     frames: FrameRange,
 ) -> impl Iterator<Item = (u64, &mut Vec<PageDescriptor>)> {
-    let first = sections
-        .range(..=frames.start)
-        .next_back()
-        .map(|(s, _)| *s)
-        .unwrap_or(frames.start);
+    let first = first_candidate(sections, frames);
     sections
         .range_mut(first..frames.end)
         .filter(move |(s, d)| **s + d.len() as u64 > frames.start)
