@@ -415,3 +415,24 @@ fn bad_start_up_configurations_fail_with_a_message() {
     assert!(status.success());
     assert!(out.contains(r#""type":"block""#), "{out}");
 }
+
+#[test]
+fn sync_mode_is_write_through_and_default_is_write_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    // Default: a write-back cache, the client must send FLUSH for durability.
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "4M"]);
+    let client = Client::connect(&daxd.socket, 1, false).unwrap();
+    assert!(client.blkio.get_bool("flush-needed").unwrap());
+    drop(client);
+    assert!(daxd.terminate().success());
+    // --sync: write-through, no FLUSH offered; writes still land at their offsets.
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--sync"]);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    assert!(!client.blkio.get_bool("flush-needed").unwrap());
+    client.q().write(8192, &pattern(3, 4096)).unwrap();
+    client.q().write_zeroes(MIB, 65536, true).unwrap();
+    assert_eq!(file_bytes(&region, 8192, 4096), pattern(3, 4096));
+    drop(client);
+    assert!(daxd.terminate().success());
+}
