@@ -11,7 +11,7 @@
 mod rmap;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
 
 use serde::Serialize;
@@ -119,6 +119,9 @@ pub struct Registry {
     layout_done: Condvar,
     /// False while no descriptor exists: lets the block path skip the registry entirely.
     any_visible: AtomicBool,
+    /// First and end frame of everything visible: a request outside them skips the lock.
+    visible_lo: AtomicU64,
+    visible_hi: AtomicU64,
     /// Merged frame ranges that have descriptors, for the block path's overlap checks.
     visible: RwLock<Vec<FrameRange>>,
 }
@@ -208,6 +211,8 @@ impl Registry {
             }),
             layout_done: Condvar::new(),
             any_visible: AtomicBool::new(false),
+            visible_lo: AtomicU64::new(0),
+            visible_hi: AtomicU64::new(0),
             visible: RwLock::new(Vec::new()),
         }
     }
@@ -332,9 +337,12 @@ impl Registry {
     }
 
     /// Whether any frame of `frames` is guest-visible. Costs one atomic load while
-    /// nothing is mapped.
+    /// nothing is mapped, three when `frames` is outside every visible frame's bounds.
     pub fn is_visible(&self, frames: FrameRange) -> bool {
-        if !self.any_visible.load(Ordering::Acquire) {
+        if !self.any_visible.load(Ordering::Acquire)
+            || frames.end <= self.visible_lo.load(Ordering::Acquire)
+            || frames.start >= self.visible_hi.load(Ordering::Acquire)
+        {
             return false;
         }
         let visible = self.visible.read().unwrap_or_else(|e| e.into_inner());
@@ -536,7 +544,15 @@ impl Registry {
             }
         }
         let any = !merged.is_empty();
+        let lo = merged.first().map_or(0, |r| r.start);
+        let hi = merged.last().map_or(0, |r| r.end);
         *self.visible.write().unwrap_or_else(|e| e.into_inner()) = merged;
+        // Widen the bounds before narrowing them, so that a reader racing with this update
+        // never sees bounds that exclude frames visible both before and after it.
+        self.visible_lo.fetch_min(lo, Ordering::AcqRel);
+        self.visible_hi.fetch_max(hi, Ordering::AcqRel);
+        self.visible_lo.store(lo, Ordering::Release);
+        self.visible_hi.store(hi, Ordering::Release);
         self.any_visible.store(any, Ordering::Release);
     }
 }
