@@ -10,7 +10,7 @@ use std::sync::{Arc, Barrier};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use support::{file_bytes, pattern, Backend, Client, QUEUE_BUF};
+use support::{file_bytes, next_data, pattern, Backend, Client, QUEUE_BUF};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -5;
@@ -159,16 +159,6 @@ fn write_zeroes_and_discard_zero_and_deallocate_their_ranges() {
     assert!(std::fs::metadata(&region).unwrap().blocks() < blocks_before);
     drop(client);
     assert!(daxd.terminate().success());
-}
-
-/// `lseek(SEEK_DATA)`: the first byte at or after `offset` that is not in a hole.
-fn next_data(path: &std::path::Path, offset: u64) -> u64 {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path).unwrap();
-    // SAFETY: lseek on a descriptor we own; it touches no memory.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    assert!(at >= 0, "lseek: {}", std::io::Error::last_os_error());
-    at as u64
 }
 
 #[test]

@@ -5,14 +5,13 @@
 
 mod support;
 
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use support::guest::{boot, Vm};
-use support::{file_bytes, pattern, Backend};
+use support::guest::{boot, host_tool, Vm};
+use support::{file_bytes, next_data, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
 const REGION_SIZE: u64 = 256 * MIB;
@@ -89,31 +88,6 @@ fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
     path
-}
-
-/// `lseek(SEEK_DATA)` from `offset`: where the next data after `offset` starts.
-fn next_data(path: &Path, offset: u64) -> u64 {
-    let file = std::fs::File::open(path).unwrap();
-    // SAFETY: lseek on a descriptor we own; no memory is involved.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    if at < 0 {
-        // ENXIO: nothing but hole up to the end of the file.
-        return std::fs::metadata(path).unwrap().len();
-    }
-    at as u64
-}
-
-fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
-    let out = Command::new(program)
-        .args(args)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    (
-        out.status.success(),
-        out.stdout,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn suite(peer: Peer) {

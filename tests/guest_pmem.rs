@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use support::guest::{boot, sid_qemu, Vm};
+use support::guest::{boot, host_tool, results, sid_qemu, Vm};
 use support::{file_bytes, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
@@ -79,23 +79,6 @@ fn inspect(control: &Path) -> Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
-}
-
-/// The console's `RESULT key value`.
-fn result_in(console: &str, key: &str) -> Option<String> {
-    console
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::to_owned))
-}
-
-fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>) {
-    let out = Command::new(program)
-        .args(args)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    (out.status.success(), out.stdout)
 }
 
 fn suite(kind: Kind) {
@@ -200,7 +183,8 @@ fn suite(kind: Kind) {
     let mapped_while_mounted = RefCell::new(None::<Value>);
     let after_sync = RefCell::new(None::<Value>);
     let mut host = |step: &str, console: &str| {
-        let data_offset: u64 = result_in(console, "data_offset")
+        let data_offset: u64 = results(console)
+            .get("data_offset")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         match step {
@@ -328,14 +312,14 @@ fn suite(kind: Kind) {
     )
     .unwrap();
     let image = fs_image.to_str().unwrap();
-    let (fsck_ok, fsck_out) = host_tool("e2fsck", &["-fn", image]);
+    let (fsck_ok, fsck_out, _) = host_tool("e2fsck", &["-fn", image]);
     assert!(
         fsck_ok,
         "host e2fsck of the window: {}",
         String::from_utf8_lossy(&fsck_out)
     );
     for (name, path) in [("file-a", &file_a), ("file-b", &file_b)] {
-        let (ok, content) = host_tool("debugfs", &["-R", &format!("cat /{name}"), image]);
+        let (ok, content, _) = host_tool("debugfs", &["-R", &format!("cat /{name}"), image]);
         assert!(
             ok && content == std::fs::read(path).unwrap(),
             "/{name} differs on the host"

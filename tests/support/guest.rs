@@ -257,10 +257,33 @@ pub fn boot(
     boot
 }
 
+/// A host tool's (success, stdout, stderr), with sbin on PATH.
+pub fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
+    let out = Command::new(program)
+        .args(args)
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    (
+        out.status.success(),
+        out.stdout,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The `RESULT key value` lines of a console, so far.
+pub fn results(console: &str) -> BTreeMap<String, String> {
+    console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
 fn parse_console(console: String, console_log: PathBuf) -> Boot {
     let mut cases = BTreeMap::new();
     let mut case_output: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut results = BTreeMap::new();
     let mut current: Option<String> = None;
     let mut finished = false;
     for line in console.lines() {
@@ -284,10 +307,6 @@ fn parse_console(console: String, console_log: PathBuf) -> Boot {
                     }
                 }
             }
-        } else if let Some(rest) = line.strip_prefix("RESULT ") {
-            if let Some((key, value)) = rest.split_once(' ') {
-                results.insert(key.to_owned(), value.to_owned());
-            }
         } else if line.starts_with("DAXD-GUEST-DONE") {
             finished = true;
             current = None;
@@ -300,11 +319,11 @@ fn parse_console(console: String, console_log: PathBuf) -> Boot {
         }
     }
     Boot {
+        results: results(&console),
         console,
         console_log,
         cases,
         case_output,
-        results,
         finished,
     }
 }

@@ -86,12 +86,6 @@ impl Backend {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         wait_with_timeout(&mut child, Duration::from_secs(20))
     }
-
-    /// Waits for daxd to exit on its own (for runs expected to fail at start-up).
-    pub fn wait(mut self) -> ExitStatus {
-        let mut child = self.child.take().unwrap();
-        wait_with_timeout(&mut child, Duration::from_secs(20))
-    }
 }
 
 fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
@@ -264,6 +258,20 @@ pub fn test_dir(prefix: &str) -> tempfile::TempDir {
         dir.disable_cleanup(true);
     }
     dir
+}
+
+/// `lseek(SEEK_DATA)` from `offset`: where the next data at or after `offset` starts (the
+/// file's length when only hole follows).
+pub fn next_data(path: &Path, offset: u64) -> u64 {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: lseek on a descriptor we own; no memory is involved.
+    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
+    if at < 0 {
+        // ENXIO: nothing but hole up to the end of the file.
+        return std::fs::metadata(path).unwrap().len();
+    }
+    at as u64
 }
 
 /// Bytes `offset..offset+len` of a file, as the host sees them.

@@ -52,15 +52,8 @@ impl ControlSocket {
         layout: Arc<Layout>,
         registry: Arc<Registry>,
     ) -> Result<ControlSocket, String> {
-        if UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "control socket {} is in use by a running daxd; choose another path",
-                path.display()
-            ));
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = UnixListener::bind(path)
-            .map_err(|e| format!("cannot listen on control socket {}: {e}", path.display()))?;
+        let listener =
+            daxd_vhost_user::bind_unix(path).map_err(|e| format!("control socket: {e}"))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| format!("control socket {}: {e}", path.display()))?;

@@ -67,6 +67,13 @@ pub fn listen(addr: &SocketAddr) -> Result<Listener, ServeError> {
 }
 
 fn listen_on_path(path: &Path) -> Result<Listener, ServeError> {
+    bind_unix(path).map(Listener::from)
+}
+
+/// Binds a UNIX socket at `path`. A stale socket file left by a process that died is
+/// replaced; one that a live process still accepts on, or a file that is not a socket,
+/// is not.
+pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -78,9 +85,9 @@ fn listen_on_path(path: &Path) -> Result<Listener, ServeError> {
         Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
         Err(_) => {}
     }
-    Listener::new(path, false).map_err(|e| ServeError::Bind {
+    UnixListener::bind(path).map_err(|source| ServeError::Bind {
         path: path.to_owned(),
-        source: io::Error::other(e.to_string()),
+        source,
     })
 }
 
