@@ -22,9 +22,9 @@ use clap::Parser;
     about = "Benchmark daxd against qemu-storage-daemon (vhost-user-blk) with the same blkio client"
 )]
 struct Args {
-    /// Size of the benchmark file (K/M/G suffix).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
-    size: u64,
+    /// Size of the benchmark file in MiB.
+    #[arg(long = "size-mib", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..), value_name = "MIB")]
+    size_mib: u64,
     /// Seconds measured per run (after a 0.5 s warm-up).
     #[arg(long, default_value_t = 3.0)]
     seconds: f64,
@@ -62,10 +62,6 @@ struct Args {
     /// An extra argument for daxd (repeatable).
     #[arg(long = "daxd-arg", value_name = "ARG", allow_hyphen_values = true)]
     daxd_args: Vec<String>,
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    daxd_region::parse_size(text).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -197,7 +193,7 @@ fn main() {
     );
     std::fs::create_dir_all(&args.dir).expect("create the benchmark directory");
     let file = args.dir.join("bench.img");
-    prefill(&file, args.size);
+    prefill(&file, args.size_mib << 20);
 
     let csv_path = args.dir.join("results.csv");
     let mut csv =
@@ -209,7 +205,7 @@ fn main() {
         args.seconds,
         args.rounds,
         file.display(),
-        args.size >> 20,
+        args.size_mib,
         if args.qsd_iothread {
             ", export in an iothread"
         } else {

@@ -25,8 +25,8 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 
 use daxd_blk::{BlkConfig, BlkDevice, ChainBuffers, GuestWindow, Handled, Serial};
-use daxd_region::{FrameRange, Layout, Region, RegionConfig, Window};
-use daxd_registry::{MappingRequest, Registry, Target};
+use daxd_region::{Layout, Region, RegionConfig, Serve, Window};
+use daxd_registry::{FrameRange, MappingRequest, Registry, Target};
 
 const MIB: u64 = 1 << 20;
 const REGION: u64 = 128 * MIB;
@@ -80,8 +80,18 @@ fn main() {
     let layout = Layout::new(
         region.size(),
         vec![
-            Window::parse("name=disk,offset=0,size=128M,serve=blk").unwrap(),
-            Window::parse("name=pm0,offset=64M,size=64M,serve=pmem").unwrap(),
+            Window {
+                name: "disk".into(),
+                offset: 0,
+                size: REGION,
+                serve: Serve::Blk,
+            },
+            Window {
+                name: "pm0".into(),
+                offset: WINDOW,
+                size: WINDOW,
+                serve: Serve::Pmem,
+            },
         ],
         true,
     )
@@ -143,7 +153,10 @@ fn main() {
                 .unwrap();
             mapped = true;
         }
-        for (name, kind) in [("read 4 KiB", VIRTIO_BLK_T_IN), ("write 4 KiB", VIRTIO_BLK_T_OUT)] {
+        for (name, kind) in [
+            ("read 4 KiB", VIRTIO_BLK_T_IN),
+            ("write 4 KiB", VIRTIO_BLK_T_OUT),
+        ] {
             for queues in [1, 2] {
                 let ns = run(&device, &mem, guest_window, case, kind, queues, iters);
                 println!(

@@ -4,26 +4,25 @@
 //! one memmove per contiguous piece of guest memory, no system call, no per-page
 //! bookkeeping. The registry is consulted only where bytes are guest-visible: a disk range
 //! that a pmem window exposes too (dirty marking, layout-busy checks) or guest buffers
-//! that are themselves region pages (pins).
+//! that are themselves region pages (pins); neither takes a lock or allocates.
 
 use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{GuestMemoryBackend, GuestMemoryError};
 
-use daxd_region::{FrameRange, RegionError, SECTOR_SHIFT};
-use daxd_registry::{LayoutChange, Pin, RegistryError};
+use daxd_region::{RegionError, SECTOR_SHIFT};
+use daxd_registry::{FrameRange, LayoutChange, Pins, RegistryError};
+use daxd_virtio::Stream;
 
-use crate::request::{try_for_each_piece, ChainBuffers, DiscardList, Request, Segment};
+use crate::request::{ChainBuffers, DiscardList, DiscardSegment, Request, MAX_DISCARD_SEGMENTS};
 use crate::{BlkDevice, GuestWindow};
 
 /// Why a well-formed request still failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
-    #[error("guest memory at {0:#x} is no longer mapped")]
-    GuestMemory(u64),
+    #[error("guest memory changed under the request")]
+    GuestMemory(#[from] GuestMemoryError),
     #[error(transparent)]
     Region(#[from] RegionError),
-    #[error("flush failed: {0}")]
-    Flush(std::io::Error),
     #[error(transparent)]
     Busy(#[from] RegistryError),
 }
@@ -34,45 +33,50 @@ impl ExecError {
     }
 }
 
+/// What executing a request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Executed {
+    /// Done; bytes written into the chain's writable data (not counting the status).
+    Done(u64),
+    /// A FLUSH, left for the caller to complete off the queue.
+    Flush,
+}
+
 impl BlkDevice {
-    /// Executes `request`, whose buffers are in `bufs`, and returns how many bytes it
-    /// wrote into the chain's writable data (not counting the status byte).
+    /// Executes `request`, whose chain is in `bufs`.
     pub(crate) fn execute<M: GuestMemoryBackend>(
         &self,
         request: &Request,
-        bufs: &ChainBuffers,
+        bufs: &mut ChainBuffers,
         mem: &M,
         guest_windows: &[GuestWindow],
-    ) -> Result<u64, ExecError> {
+    ) -> Result<Executed, ExecError> {
         let region = &*self.region;
+        let ChainBuffers { chain, pins } = bufs;
         match *request {
             Request::Read { offset, data } => {
+                let writable = chain.writable();
                 let _pins =
-                    self.pin_guest_buffers(&bufs.writable, data.skip, data.len, guest_windows);
+                    self.pin_guest_buffers(pins, writable, data.skip, data.len, guest_windows);
                 let mut at = self.base + offset;
-                try_for_each_piece(&bufs.writable, data.skip, data.len, |addr, len| {
-                    for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
-                        let slice = slice.map_err(|_| ExecError::GuestMemory(addr.0))?;
-                        let n = slice.len() as u64;
-                        region.read_into(at, slice)?;
-                        at += n;
-                    }
+                writable.try_for_each_slice(mem, data.skip, data.len, |slice| {
+                    let n = slice.len() as u64;
+                    region.read_into(at, slice)?;
+                    at += n;
                     Ok::<(), ExecError>(())
                 })?;
-                Ok(data.len)
+                Ok(Executed::Done(data.len))
             }
             Request::Write { offset, data } => {
+                let readable = chain.readable();
                 let _pins =
-                    self.pin_guest_buffers(&bufs.readable, data.skip, data.len, guest_windows);
+                    self.pin_guest_buffers(pins, readable, data.skip, data.len, guest_windows);
                 let start = self.base + offset;
                 let mut at = start;
-                try_for_each_piece(&bufs.readable, data.skip, data.len, |addr, len| {
-                    for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize) {
-                        let slice = slice.map_err(|_| ExecError::GuestMemory(addr.0))?;
-                        let n = slice.len() as u64;
-                        region.write_from(at, slice)?;
-                        at += n;
-                    }
+                readable.try_for_each_slice(mem, data.skip, data.len, |slice| {
+                    let n = slice.len() as u64;
+                    region.write_from(at, slice)?;
+                    at += n;
                     Ok::<(), ExecError>(())
                 })?;
                 self.registry
@@ -80,34 +84,28 @@ impl BlkDevice {
                 if self.config.sync {
                     region.flush_range(start, data.len)?;
                 }
-                Ok(0)
+                Ok(Executed::Done(0))
             }
-            Request::Flush => {
-                self.flush_region()?;
-                Ok(0)
-            }
+            Request::Flush => Ok(Executed::Flush),
             Request::GetId { len } => {
                 let serial = &self.config.serial.as_bytes()[..len as usize];
-                let mut copied = 0usize;
-                try_for_each_piece(&bufs.writable, 0, len, |addr, piece| {
-                    for slice in GuestMemoryBackend::get_slices(mem, addr, piece as usize) {
-                        let slice = slice.map_err(|_| ExecError::GuestMemory(addr.0))?;
-                        slice.copy_from(&serial[copied..copied + slice.len()]);
-                        copied += slice.len();
-                    }
+                let mut copied = 0;
+                chain.writable().try_for_each_slice(mem, 0, len, |slice| {
+                    slice.copy_from(&serial[copied..copied + slice.len()]);
+                    copied += slice.len();
                     Ok::<(), ExecError>(())
                 })?;
-                Ok(len)
+                Ok(Executed::Done(len))
             }
             Request::Discard(list) => {
                 // Discarded sectors read back as zeroes: simplest for guests and for tests,
                 // and it gives the space back to the host.
                 self.zero_ranges(&list, "discard", |_| true)?;
-                Ok(0)
+                Ok(Executed::Done(0))
             }
             Request::WriteZeroes(list) => {
-                self.zero_ranges(&list, "write zeroes to", |segment| segment.unmap())?;
-                Ok(0)
+                self.zero_ranges(&list, "write zeroes to", DiscardSegment::unmap)?;
+                Ok(Executed::Done(0))
             }
         }
     }
@@ -115,7 +113,7 @@ impl BlkDevice {
     /// Makes every write completed so far durable and records the flush epoch.
     pub(crate) fn flush_region(&self) -> Result<(), ExecError> {
         let ticket = self.registry.flush_begin();
-        self.region.flush().map_err(ExecError::Flush)?;
+        self.region.flush()?;
         self.registry.flush_complete(ticket);
         Ok(())
     }
@@ -124,24 +122,21 @@ impl BlkDevice {
         &self,
         list: &DiscardList,
         what: &'static str,
-        deallocate: impl Fn(&crate::request::DiscardSegment) -> bool,
+        deallocate: impl Fn(&DiscardSegment) -> bool,
     ) -> Result<(), ExecError> {
         let region = &*self.region;
         // Every segment's frames are claimed before any is changed, so a request that
         // touches a mapped page changes nothing at all.
-        let mut claims: [Option<LayoutChange<'_>>; crate::request::MAX_DISCARD_SEGMENTS] =
-            Default::default();
+        let mut claims: [Option<LayoutChange<'_>>; MAX_DISCARD_SEGMENTS] = Default::default();
         for (claim, segment) in claims.iter_mut().zip(list.as_slice()) {
-            let offset = self.base + (segment.sector << SECTOR_SHIFT);
-            let len = u64::from(segment.sectors) << SECTOR_SHIFT;
+            let (offset, len) = self.segment_bytes(segment);
             *claim = Some(
                 self.registry
                     .begin_layout_change(FrameRange::covering(offset, len), what)?,
             );
         }
         for segment in list.as_slice() {
-            let offset = self.base + (segment.sector << SECTOR_SHIFT);
-            let len = u64::from(segment.sectors) << SECTOR_SHIFT;
+            let (offset, len) = self.segment_bytes(segment);
             if deallocate(segment) {
                 region.punch_hole(offset, len)?;
             } else {
@@ -150,35 +145,43 @@ impl BlkDevice {
         }
         if self.config.sync {
             // Holes and zero ranges are metadata: only fdatasync makes them durable.
-            region.flush().map_err(ExecError::Flush)?;
+            region.flush()?;
         }
         Ok(())
     }
 
+    /// The region bytes of a discard or write-zeroes segment.
+    fn segment_bytes(&self, segment: &DiscardSegment) -> (u64, u64) {
+        (
+            self.base + (segment.sector << SECTOR_SHIFT),
+            u64::from(segment.sectors) << SECTOR_SHIFT,
+        )
+    }
+
     /// Pins the region frames behind guest buffers that lie in a guest-visible window, for
-    /// as long as the returned pins live. Nothing to do (and no allocation) without windows.
-    pub(crate) fn pin_guest_buffers(
-        &self,
-        segments: &[Segment],
+    /// as long as the returned guard lives. Without windows it pins and costs nothing.
+    pub(crate) fn pin_guest_buffers<'a>(
+        &'a self,
+        set: &'a mut daxd_registry::PinSet,
+        stream: Stream<'_>,
         skip: u64,
         len: u64,
         guest_windows: &[GuestWindow],
-    ) -> Vec<Pin<'_>> {
-        let mut pins = Vec::new();
+    ) -> Pins<'a, &'a mut daxd_registry::PinSet> {
+        let mut pins = self.registry.pins(set);
         if guest_windows.is_empty() {
             return pins;
         }
-        let _ = try_for_each_piece(segments, skip, len, |addr, piece| {
+        for (addr, piece) in stream.pieces(skip, len) {
             for w in guest_windows {
                 let start = addr.0.max(w.gpa);
                 let end = (addr.0 + piece).min(w.gpa + w.len);
                 if start < end {
                     let offset = w.region_offset + (start - w.gpa);
-                    pins.push(self.registry.pin(FrameRange::covering(offset, end - start)));
+                    pins.pin(FrameRange::covering(offset, end - start));
                 }
             }
-            Ok::<(), std::convert::Infallible>(())
-        });
+        }
         pins
     }
 }

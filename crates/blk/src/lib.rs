@@ -6,13 +6,12 @@
 
 pub mod execute;
 pub mod request;
+pub mod wire;
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use log::warn;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -21,21 +20,21 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{ByteValued, Bytes, GuestMemoryBackend};
 
 use daxd_region::{Region, Window, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 use daxd_registry::Registry;
+use daxd_virtio::RefusalLog;
 
+use execute::Executed;
 pub use request::{ChainBuffers, ParsedChain, Request, RequestError};
+use wire::VirtioBlkConfig;
 
 /// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const SERIAL_LEN: usize = 20;
 /// Largest discard or write-zeroes segment, in sectors (1 GiB): large enough that guests
 /// split rarely, small enough that one fallocate never stalls a queue for long.
 pub const MAX_DISCARD_SECTORS: u32 = 1 << 21;
-/// Bytes of config space daxd defines (up to `write_zeroes_may_unmap` and its padding);
-/// reads past it return zeroes.
-pub const CONFIG_SPACE_LEN: usize = 60;
 
 /// Errors in the device's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -161,13 +160,8 @@ pub struct BlkDevice {
     /// Disk size in bytes.
     size: u64,
     config: BlkConfig,
-    /// Refused requests so far; bounds how many are logged.
-    refused: AtomicU64,
+    refusals: RefusalLog,
 }
-
-/// Refused requests logged in full before logging falls back to one line in 10000, so a
-/// hostile guest cannot fill the host's disk with log lines.
-const REFUSALS_LOGGED: u64 = 100;
 
 impl BlkDevice {
     /// The disk over `window` of `region`; requests consult `registry` where the bytes are
@@ -178,7 +172,7 @@ impl BlkDevice {
         window: &Window,
         config: BlkConfig,
     ) -> Result<BlkDevice, BlkError> {
-        if !window.serve.blk || region.check_range(window.offset, window.size).is_err() {
+        if !window.serve.blk() || region.check_range(window.offset, window.size).is_err() {
             return Err(BlkError::BadWindow(window.name.clone()));
         }
         if region.is_read_only() && !config.read_only {
@@ -196,7 +190,7 @@ impl BlkDevice {
             base: window.offset,
             size: window.size,
             config,
-            refused: AtomicU64::new(0),
+            refusals: RefusalLog::new("virtio-blk"),
         })
     }
 
@@ -237,35 +231,35 @@ impl BlkDevice {
         features
     }
 
-    /// `struct virtio_blk_config`, little endian.
-    pub fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
-        let mut c = [0u8; CONFIG_SPACE_LEN];
-        let mut put = |offset: usize, bytes: &[u8]| {
-            c[offset..offset + bytes.len()].copy_from_slice(bytes);
-        };
-        put(0, &(self.size >> SECTOR_SHIFT).to_le_bytes()); // capacity
-        let seg_max = u32::from(self.config.queue_size) - 2; // room for header and status
-        put(12, &seg_max.to_le_bytes());
-        put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+    /// The device's config space.
+    pub fn config_space(&self) -> VirtioBlkConfig {
         let sectors_per_page = (PAGE_SIZE / SECTOR_SIZE) as u16;
-        put(24, &[sectors_per_page.trailing_zeros() as u8]); // physical_block_exp
-        put(26, &sectors_per_page.to_le_bytes()); // min_io_size
-        put(34, &self.config.num_queues.to_le_bytes());
-        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(40, &(request::MAX_DISCARD_SEGMENTS as u32).to_le_bytes());
-        put(44, &u32::from(sectors_per_page).to_le_bytes()); // discard_sector_alignment
-        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(52, &(request::MAX_DISCARD_SEGMENTS as u32).to_le_bytes());
-        put(56, &[1]); // write_zeroes_may_unmap
-        c
+        let max_segments = (request::MAX_DISCARD_SEGMENTS as u32).into();
+        VirtioBlkConfig {
+            capacity: (self.size >> SECTOR_SHIFT).into(),
+            // Room for the header and the status in a queue-sized chain.
+            seg_max: (u32::from(self.config.queue_size) - 2).into(),
+            blk_size: (SECTOR_SIZE as u32).into(),
+            physical_block_exp: sectors_per_page.trailing_zeros() as u8,
+            min_io_size: sectors_per_page.into(),
+            num_queues: self.config.num_queues.into(),
+            max_discard_sectors: MAX_DISCARD_SECTORS.into(),
+            max_discard_seg: max_segments,
+            discard_sector_alignment: u32::from(sectors_per_page).into(),
+            max_write_zeroes_sectors: MAX_DISCARD_SECTORS.into(),
+            max_write_zeroes_seg: max_segments,
+            write_zeroes_may_unmap: 1,
+            ..Default::default()
+        }
     }
 
     /// Exactly `size` bytes of config space from `offset`, zero beyond what daxd defines
     /// (frontends ask for their own `sizeof(struct virtio_blk_config)`).
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let space = self.config_space();
+        let bytes = space.as_slice();
         (u64::from(offset)..u64::from(offset) + u64::from(size))
-            .map(|i| space.get(i as usize).copied().unwrap_or(0))
+            .map(|i| bytes.get(i as usize).copied().unwrap_or(0))
             .collect()
     }
 
@@ -296,39 +290,39 @@ impl BlkDevice {
         guest_windows: &[GuestWindow],
         bufs: &mut ChainBuffers,
     ) -> Handled {
-        let parsed = request::parse(descriptors, mem, limits, bufs);
+        let parsed = request::parse(descriptors, mem, limits, &mut bufs.chain);
         let Some(status_addr) = parsed.status else {
-            self.log_refusal(&format!(
-                "dropping request without a status byte: {}",
-                parsed
-                    .request
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_default()
-            ));
+            if let Err(e) = parsed.request {
+                self.refusals
+                    .refused(format_args!("dropping request without a status byte: {e}"));
+            }
             return Handled::Done(0);
         };
         let (status, written) = match parsed.request {
-            Ok(Request::Flush) => {
-                return Handled::Flush(PendingFlush {
-                    status: status_addr,
-                })
-            }
             Ok(request) => match self.execute(&request, bufs, mem, guest_windows) {
-                Ok(written) => (VIRTIO_BLK_S_OK as u8, written),
+                Ok(Executed::Done(written)) => (VIRTIO_BLK_S_OK as u8, written),
+                Ok(Executed::Flush) => {
+                    return Handled::Flush(PendingFlush {
+                        status: status_addr,
+                    })
+                }
                 Err(e) => {
-                    self.log_refusal(&format!("request {request:?} failed: {e}"));
+                    self.refusals
+                        .refused(format_args!("request {request:?} failed: {e}"));
                     (e.status(), 0)
                 }
             },
             Err(e) => {
-                self.log_refusal(&format!("refusing request: {e}"));
+                self.refusals.refused(format_args!("refusing request: {e}"));
                 (e.status(), 0)
             }
         };
         if let Err(e) = mem.write_obj(status, status_addr) {
             // Checked while parsing; only a memory table change under our feet gets here.
-            self.log_refusal(&format!("cannot write status at {:#x}: {e}", status_addr.0));
+            self.refusals.refused(format_args!(
+                "cannot write status at {:#x}: {e}",
+                status_addr.0
+            ));
             return Handled::Done(0);
         }
         // written <= the writable stream, which is at most 4 GiB by virtio's chain limit.
@@ -346,7 +340,7 @@ impl BlkDevice {
         let status = match self.flush_region() {
             Ok(()) => VIRTIO_BLK_S_OK as u8,
             Err(e) => {
-                self.log_refusal(&format!("flush failed: {e}"));
+                self.refusals.refused(format_args!("flush failed: {e}"));
                 e.status()
             }
         };
@@ -356,18 +350,17 @@ impl BlkDevice {
                 Ok(()) => 1,
                 Err(e) => {
                     let at = flush.status.0;
-                    self.log_refusal(&format!("cannot write status at {at:#x}: {e}"));
+                    self.refusals
+                        .refused(format_args!("cannot write status at {at:#x}: {e}"));
                     0
                 }
             })
             .collect()
     }
 
-    fn log_refusal(&self, message: &str) {
-        let n = self.refused.fetch_add(1, Ordering::Relaxed);
-        if n < REFUSALS_LOGGED || n % 10_000 == 0 {
-            warn!("{message} ({} refused so far)", n + 1);
-        }
+    /// Requests refused so far (malformed, or failed on the disk).
+    pub fn refused_requests(&self) -> u64 {
+        self.refusals.count()
     }
 }
 

@@ -1,10 +1,9 @@
 //! Parsing virtio-blk requests out of descriptor chains.
 //!
-//! A chain is read as two byte streams, as the virtio spec asks of devices (no assumption
-//! about framing): the device-readable descriptors, which start with the 16-byte request
-//! header, and the device-writable descriptors, whose last byte is the status. Every
-//! descriptor is checked against guest memory here, so execution never meets an address
-//! it cannot reach.
+//! A chain is read as two byte streams ([`daxd_virtio::Chain`]): the device-readable
+//! stream starts with the 16-byte request header, and the last byte of the device-writable
+//! stream is the status. Parsing checks everything about a request's shape, so execution
+//! is refused only for what happens to the disk.
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
@@ -12,33 +11,29 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, GuestAddress, GuestMemoryBackend};
+use vm_memory::{ByteValued, GuestAddress, GuestMemoryBackend};
 
 use daxd_region::{SECTOR_SHIFT, SECTOR_SIZE};
+use daxd_registry::PinSet;
+use daxd_virtio::{Chain, ChainError};
 
+use crate::wire::{DiscardWriteZeroes, RequestHeader};
 use crate::DeviceLimits;
 
-/// Size of `struct virtio_blk_outhdr`.
-pub const HEADER_LEN: u64 = 16;
-/// Size of `struct virtio_blk_discard_write_zeroes`.
-pub const DISCARD_SEGMENT_LEN: u64 = 16;
+/// Size of the request header.
+pub const HEADER_LEN: u64 = std::mem::size_of::<RequestHeader>() as u64;
+/// Size of one discard or write-zeroes range.
+pub const DISCARD_SEGMENT_LEN: u64 = std::mem::size_of::<DiscardWriteZeroes>() as u64;
 /// Most discard or write-zeroes segments accepted in one request (config `max_discard_seg`).
 pub const MAX_DISCARD_SEGMENTS: usize = 16;
 
-/// One guest buffer: a descriptor's address and length, already checked against guest
-/// memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
-}
-
-/// The descriptors of one chain, split by direction. Kept across requests by each queue
-/// worker so that parsing allocates nothing once the vectors have grown.
+/// A queue worker's scratch space, reused for every request so that serving one
+/// allocates nothing once the vectors have grown: the chain being served and the pins of
+/// its guest buffers.
 #[derive(Debug, Default)]
 pub struct ChainBuffers {
-    pub(crate) readable: Vec<Segment>,
-    pub(crate) writable: Vec<Segment>,
+    pub(crate) chain: Chain,
+    pub(crate) pins: PinSet,
 }
 
 impl ChainBuffers {
@@ -113,10 +108,12 @@ pub enum Request {
 /// Why a request is refused; each maps to the status the spec prescribes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
-    #[error("descriptor at {addr:#x} of {len} bytes is outside guest memory")]
-    BadDescriptor { addr: u64, len: u32 },
-    #[error("device-readable descriptor after a device-writable one")]
-    Misordered,
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("no status byte")]
+    NoStatus,
+    #[error("guest memory changed while the request was read")]
+    GuestMemory,
     #[error("header is {0} bytes, 16 needed")]
     ShortHeader(u64),
     #[error("unknown request type {0}")]
@@ -171,50 +168,27 @@ pub struct ParsedChain {
     pub request: Result<Request, RequestError>,
 }
 
-/// Parses one descriptor chain. `descriptors` yields the chain in order (indirect tables
-/// already followed, as virtio-queue's `DescriptorChain` does).
+/// Loads one descriptor chain into `chain` and parses the request it carries.
+/// `descriptors` yields the chain in order (indirect tables already followed, as
+/// virtio-queue's `DescriptorChain` does).
 pub fn parse<M: GuestMemoryBackend>(
     descriptors: impl IntoIterator<Item = Descriptor>,
     mem: &M,
     limits: &DeviceLimits,
-    bufs: &mut ChainBuffers,
+    chain: &mut Chain,
 ) -> ParsedChain {
-    bufs.readable.clear();
-    bufs.writable.clear();
-    let mut fault = None;
-    for desc in descriptors {
-        if desc.len() == 0 {
-            continue;
-        }
-        let segment = Segment {
-            addr: desc.addr(),
-            len: desc.len(),
-        };
-        if !GuestMemoryBackend::check_range(mem, segment.addr, segment.len as usize) {
-            fault.get_or_insert(RequestError::BadDescriptor {
-                addr: segment.addr.0,
-                len: segment.len,
-            });
-        }
-        if desc.is_write_only() {
-            bufs.writable.push(segment);
-        } else {
-            if !bufs.writable.is_empty() {
-                fault.get_or_insert(RequestError::Misordered);
-            }
-            bufs.readable.push(segment);
-        }
-    }
-
-    let Some(status) = status_address(&bufs.writable, mem) else {
+    let loaded = chain.load(descriptors, mem);
+    let Some(status) = chain.last_writable_byte(mem) else {
         return ParsedChain {
             status: None,
-            request: Err(fault.unwrap_or(RequestError::BadDescriptor { addr: 0, len: 0 })),
+            request: Err(loaded
+                .err()
+                .map_or(RequestError::NoStatus, RequestError::from)),
         };
     };
-    let request = match fault {
-        Some(fault) => Err(fault),
-        None => parse_request(mem, limits, bufs),
+    let request = match loaded {
+        Err(fault) => Err(fault.into()),
+        Ok(()) => parse_request(mem, limits, chain),
     };
     ParsedChain {
         status: Some(status),
@@ -222,32 +196,24 @@ pub fn parse<M: GuestMemoryBackend>(
     }
 }
 
-/// The last writable byte of the chain, if the chain has one and it is in guest memory.
-fn status_address<M: GuestMemoryBackend>(writable: &[Segment], mem: &M) -> Option<GuestAddress> {
-    let last = writable.last()?;
-    let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
-    GuestMemoryBackend::check_range(mem, addr, 1).then_some(addr)
-}
-
-fn total_len(segments: &[Segment]) -> u64 {
-    segments.iter().map(|s| u64::from(s.len)).sum()
-}
-
 fn parse_request<M: GuestMemoryBackend>(
     mem: &M,
     limits: &DeviceLimits,
-    bufs: &ChainBuffers,
+    chain: &Chain,
 ) -> Result<Request, RequestError> {
-    let readable_len = total_len(&bufs.readable);
+    let readable_len = chain.readable().len();
     // The writable stream always ends with the status byte.
-    let writable_data = total_len(&bufs.writable) - 1;
+    let writable_data = chain.writable().len() - 1;
     if readable_len < HEADER_LEN {
         return Err(RequestError::ShortHeader(readable_len));
     }
-    let mut header = [0u8; HEADER_LEN as usize];
-    gather(mem, &bufs.readable, 0, &mut header);
-    let kind = u32::from_le_bytes(header[0..4].try_into().unwrap());
-    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let mut header = RequestHeader::default();
+    chain
+        .readable()
+        .read_at(mem, 0, header.as_mut_slice())
+        .map_err(|_| RequestError::GuestMemory)?;
+    let kind = header.request_type.to_native();
+    let sector = header.sector.to_native();
     let readable_data = readable_len - HEADER_LEN;
 
     match kind {
@@ -309,7 +275,7 @@ fn parse_request<M: GuestMemoryBackend>(
             if limits.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            let list = parse_discard_list(mem, limits, bufs, readable_data, discard)?;
+            let list = parse_discard_list(mem, limits, chain, readable_data, discard)?;
             Ok(if discard {
                 Request::Discard(list)
             } else {
@@ -323,7 +289,7 @@ fn parse_request<M: GuestMemoryBackend>(
 fn parse_discard_list<M: GuestMemoryBackend>(
     mem: &M,
     limits: &DeviceLimits,
-    bufs: &ChainBuffers,
+    chain: &Chain,
     payload: u64,
     discard: bool,
 ) -> Result<DiscardList, RequestError> {
@@ -344,17 +310,19 @@ fn parse_discard_list<M: GuestMemoryBackend>(
         count: count as usize,
     };
     for (i, slot) in list.segments[..list.count].iter_mut().enumerate() {
-        let mut raw = [0u8; DISCARD_SEGMENT_LEN as usize];
-        gather(
-            mem,
-            &bufs.readable,
-            HEADER_LEN + i as u64 * DISCARD_SEGMENT_LEN,
-            &mut raw,
-        );
+        let mut raw = DiscardWriteZeroes::default();
+        chain
+            .readable()
+            .read_at(
+                mem,
+                HEADER_LEN + i as u64 * DISCARD_SEGMENT_LEN,
+                raw.as_mut_slice(),
+            )
+            .map_err(|_| RequestError::GuestMemory)?;
         let segment = DiscardSegment {
-            sector: u64::from_le_bytes(raw[0..8].try_into().unwrap()),
-            sectors: u32::from_le_bytes(raw[8..12].try_into().unwrap()),
-            flags: u32::from_le_bytes(raw[12..16].try_into().unwrap()),
+            sector: raw.sector.to_native(),
+            sectors: raw.num_sectors.to_native(),
+            flags: raw.flags.to_native(),
         };
         if segment.flags & !allowed_flags != 0 {
             return Err(RequestError::BadDiscardFlags(segment.flags));
@@ -403,43 +371,4 @@ fn check_sectors(
         return Err(out_of_range());
     }
     Ok(sector << SECTOR_SHIFT)
-}
-
-/// Copies `out.len()` bytes starting `skip` bytes into the stream formed by `segments`.
-/// The caller has checked the stream is long enough and every segment is in guest memory.
-fn gather<M: GuestMemoryBackend>(mem: &M, segments: &[Segment], skip: u64, out: &mut [u8]) {
-    let mut filled = 0;
-    let _ = try_for_each_piece(segments, skip, out.len() as u64, |addr, len| {
-        for slice in GuestMemoryBackend::get_slices(mem, addr, len as usize).flatten() {
-            filled += slice.copy_to(&mut out[filled..]);
-        }
-        Ok::<(), std::convert::Infallible>(())
-    });
-}
-
-/// Calls `f(addr, len)` for each piece of guest memory making up `len` bytes of the stream
-/// after skipping `skip` bytes, stopping at the first error. Stops early if the stream is
-/// shorter.
-pub(crate) fn try_for_each_piece<E>(
-    segments: &[Segment],
-    mut skip: u64,
-    mut len: u64,
-    mut f: impl FnMut(GuestAddress, u64) -> Result<(), E>,
-) -> Result<(), E> {
-    for segment in segments {
-        if len == 0 {
-            break;
-        }
-        let seg_len = u64::from(segment.len);
-        if skip >= seg_len {
-            skip -= seg_len;
-            continue;
-        }
-        let take = (seg_len - skip).min(len);
-        // Segments were checked against guest memory, so this cannot overflow.
-        f(segment.addr.unchecked_add(skip), take)?;
-        len -= take;
-        skip = 0;
-    }
-    Ok(())
 }

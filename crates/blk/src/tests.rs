@@ -10,8 +10,8 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use daxd_region::{FrameRange, Layout, Region, RegionConfig};
-use daxd_registry::{MappingRequest, Registry, Target};
+use daxd_region::{Layout, Region, RegionConfig};
+use daxd_registry::{FrameRange, MappingRequest, PinSet, Registry, Target};
 
 use super::*;
 
@@ -721,17 +721,24 @@ fn guest_buffers_in_a_visible_window_are_pinned_only_while_in_use() {
         "pin outlived the request"
     );
     // What the request held while it ran: the frame behind its buffer, nothing else.
+    let mut set = PinSet::default();
     let pins = f
         .device
-        .pin_guest_buffers(&f.bufs.writable, 0, 512, &windows);
-    let ranges: Vec<FrameRange> = pins.iter().flat_map(|p| p.ranges().to_vec()).collect();
+        .pin_guest_buffers(&mut set, f.bufs.chain.writable(), 0, 512, &windows);
+    let ranges: Vec<FrameRange> = pins.frames().collect();
     assert_eq!(ranges, vec![FrameRange { start: 17, end: 18 }]);
     assert_eq!(registry.descriptor(17).unwrap().pin_count, 1);
     assert_eq!(registry.descriptor(16).unwrap().pin_count, 0);
-    assert!(f
-        .device
-        .pin_guest_buffers(&f.bufs.writable, 0, 512, &[])
-        .is_empty());
+    drop(pins);
+    assert_eq!(registry.descriptor(17).unwrap().pin_count, 0);
+    let mut set = PinSet::default();
+    assert_eq!(
+        f.device
+            .pin_guest_buffers(&mut set, f.bufs.chain.writable(), 0, 512, &[])
+            .frames()
+            .count(),
+        0
+    );
 }
 
 #[test]

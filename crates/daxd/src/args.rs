@@ -7,9 +7,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 
-use daxd_blk::{BlkConfig, BlkError, Serial};
-use daxd_region::{parse_size, RegionConfig, Window};
-use daxd_vhost_user::SocketAddr;
+use daxd_region::{Serve, Window};
 
 /// The command line: serve (no subcommand), or one of the helper commands.
 #[derive(Debug, Parser)]
@@ -52,7 +50,7 @@ pub struct PrintArgs {
     #[command(flatten)]
     pub serve: Args,
     /// Guest RAM size to put in the printed -m and memory-backend options.
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size)]
     pub guest_ram: u64,
 }
 
@@ -82,7 +80,7 @@ pub struct Args {
     /// Region size, with optional K/M/G/T suffix (powers of 1024), a multiple of 4 KiB.
     /// Creates a missing file with this size; an existing file of another size is an error
     /// unless --resize is given.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
     pub size: Option<u64>,
 
     /// Grow or shrink an existing region file to --size. Shrinking discards the tail.
@@ -172,46 +170,76 @@ pub struct Args {
     pub print_capabilities: bool,
 }
 
-fn parse_window(text: &str) -> Result<Window, String> {
-    Window::parse(text).map_err(|e| e.to_string())
-}
-
-fn parse_size_arg(text: &str) -> Result<u64, String> {
-    parse_size(text).map_err(|e| e.to_string())
-}
-
-impl Args {
-    pub fn region_config(&self) -> RegionConfig {
-        RegionConfig {
-            path: self.region.clone().unwrap_or_default(),
-            size: self.size,
-            resize: self.resize,
-            read_only: self.read_only,
-            direct: self.direct,
+/// Parses a `--window` option: `name=NAME,offset=SIZE,size=SIZE,serve=blk|pmem|both`.
+/// `offset` defaults to 0; the name is also the QEMU object id print-qemu-args uses.
+pub fn parse_window(text: &str) -> Result<Window, String> {
+    let (mut name, mut offset, mut size, mut serve) = (None, None, None, None);
+    for part in text.split(',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not key=value"))?;
+        match key {
+            "name" => {
+                if value.is_empty()
+                    || !value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(format!("name {value:?}: use letters, digits, - or _"));
+                }
+                name = Some(value.to_owned());
+            }
+            "offset" => offset = Some(parse_size(value)?),
+            "size" => size = Some(parse_size(value)?),
+            "serve" => {
+                serve = Some(match value {
+                    "blk" => Serve::Blk,
+                    "pmem" => Serve::Pmem,
+                    "both" => Serve::Both,
+                    other => return Err(format!("serve={other}: use blk, pmem or both")),
+                })
+            }
+            other => {
+                return Err(format!(
+                    "unknown key {other:?}; keys are name, offset, size and serve"
+                ))
+            }
         }
     }
+    Ok(Window {
+        name: name.ok_or("name= is missing")?,
+        offset: offset.unwrap_or(0),
+        size: size.ok_or("size= is missing")?,
+        serve: serve.ok_or("serve= is missing")?,
+    })
+}
 
-    pub fn socket(&self) -> SocketAddr {
-        match (&self.socket_path, self.fd) {
-            (_, Some(fd)) => SocketAddr::Fd(fd),
-            (Some(path), None) => SocketAddr::Path(path.clone()),
-            (None, None) => unreachable!("clap requires --socket-path or --fd"),
-        }
+/// Parses a byte count with an optional binary unit suffix: `4096`, `512K`, `4G`, `1TiB`.
+///
+/// Units are powers of 1024 (`K`, `M`, `G`, `T`, optionally followed by `iB` or `B`),
+/// case-insensitive, because disk images are sized in whole pages and gibibytes; decimal
+/// units would give sizes that are not page multiples.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let invalid = || {
+        format!("invalid size {text:?}: expected a number with an optional K, M, G or T suffix (e.g. 4G)")
+    };
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    if digits_end == 0 {
+        return Err(invalid());
     }
-
-    /// The blk device configuration; `default_serial` is used when --serial is absent.
-    pub fn blk_config(&self, default_serial: Serial) -> Result<BlkConfig, BlkError> {
-        Ok(BlkConfig {
-            num_queues: self.num_queues,
-            queue_size: self.queue_size,
-            read_only: self.read_only,
-            sync: self.sync,
-            serial: match &self.serial {
-                Some(text) => Serial::new(text)?,
-                None => default_serial,
-            },
-        })
-    }
+    let number: u64 = trimmed[..digits_end].parse().map_err(|_| invalid())?;
+    let shift = match trimmed[digits_end..].to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(invalid()),
+    };
+    number.checked_mul(1u64 << shift).ok_or_else(invalid)
 }
 
 /// vhost-user.rst: `{"type": "block", "features": [...]}` for vhost-user-blk backends.
@@ -221,6 +249,47 @@ pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-f
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn sizes_accept_plain_and_binary_units() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("512K").unwrap(), 512 << 10);
+        assert_eq!(parse_size("64m").unwrap(), 64 << 20);
+        assert_eq!(parse_size("4G").unwrap(), 4 << 30);
+        assert_eq!(parse_size("4GiB").unwrap(), 4 << 30);
+        assert_eq!(parse_size("1T").unwrap(), 1 << 40);
+        for bad in ["", "G", "-1G", "4X", "4 G B", "1.5G", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn windows_parse_from_option_strings() {
+        assert_eq!(
+            parse_window("name=pm0,offset=1G,size=256M,serve=pmem").unwrap(),
+            Window {
+                name: "pm0".into(),
+                offset: 1 << 30,
+                size: 256 << 20,
+                serve: Serve::Pmem,
+            }
+        );
+        assert_eq!(
+            parse_window("name=a,size=1M,serve=both").unwrap().serve,
+            Serve::Both
+        );
+        for bad in [
+            "name=a,size=1M",
+            "size=1M,serve=blk",
+            "name=a b,size=1M,serve=blk",
+            "name=a,size=1M,serve=disk",
+            "name=a,size=1M,serve=blk,colour=red",
+            "name=a,size=lots,serve=blk",
+            "name",
+        ] {
+            assert!(parse_window(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cli_is_consistent() {

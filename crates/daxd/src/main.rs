@@ -1,11 +1,14 @@
 //! daxd: parses the command line into a configuration, opens the region, and serves it.
 //!
-//! Threads: the main thread runs an event loop for the daemon's own events (signals);
-//! one thread accepts vhost-user connections for the blk device, and the vhost-user
-//! library runs one worker per queue.
+//! Threads: the main thread runs an event loop for the daemon's own events (signals, a
+//! server thread ending, the control socket); one thread per vhost-user socket accepts
+//! connections, and the vhost-user library runs one worker per queue. Shutdown stops the
+//! servers, which joins every queue worker and flusher, and only then flushes the region.
 
 mod args;
+mod config;
 mod control;
+mod error;
 mod qemu_args;
 
 use std::io::Read;
@@ -14,24 +17,28 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use clap::Parser;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use daxd_blk::{BlkDevice, Serial};
+use daxd_blk::{BlkConfig, BlkDevice, Serial};
 use daxd_pmem::PmemDevice;
-use daxd_region::{Layout, Region, Window};
+use daxd_region::{Layout, Region};
 use daxd_registry::Registry;
-use daxd_vhost_user::SocketAddr;
+use daxd_vhost_user::{ServeError, Server, SocketAddr, Stopper};
 
-use args::{Args, Cli, Command, PrintArgs, CAPABILITIES};
+use args::{Cli, Command, PrintArgs, CAPABILITIES};
+use config::Config;
+use error::Error;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let result = match &cli.command {
+    let result = match cli.command {
         Some(Command::Inspect(inspect)) => {
             control::inspect(&inspect.control_socket, inspect.json).map(|text| print!("{text}"))
         }
@@ -40,212 +47,310 @@ fn main() -> ExitCode {
             println!("{CAPABILITIES}");
             Ok(())
         }
-        None => run(&cli.serve),
+        None => Config::try_from(cli.serve).and_then(run),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e}");
+            error!("{}", error::chain(&e));
             ExitCode::FAILURE
         }
     }
 }
 
-fn print_qemu_args(print: &PrintArgs) -> Result<(), String> {
-    let args = &print.serve;
-    let path = args.region.clone().ok_or("--region is required")?;
-    let size = match (std::fs::metadata(&path), args.size) {
+fn print_qemu_args(print: PrintArgs) -> Result<(), Error> {
+    let config = Config::try_from(print.serve)?;
+    let path = &config.region.path;
+    let size = match (std::fs::metadata(path), config.region.size) {
         (Ok(meta), _) => meta.len(),
         (Err(_), Some(size)) => size,
-        (Err(e), None) => {
-            return Err(format!(
-                "{}: {e}; pass --size for a file daxd will create",
-                path.display()
-            ))
+        (Err(_), None) => {
+            return Err(Error::Region(daxd_region::RegionError::MissingFile {
+                path: path.clone(),
+            }))
         }
     };
-    let layout =
-        Layout::new(size, args.windows.clone(), args.allow_overlap).map_err(|e| e.to_string())?;
+    let layout = config.layout(size)?;
     // QEMU runs elsewhere: give it an absolute path.
-    let absolute = std::path::absolute(&path).map_err(|e| e.to_string())?;
+    let absolute = std::path::absolute(path).map_err(Error::io("make the region path absolute"))?;
     print!(
         "{}",
-        qemu_args::qemu_args(args, &layout, &absolute, print.guest_ram)
+        qemu_args::qemu_args(&config, &layout, &absolute, print.guest_ram)
     );
     Ok(())
 }
 
-/// The window `--pmem-socket-path` serves.
-pub(crate) fn pmem_window<'a>(args: &Args, layout: &'a Layout) -> Result<&'a Window, String> {
-    match &args.pmem_window {
-        Some(name) => layout
-            .pmem()
-            .find(|w| &w.name == name)
-            .ok_or_else(|| format!("--pmem-window {name}: no pmem window of that name")),
-        None => {
-            let mut pmem = layout.pmem();
-            match (pmem.next(), pmem.next()) {
-                (Some(w), None) => Ok(w),
-                (None, _) => Err("--pmem-socket-path needs a window with serve=pmem or serve=both".into()),
-                (Some(_), Some(_)) => Err("several pmem windows: say which one --pmem-socket-path serves with --pmem-window".into()),
-            }
-        }
-    }
-}
-
-fn run(args: &Args) -> Result<(), String> {
+/// Serves until SIGINT/SIGTERM or until a server fails.
+fn run(config: Config) -> Result<(), Error> {
     // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
     let signals = SignalPipe::new()?;
+    let opened = Opened::open(&config)?;
+    let running = opened.serve(&config)?;
+    running.wait(signals)
+}
 
-    let region = Arc::new(Region::open(&args.region_config()).map_err(|e| e.to_string())?);
-    let layout = Arc::new(
-        Layout::new(region.size(), args.windows.clone(), args.allow_overlap)
-            .map_err(|e| e.to_string())?,
-    );
-    let registry = Arc::new(Registry::new(region.frames()));
-    let identity = region.identity();
-    let blk_config = args
-        .blk_config(Serial::for_file(region.path(), identity.ino))
-        .map_err(|e| e.to_string())?;
-    let disk = layout.blk().ok_or(
-        "no window is served as blk; add serve=blk or serve=both to one: QEMU's memory table, \
-         through which daxd sees pmem windows, reaches daxd over the disk's socket",
-    )?;
-    let device = Arc::new(
-        BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
-            .map_err(|e| e.to_string())?,
-    );
-    for w in layout.pmem() {
-        info!(
-            "pmem window {}: region bytes {:#x}+{:#x} (QEMU options: daxd print-qemu-args)",
-            w.name, w.offset, w.size
+/// The region, its devices and their sockets, before any thread serves them.
+struct Opened {
+    region: Arc<Region>,
+    layout: Arc<Layout>,
+    blk: Arc<BlkDevice>,
+    blk_server: Server,
+    pmem: Option<(Arc<PmemDevice>, Server)>,
+    control: Option<control::ControlSocket>,
+    /// Socket files daxd created and removes when it stops.
+    sockets: Vec<PathBuf>,
+}
+
+impl Opened {
+    fn open(config: &Config) -> Result<Opened, Error> {
+        let region = Arc::new(Region::open(&config.region).map_err(Error::Region)?);
+        let layout = Arc::new(config.layout(region.size())?);
+        let registry = Arc::new(Registry::new(region.frames()));
+        let disk = layout.blk().ok_or(Error::NoDisk)?;
+        let serial = config
+            .serial
+            .unwrap_or_else(|| Serial::for_file(region.path(), region.identity().ino));
+        let blk_config = BlkConfig {
+            num_queues: config.num_queues,
+            queue_size: config.queue_size,
+            read_only: config.read_only,
+            sync: config.sync,
+            serial,
+        };
+        let blk = Arc::new(
+            BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
+                .map_err(Error::Blk)?,
         );
-    }
-    let pmem = match &args.pmem_socket_path {
-        Some(path) => {
-            let window = pmem_window(args, &layout)?.clone();
-            let listener = daxd_vhost_user::listen(&SocketAddr::Path(path.clone()))
-                .map_err(|e| e.to_string())?;
+        for w in layout.pmem() {
             info!(
-                "serving pmem window {} as vhost-user virtio-pmem on {}",
-                window.name,
-                path.display()
+                "pmem window {}: region bytes {:#x}+{:#x} (QEMU options: daxd print-qemu-args)",
+                w.name, w.offset, w.size
             );
-            let device = Arc::new(PmemDevice::new(region.clone(), registry.clone(), window));
-            Some((listener, device, path.clone()))
         }
-        None => None,
-    };
-    let control = args
-        .control_socket
-        .as_ref()
-        .map(|path| {
-            control::ControlSocket::bind(path, region.clone(), layout.clone(), registry.clone())
-        })
-        .transpose()?;
-
-    let socket = args.socket();
-    let mut listener = daxd_vhost_user::listen(&socket).map_err(|e| e.to_string())?;
-    let socket_path = match &socket {
-        SocketAddr::Path(path) => Some(path.clone()),
-        SocketAddr::Fd(_) => None,
-    };
-    info!(
-        "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
-        region.path().display(),
-        disk.name,
-        device.size(),
-        region.size(),
-        if region.is_read_only() {
-            ", read-only"
-        } else {
-            ""
-        },
-        if region.is_map_sync() {
-            ", MAP_SYNC"
-        } else {
-            ""
-        },
-        match &socket {
-            SocketAddr::Path(path) => path.display().to_string(),
-            SocketAddr::Fd(fd) => format!("inherited fd {fd}"),
-        },
-        device.config().num_queues,
-        device.config().queue_size,
-        device.config().serial,
-        if device.config().sync {
-            ", write-through"
-        } else {
-            ""
-        },
-    );
-
-    let server_socket = socket_path.clone();
-    let server_layout = layout.clone();
-    let poll = std::time::Duration::from_micros(args.poll_us);
-    std::thread::Builder::new()
-        .name("daxd-blk-accept".into())
-        .spawn(move || {
-            if let Err(e) = daxd_vhost_user::serve_blk(&mut listener, device, server_layout, poll) {
-                error!("blk device stopped: {e}");
-                remove_socket(server_socket.as_ref());
-                std::process::exit(1);
+        let mut sockets = Vec::new();
+        let pmem = match &config.pmem_socket {
+            Some(path) => {
+                let window = config.pmem_window(&layout)?.clone();
+                let device =
+                    PmemDevice::new(region.clone(), registry.clone(), window, config.queue_size)
+                        .map_err(Error::Pmem)?;
+                let server =
+                    Server::listen(&SocketAddr::Path(path.clone()), "pmem").map_err(|source| {
+                        Error::Serve {
+                            device: "pmem",
+                            source,
+                        }
+                    })?;
+                sockets.push(path.clone());
+                info!(
+                    "serving pmem window {} as vhost-user virtio-pmem on {}",
+                    device.window().name,
+                    path.display()
+                );
+                Some((Arc::new(device), server))
             }
-        })
-        .map_err(|e| format!("cannot start the blk server thread: {e}"))?;
-
-    let pmem_socket = pmem.as_ref().map(|(_, _, path)| path.clone());
-    if let Some((mut listener, device, path)) = pmem {
-        std::thread::Builder::new()
-            .name("daxd-pmem-accept".into())
-            .spawn(move || {
-                if let Err(e) = daxd_vhost_user::serve_pmem(&mut listener, device) {
-                    error!("pmem device stopped: {e}");
-                    remove_socket(Some(&path));
-                    std::process::exit(1);
-                }
-            })
-            .map_err(|e| format!("cannot start the pmem server thread: {e}"))?;
-    }
-
-    let shutdown = signals.requested.clone();
-    let mut events = EventManager::<Box<dyn MutEventSubscriber + Send>>::new()
-        .map_err(|e| format!("cannot create the event loop: {e}"))?;
-    events.add_subscriber(Box::new(signals));
-    let control_path = control.as_ref().map(|c| c.path().to_owned());
-    if let Some(control) = control {
-        info!("answering `daxd inspect` on {}", control.path().display());
-        events.add_subscriber(Box::new(control));
-    }
-    while !shutdown.load(Ordering::Acquire) {
-        events
-            .run()
-            .map_err(|e| format!("event loop failed: {e}"))?;
-    }
-
-    info!("shutting down: flushing {}", region.path().display());
-    let flushed = region.flush();
-    remove_socket(socket_path.as_ref());
-    remove_socket(control_path.as_ref());
-    remove_socket(pmem_socket.as_ref());
-    // Queue workers may be mid-request; the process exits under them. Every request they
-    // acknowledged is in the file (the mapping is the page cache) and flushed above.
-    match flushed {
-        Ok(()) => {
-            info!("region flushed; exiting");
-            std::process::exit(0)
+            None => None,
+        };
+        let control = match &config.control_socket {
+            Some(path) => {
+                let control = control::ControlSocket::bind(
+                    path,
+                    region.clone(),
+                    layout.clone(),
+                    registry.clone(),
+                )?;
+                sockets.push(path.clone());
+                Some(control)
+            }
+            None => None,
+        };
+        let blk_server = Server::listen(&config.socket, "blk").map_err(|source| Error::Serve {
+            device: "blk",
+            source,
+        })?;
+        if let SocketAddr::Path(path) = &config.socket {
+            sockets.push(path.clone());
         }
-        Err(e) => Err(format!(
-            "flushing {} failed: {e}; recent writes may not be durable",
-            region.path().display()
-        )),
+        info!(
+            "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
+            region.path().display(),
+            disk.name,
+            blk.size(),
+            region.size(),
+            if region.is_read_only() { ", read-only" } else { "" },
+            if region.is_map_sync() { ", MAP_SYNC" } else { "" },
+            match &config.socket {
+                SocketAddr::Path(path) => path.display().to_string(),
+                SocketAddr::Fd(fd) => format!("inherited fd {fd}"),
+            },
+            blk.config().num_queues,
+            blk.config().queue_size,
+            blk.config().serial,
+            if blk.config().sync { ", write-through" } else { "" },
+        );
+        Ok(Opened {
+            region,
+            layout,
+            blk,
+            blk_server,
+            pmem,
+            control,
+            sockets,
+        })
+    }
+
+    /// Starts one server thread per socket.
+    fn serve(self, config: &Config) -> Result<Running, Error> {
+        let exited = EventFd::new(EFD_NONBLOCK).map_err(Error::io("create an event fd"))?;
+        let mut servers = Vec::new();
+        let blk = self.blk;
+        let layout = self.layout;
+        let poll = config.poll;
+        servers.push(spawn_server(
+            "blk",
+            self.blk_server,
+            &exited,
+            move |server| server.serve_blk(blk, layout, poll),
+        )?);
+        if let Some((device, server)) = self.pmem {
+            servers.push(spawn_server("pmem", server, &exited, move |server| {
+                server.serve_pmem(device)
+            })?);
+        }
+        Ok(Running {
+            region: self.region,
+            servers,
+            exited,
+            control: self.control,
+            sockets: self.sockets,
+        })
     }
 }
 
-fn remove_socket(path: Option<&PathBuf>) {
-    if let Some(path) = path {
-        if let Err(e) = std::fs::remove_file(path) {
-            warn!("cannot remove socket {}: {e}", path.display());
+/// A server thread and how to stop it.
+struct ServerThread {
+    device: &'static str,
+    stopper: Stopper,
+    thread: JoinHandle<Result<(), ServeError>>,
+}
+
+fn spawn_server(
+    device: &'static str,
+    server: Server,
+    exited: &EventFd,
+    serve: impl FnOnce(Server) -> Result<(), ServeError> + Send + 'static,
+) -> Result<ServerThread, Error> {
+    let stopper = server.stopper();
+    let exited = exited.try_clone().map_err(Error::io("clone an event fd"))?;
+    let thread = std::thread::Builder::new()
+        .name(format!("daxd-{device}-accept"))
+        .spawn(move || {
+            let result = serve(server);
+            // Wakes the main loop, which then stops everything.
+            if let Err(e) = exited.write(1) {
+                error!("cannot tell the main loop that the {device} server ended: {e}");
+            }
+            result
+        })
+        .map_err(Error::io("start a server thread"))?;
+    Ok(ServerThread {
+        device,
+        stopper,
+        thread,
+    })
+}
+
+/// The serving daemon.
+struct Running {
+    region: Arc<Region>,
+    servers: Vec<ServerThread>,
+    exited: EventFd,
+    control: Option<control::ControlSocket>,
+    sockets: Vec<PathBuf>,
+}
+
+impl Running {
+    /// Runs the event loop until a termination signal arrives or a server ends, then
+    /// shuts down.
+    fn wait(mut self, signals: SignalPipe) -> Result<(), Error> {
+        let stop = signals.requested.clone();
+        let mut events =
+            EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(|e| {
+                Error::io("create the event loop")(std::io::Error::other(e.to_string()))
+            })?;
+        events.add_subscriber(Box::new(signals));
+        let exited = self
+            .exited
+            .try_clone()
+            .map_err(Error::io("clone an event fd"))?;
+        events.add_subscriber(Box::new(ServerExit {
+            fd: exited,
+            stop: stop.clone(),
+        }));
+        if let Some(control) = self.control.take() {
+            info!("answering `daxd inspect` on {}", control.path().display());
+            events.add_subscriber(Box::new(control));
+        }
+        while !stop.load(Ordering::Acquire) {
+            if let Err(e) = events.run() {
+                warn!("event loop: {e}");
+            }
+        }
+        self.shutdown()
+    }
+
+    /// Stops every server (which joins their queue workers and flushers), then makes
+    /// every acknowledged write durable and removes the sockets.
+    fn shutdown(self) -> Result<(), Error> {
+        info!("shutting down");
+        for server in &self.servers {
+            server.stopper.stop();
+        }
+        let mut failure = None;
+        for server in self.servers {
+            match server.thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(source)) => {
+                    failure.get_or_insert(Error::Stopped {
+                        device: server.device,
+                        source,
+                    });
+                }
+                Err(_) => {
+                    failure.get_or_insert(Error::Panicked(server.device));
+                }
+            }
+        }
+        info!("flushing {}", self.region.path().display());
+        let flushed = self.region.flush();
+        for path in &self.sockets {
+            if let Err(e) = std::fs::remove_file(path) {
+                warn!("cannot remove socket {}: {e}", path.display());
+            }
+        }
+        flushed.map_err(Error::Flush)?;
+        info!("region flushed; exiting");
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+/// A server thread ended (its frontend loop failed): stop the daemon.
+struct ServerExit {
+    fd: EventFd,
+    stop: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ServerExit {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        // Only the notification matters; a failed read means another wake-up comes.
+        if self.fd.read().is_ok() {
+            self.stop.store(true, Ordering::Release);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.fd, EventSet::IN)) {
+            error!("cannot watch the server threads: {e}");
         }
     }
 }
@@ -258,18 +363,18 @@ struct SignalPipe {
 }
 
 impl SignalPipe {
-    fn new() -> Result<SignalPipe, String> {
-        let (read, write) =
-            UnixStream::pair().map_err(|e| format!("cannot create signal pipe: {e}"))?;
+    fn new() -> Result<SignalPipe, Error> {
+        let pipe_error = Error::io("create the signal pipe");
+        let (read, write) = UnixStream::pair().map_err(pipe_error)?;
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             let write = write
                 .try_clone()
-                .map_err(|e| format!("cannot create signal pipe: {e}"))?;
+                .map_err(Error::io("create the signal pipe"))?;
             signal_hook::low_level::pipe::register(signal, write)
-                .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
+                .map_err(Error::io("handle SIGINT and SIGTERM"))?;
         }
         read.set_nonblocking(true)
-            .map_err(|e| format!("cannot create signal pipe: {e}"))?;
+            .map_err(Error::io("create the signal pipe"))?;
         Ok(SignalPipe {
             read,
             requested: Arc::new(AtomicBool::new(false)),
@@ -280,6 +385,7 @@ impl SignalPipe {
 impl MutEventSubscriber for SignalPipe {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let mut buf = [0u8; 16];
+        // Drained until it would block; what was read does not matter, only that it came.
         while matches!(self.read.read(&mut buf), Ok(n) if n > 0) {}
         info!("received a termination signal");
         self.requested.store(true, Ordering::Release);

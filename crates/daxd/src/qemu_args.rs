@@ -6,12 +6,12 @@ use std::path::Path;
 
 use daxd_region::{Layout, PMEM_ALIGN};
 
-use crate::args::Args;
+use crate::config::Config;
 
 const GIB: u64 = 1 << 30;
 
 /// The QEMU options for `args`' disk and pmem windows, for a guest with `ram` bytes of RAM.
-pub fn qemu_args(args: &Args, layout: &Layout, region_path: &Path, ram: u64) -> String {
+pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64) -> String {
     let mut out = String::new();
     let pmem_total: u64 = layout.pmem().map(|w| w.size).sum();
     let slots = layout.pmem().count() + 1;
@@ -27,9 +27,9 @@ pub fn qemu_args(args: &Args, layout: &Layout, region_path: &Path, ram: u64) -> 
         max_m = maxmem >> 20,
     );
     if let Some(disk) = layout.blk() {
-        let socket = match (&args.socket_path, args.fd) {
-            (Some(path), _) => path.display().to_string(),
-            (None, _) => "SOCKET".to_owned(),
+        let socket = match &config.socket {
+            daxd_vhost_user::SocketAddr::Path(path) => path.display().to_string(),
+            daxd_vhost_user::SocketAddr::Fd(_) => "SOCKET".to_owned(),
         };
         let _ = writeln!(
             out,
@@ -40,7 +40,7 @@ pub fn qemu_args(args: &Args, layout: &Layout, region_path: &Path, ram: u64) -> 
             out,
             "-chardev socket,id=daxd-{name},path={socket} -device vhost-user-blk-pci,chardev=daxd-{name},num-queues={q}",
             name = disk.name,
-            q = args.num_queues
+            q = config.num_queues
         );
     }
     for w in layout.pmem() {
@@ -65,10 +65,7 @@ pub fn qemu_args(args: &Args, layout: &Layout, region_path: &Path, ram: u64) -> 
             name = w.name
         );
     }
-    if let (Some(socket), Some(w)) = (
-        &args.pmem_socket_path,
-        crate::pmem_window(args, layout).ok(),
-    ) {
+    if let (Some(socket), Some(w)) = (&config.pmem_socket, config.pmem_window(layout).ok()) {
         let _ = writeln!(
             out,
             "# QEMU >= 11.1 instead: daxd serves window {} as virtio-pmem and maps it into the \

@@ -3,29 +3,141 @@
 //! With `VIRTIO_PMEM_F_SHMEM_REGION` the guest finds the window in shared-memory region 0
 //! (which the vhost-user glue fills with `VHOST_USER_BACKEND_SHMEM_MAP`), and the config
 //! space's start/size are 0. The one queue carries FLUSH requests: each makes every
-//! earlier write to the window durable before it completes.
+//! earlier write to the window durable before it completes. Requests are parsed
+//! ([`parse`]) apart from being executed ([`PmemDevice::handle`]), as in the blk device.
 
 use std::sync::Arc;
 
-use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Le32, Le64};
 
-use daxd_region::{Region, Window};
+use daxd_region::{Region, RegionError, Window, PMEM_ALIGN};
 use daxd_registry::Registry;
+use daxd_virtio::{Chain, ChainError, RefusalLog};
 
-/// virtio device id of virtio-pmem.
-pub const VIRTIO_ID_PMEM: u32 = 27;
-/// The window is in shared-memory region 0, not at config `start`.
+/// The window is in shared-memory region 0, not at config `start` (virtio 1.3, 5.19.3).
 pub const VIRTIO_PMEM_F_SHMEM_REGION: u32 = 0;
 /// Shared-memory region id the window is mapped into.
 pub const SHMEM_REGION_ID: u8 = 0;
-/// `struct virtio_pmem_config { le64 start; le64 size; }`.
-pub const CONFIG_SPACE_LEN: usize = 16;
-const REQ_TYPE_FLUSH: u32 = 0;
+/// `virtio_pmem_req.type` of a flush, the only request virtio-pmem defines.
+const VIRTIO_PMEM_REQ_TYPE_FLUSH: u32 = 0;
 /// `virtio_pmem_resp.ret` for a failed request (Linux reports -EIO for any non-zero).
 const RESP_ERROR: u32 = 1;
+
+/// `struct virtio_pmem_req`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct PmemRequest {
+    pub request_type: Le32,
+}
+
+// SAFETY: one little-endian integer; any bit pattern is valid.
+unsafe impl ByteValued for PmemRequest {}
+
+/// `struct virtio_pmem_resp`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct PmemResponse {
+    pub ret: Le32,
+}
+
+// SAFETY: one little-endian integer; any bit pattern is valid.
+unsafe impl ByteValued for PmemResponse {}
+
+/// `struct virtio_pmem_config`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct VirtioPmemConfig {
+    pub start: Le64,
+    pub size: Le64,
+}
+
+// SAFETY: two little-endian integers, no padding; any bit pattern is valid.
+unsafe impl ByteValued for VirtioPmemConfig {}
+
+/// Errors in the device's configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum PmemError {
+    #[error("window {0} is not served as pmem, is not 2 MiB aligned and sized, or lies outside the region")]
+    BadWindow(String),
+    #[error("queue size {0} is invalid: use a power of two from 2 to 32768")]
+    QueueSize(u16),
+}
+
+/// Why a request is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PmemRequestError {
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    #[error("no 4-byte response buffer")]
+    NoResponse,
+    #[error("request of {0} bytes, 4 needed")]
+    ShortRequest(u64),
+    #[error("guest memory changed while the request was read")]
+    GuestMemory,
+    #[error("unknown request type {0}")]
+    UnknownType(u32),
+}
+
+/// A request that passed every check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Flush,
+}
+
+/// A chain after parsing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedChain {
+    /// Where the response goes; `None` when the chain has no room for one, in which case
+    /// the request can only be dropped.
+    pub response: Option<GuestAddress>,
+    pub request: Result<Request, PmemRequestError>,
+}
+
+/// Loads one chain into `chain` and parses it: a 4-byte request in the device-readable
+/// stream and a 4-byte response at the start of the device-writable one.
+pub fn parse<M: GuestMemoryBackend>(
+    descriptors: impl IntoIterator<Item = Descriptor>,
+    mem: &M,
+    chain: &mut Chain,
+) -> ParsedChain {
+    let loaded = chain.load(descriptors, mem);
+    let response_len = std::mem::size_of::<PmemResponse>() as u64;
+    let response = chain
+        .writable()
+        .pieces(0, response_len)
+        .next()
+        .filter(|(_, len)| *len == response_len)
+        .map(|(addr, _)| addr)
+        .filter(|addr| GuestMemoryBackend::check_range(mem, *addr, response_len as usize));
+    let Some(response) = response else {
+        return ParsedChain {
+            response: None,
+            request: Err(loaded
+                .err()
+                .map_or(PmemRequestError::NoResponse, Into::into)),
+        };
+    };
+    let request = loaded.map_err(PmemRequestError::from).and_then(|()| {
+        let readable = chain.readable();
+        if readable.len() < std::mem::size_of::<PmemRequest>() as u64 {
+            return Err(PmemRequestError::ShortRequest(readable.len()));
+        }
+        let mut request = PmemRequest::default();
+        readable
+            .read_at(mem, 0, request.as_mut_slice())
+            .map_err(|_| PmemRequestError::GuestMemory)?;
+        match request.request_type.to_native() {
+            VIRTIO_PMEM_REQ_TYPE_FLUSH => Ok(Request::Flush),
+            other => Err(PmemRequestError::UnknownType(other)),
+        }
+    });
+    ParsedChain {
+        response: Some(response),
+        request,
+    }
+}
 
 /// The virtio-pmem device over one window.
 #[derive(Debug)]
@@ -33,16 +145,37 @@ pub struct PmemDevice {
     region: Arc<Region>,
     registry: Arc<Registry>,
     window: Window,
+    queue_size: u16,
+    refusals: RefusalLog,
 }
 
 impl PmemDevice {
-    /// `window` must be a pmem window of `region` (checked by the layout).
-    pub fn new(region: Arc<Region>, registry: Arc<Registry>, window: Window) -> PmemDevice {
-        PmemDevice {
+    /// The device over `window`, which must be a pmem window of `region`, 2 MiB aligned
+    /// and sized.
+    pub fn new(
+        region: Arc<Region>,
+        registry: Arc<Registry>,
+        window: Window,
+        queue_size: u16,
+    ) -> Result<PmemDevice, PmemError> {
+        if !window.serve.pmem()
+            || window.offset % PMEM_ALIGN != 0
+            || window.size % PMEM_ALIGN != 0
+            || window.size == 0
+            || region.check_range(window.offset, window.size).is_err()
+        {
+            return Err(PmemError::BadWindow(window.name));
+        }
+        if !queue_size.is_power_of_two() || queue_size < 2 {
+            return Err(PmemError::QueueSize(queue_size));
+        }
+        Ok(PmemDevice {
             region,
             registry,
             window,
-        }
+            queue_size,
+            refusals: RefusalLog::new("virtio-pmem"),
+        })
     }
 
     pub fn region(&self) -> &Arc<Region> {
@@ -57,82 +190,76 @@ impl PmemDevice {
         &self.window
     }
 
+    /// Largest queue size the frontend may choose.
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size
+    }
+
     pub fn features(&self) -> u64 {
         1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_PMEM_F_SHMEM_REGION
     }
 
     /// Exactly `size` bytes of config space from `offset`: all zero, since the window is
     /// described by the shared-memory region, not by start/size.
-    pub fn read_config(&self, _offset: u32, size: u32) -> Vec<u8> {
-        vec![0; size as usize]
+    pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = VirtioPmemConfig::default();
+        let bytes = space.as_slice();
+        (u64::from(offset)..u64::from(offset) + u64::from(size))
+            .map(|i| bytes.get(i as usize).copied().unwrap_or(0))
+            .collect()
     }
 
-    /// Serves one chain and returns the used length. A chain is a 4-byte request
-    /// (device-readable) and a 4-byte response (device-writable); anything else gets an
-    /// error response if there is room for one, or is dropped.
+    /// Serves one chain and returns the used length: 4 with a response written, or 0 for
+    /// a chain without room for one (dropped).
     pub fn handle<M: GuestMemoryBackend>(
         &self,
         descriptors: impl IntoIterator<Item = Descriptor>,
         mem: &M,
+        chain: &mut Chain,
     ) -> u32 {
-        let mut request: Option<GuestAddress> = None;
-        let mut response: Option<GuestAddress> = None;
-        let mut malformed = None;
-        for desc in descriptors {
-            let fits = GuestMemoryBackend::check_range(mem, desc.addr(), 4);
-            match (desc.is_write_only(), desc.len() >= 4 && fits) {
-                (false, true) if request.is_none() && response.is_none() => {
-                    request = Some(desc.addr())
-                }
-                (true, true) if response.is_none() => response = Some(desc.addr()),
-                _ => malformed = Some(format!("unexpected descriptor {desc:?}")),
+        let parsed = parse(descriptors, mem, chain);
+        let Some(response) = parsed.response else {
+            if let Err(e) = parsed.request {
+                self.refusals
+                    .refused(format_args!("dropping a request: {e}"));
             }
-        }
-        let Some(response) = response else {
-            warn!("virtio-pmem: dropping a request without a 4-byte response buffer");
             return 0;
         };
-        let ret = match (request, malformed) {
-            (Some(request), None) => match mem.read_obj::<u32>(request).map(u32::from_le) {
-                Ok(REQ_TYPE_FLUSH) => match self.flush() {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        warn!(
-                            "virtio-pmem: flush of window {} failed: {e}",
-                            self.window.name
-                        );
-                        RESP_ERROR
-                    }
-                },
-                Ok(other) => {
-                    warn!("virtio-pmem: unknown request type {other}");
-                    RESP_ERROR
-                }
+        let ret = match parsed.request {
+            Ok(Request::Flush) => match self.flush() {
+                Ok(()) => 0,
                 Err(e) => {
-                    warn!("virtio-pmem: cannot read the request: {e}");
+                    self.refusals.refused(format_args!(
+                        "flush of window {} failed: {e}",
+                        self.window.name
+                    ));
                     RESP_ERROR
                 }
             },
-            (None, _) => {
-                warn!("virtio-pmem: request without a 4-byte request buffer");
-                RESP_ERROR
-            }
-            (_, Some(why)) => {
-                warn!("virtio-pmem: malformed request: {why}");
+            Err(e) => {
+                self.refusals
+                    .refused(format_args!("refusing a request: {e}"));
                 RESP_ERROR
             }
         };
-        match mem.write_obj(ret.to_le(), response) {
-            Ok(()) => 4,
+        let reply = PmemResponse { ret: ret.into() };
+        match mem.write_obj(reply, response) {
+            Ok(()) => std::mem::size_of::<PmemResponse>() as u32,
             Err(e) => {
-                warn!("virtio-pmem: cannot write the response: {e}");
+                self.refusals
+                    .refused(format_args!("cannot write the response: {e}"));
                 0
             }
         }
     }
 
+    /// Requests refused so far.
+    pub fn refused_requests(&self) -> u64 {
+        self.refusals.count()
+    }
+
     /// Makes every earlier write to the window durable.
-    pub fn flush(&self) -> Result<(), daxd_region::RegionError> {
+    pub fn flush(&self) -> Result<(), RegionError> {
         let ticket = self.registry.flush_begin();
         self.region
             .flush_range(self.window.offset, self.window.size)?;
@@ -144,13 +271,13 @@ impl PmemDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use daxd_region::{Layout, RegionConfig};
+    use daxd_region::{RegionConfig, Serve};
     use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
     use vm_memory::GuestMemoryMmap;
 
     const W: u16 = VRING_DESC_F_WRITE as u16;
 
-    fn device() -> (tempfile::TempDir, PmemDevice, GuestMemoryMmap) {
+    fn device() -> (tempfile::TempDir, PmemDevice, GuestMemoryMmap, Chain) {
         let dir = tempfile::tempdir().unwrap();
         let region = Arc::new(
             Region::open(&RegionConfig {
@@ -162,13 +289,17 @@ mod tests {
             })
             .unwrap(),
         );
-        let window = Window::parse("name=pm0,offset=2M,size=2M,serve=pmem").unwrap();
-        let layout = Layout::new(region.size(), vec![window], false).unwrap();
+        let window = Window {
+            name: "pm0".into(),
+            offset: 2 << 20,
+            size: 2 << 20,
+            serve: Serve::Pmem,
+        };
         let registry = Arc::new(Registry::new(region.frames()));
-        let device = PmemDevice::new(region, registry, layout.pmem().next().unwrap().clone());
+        let device = PmemDevice::new(region, registry, window, 256).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
         mem.write_obj(0xeeee_eeeeu32, GuestAddress(0x2000)).unwrap();
-        (dir, device, mem)
+        (dir, device, mem, Chain::new())
     }
 
     fn d(addr: u64, len: u32, flags: u16) -> Descriptor {
@@ -181,10 +312,14 @@ mod tests {
 
     #[test]
     fn flush_succeeds_and_advances_the_flush_epoch() {
-        let (_dir, dev, mem) = device();
-        mem.write_obj(REQ_TYPE_FLUSH, GuestAddress(0x1000)).unwrap();
+        let (_dir, dev, mem, mut chain) = device();
+        mem.write_obj(VIRTIO_PMEM_REQ_TYPE_FLUSH, GuestAddress(0x1000))
+            .unwrap();
         let before = dev.registry().snapshot().epoch;
-        assert_eq!(dev.handle([d(0x1000, 4, 0), d(0x2000, 4, W)], &mem), 4);
+        assert_eq!(
+            dev.handle([d(0x1000, 4, 0), d(0x2000, 4, W)], &mem, &mut chain),
+            4
+        );
         assert_eq!(ret(&mem), 0);
         assert_eq!(dev.registry().snapshot().last_flushed, before);
         assert_eq!(dev.features(), 1 << 32 | 1);
@@ -193,27 +328,64 @@ mod tests {
 
     #[test]
     fn malformed_requests_get_an_error_or_are_dropped() {
-        let (_dir, dev, mem) = device();
+        let (_dir, dev, mem, mut chain) = device();
         mem.write_obj(7u32, GuestAddress(0x1000)).unwrap();
         // Unknown type.
-        assert_eq!(dev.handle([d(0x1000, 4, 0), d(0x2000, 4, W)], &mem), 4);
+        assert_eq!(
+            dev.handle([d(0x1000, 4, 0), d(0x2000, 4, W)], &mem, &mut chain),
+            4
+        );
         assert_eq!(ret(&mem), RESP_ERROR);
         // No request, short request, request after response, request outside memory.
-        for chain in [
+        for descs in [
             vec![d(0x2000, 4, W)],
             vec![d(0x1000, 2, 0), d(0x2000, 4, W)],
             vec![d(0x2000, 4, W), d(0x1000, 4, 0)],
             vec![d(0xfffe, 4, 0), d(0x2000, 4, W)],
         ] {
             mem.write_obj(0u32, GuestAddress(0x2000)).unwrap();
-            assert_eq!(dev.handle(chain.clone(), &mem), 4, "{chain:?}");
-            assert_eq!(ret(&mem), RESP_ERROR, "{chain:?}");
+            assert_eq!(dev.handle(descs.clone(), &mem, &mut chain), 4, "{descs:?}");
+            assert_eq!(ret(&mem), RESP_ERROR, "{descs:?}");
         }
         // No room for a response: dropped, nothing written.
         mem.write_obj(0x5555_5555u32, GuestAddress(0x2000)).unwrap();
-        assert_eq!(dev.handle([d(0x1000, 4, 0), d(0x2000, 2, W)], &mem), 0);
-        assert_eq!(dev.handle([d(0x1000, 4, 0), d(0xfffe, 4, W)], &mem), 0);
-        assert_eq!(dev.handle([], &mem), 0);
+        assert_eq!(
+            dev.handle([d(0x1000, 4, 0), d(0x2000, 2, W)], &mem, &mut chain),
+            0
+        );
+        assert_eq!(
+            dev.handle([d(0x1000, 4, 0), d(0xfffe, 4, W)], &mem, &mut chain),
+            0
+        );
+        assert_eq!(dev.handle([], &mem, &mut chain), 0);
         assert_eq!(ret(&mem), 0x5555_5555);
+        // Every one of them counted as refused (and logged, up to the rate limit).
+        assert_eq!(dev.refused_requests(), 8);
+    }
+
+    #[test]
+    fn only_pmem_windows_inside_the_region_make_a_device() {
+        let (_dir, dev, ..) = device();
+        let region = dev.region().clone();
+        let registry = dev.registry().clone();
+        let window = |offset: u64, size: u64, serve: Serve| Window {
+            name: "w".into(),
+            offset,
+            size,
+            serve,
+        };
+        let m = 1 << 20;
+        for (w, queue) in [
+            (window(0, 2 * m, Serve::Blk), 256),
+            (window(m, 2 * m, Serve::Pmem), 256),
+            (window(2 * m, 4 * m, Serve::Pmem), 256),
+            (window(0, 2 * m, Serve::Pmem), 100),
+        ] {
+            assert!(
+                PmemDevice::new(region.clone(), registry.clone(), w.clone(), queue).is_err(),
+                "{w:?} {queue}"
+            );
+        }
+        assert!(PmemDevice::new(region, registry, window(0, 4 * m, Serve::Both), 128).is_ok());
     }
 }

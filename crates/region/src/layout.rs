@@ -1,39 +1,41 @@
 //! Carving a region into named windows ("namespaces", as in an NVDIMM region), each served
 //! as a virtio-blk disk, as persistent memory, or both.
 //!
-//! Option string, one `--window` each:
-//!
-//! ```text
-//! name=NAME,offset=SIZE,size=SIZE,serve=blk|pmem|both
-//! ```
-//!
-//! - `name`: unique, `[A-Za-z0-9_-]+`; also the QEMU object id `daxd print-qemu-args` uses.
-//! - `offset`, `size`: bytes with an optional K/M/G/T suffix. Page aligned; pmem windows
-//!   must be 2 MiB aligned and sized (huge-page mappings, and QEMU's memory-device rules).
-//! - `serve`: `blk` (the disk on --socket-path), `pmem` (mapped by the guest), or `both`
-//!   (the same bytes as disk and as pmem: the registry then guards the disk's discards).
-//!
-//! Two windows may not share bytes unless `--allow-overlap` says so: a disk and a pmem
+//! Two windows may not share bytes unless the layout allows overlap: a disk and a pmem
 //! mapping of the same bytes means a guest can discard what it has mapped, which daxd then
 //! refuses request by request.
 
-use serde::Serialize;
+use crate::PAGE_SIZE;
 
-use crate::{parse_size, RegionError, PAGE_SIZE};
-
-/// Pmem windows are aligned and sized to this.
+/// Pmem windows are aligned and sized to this (huge-page mappings, and QEMU's
+/// memory-device rules).
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
 /// How a window is served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Serve {
-    pub blk: bool,
-    pub pmem: bool,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// As the virtio-blk disk.
+    Blk,
+    /// As persistent memory the guest maps.
+    Pmem,
+    /// The same bytes as disk and as pmem: the registry then guards the disk's discards.
+    Both,
+}
+
+impl Serve {
+    pub fn blk(self) -> bool {
+        matches!(self, Serve::Blk | Serve::Both)
+    }
+
+    pub fn pmem(self) -> bool {
+        matches!(self, Serve::Pmem | Serve::Both)
+    }
 }
 
 /// A named byte range of the region.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Window {
+    /// Unique within the layout; also the QEMU object id of its memory backend.
     pub name: String,
     pub offset: u64,
     pub size: u64,
@@ -41,55 +43,6 @@ pub struct Window {
 }
 
 impl Window {
-    /// Parses `name=...,offset=...,size=...,serve=...` (see the module documentation).
-    pub fn parse(text: &str) -> Result<Window, RegionError> {
-        let bad = |why: String| RegionError::BadWindow(format!("{text:?}: {why}"));
-        let (mut name, mut offset, mut size, mut serve) = (None, None, None, None);
-        for part in text.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
-            match key {
-                "name" => {
-                    if value.is_empty()
-                        || !value
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                    {
-                        return Err(bad("name must be letters, digits, - or _".into()));
-                    }
-                    name = Some(value.to_owned());
-                }
-                "offset" => offset = Some(parse_size(value)?),
-                "size" => size = Some(parse_size(value)?),
-                "serve" => {
-                    serve = Some(match value {
-                        "blk" => Serve {
-                            blk: true,
-                            pmem: false,
-                        },
-                        "pmem" => Serve {
-                            blk: false,
-                            pmem: true,
-                        },
-                        "both" => Serve {
-                            blk: true,
-                            pmem: true,
-                        },
-                        other => return Err(bad(format!("serve={other}: use blk, pmem or both"))),
-                    })
-                }
-                other => return Err(bad(format!("unknown key {other:?}"))),
-            }
-        }
-        Ok(Window {
-            name: name.ok_or_else(|| bad("name= is missing".into()))?,
-            offset: offset.unwrap_or(0),
-            size: size.ok_or_else(|| bad("size= is missing".into()))?,
-            serve: serve.ok_or_else(|| bad("serve= is missing".into()))?,
-        })
-    }
-
     pub fn end(&self) -> u64 {
         self.offset + self.size
     }
@@ -99,11 +52,35 @@ impl Window {
     }
 }
 
+/// Why a set of windows does not fit a region.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("window {name}: offset and size must be multiples of 4 KiB, and size not 0")]
+    Unaligned { name: String },
+    #[error("window {name}: a pmem window's offset and size must be multiples of 2 MiB")]
+    PmemUnaligned { name: String },
+    #[error("window {name}: bytes {offset}+{size} are beyond the region's {region_size} bytes")]
+    BeyondRegion {
+        name: String,
+        offset: u64,
+        size: u64,
+        region_size: u64,
+    },
+    #[error("window name {name} is used twice")]
+    DuplicateName { name: String },
+    #[error("window {name} overlaps window {other}")]
+    Overlap { name: String, other: String },
+    #[error(
+        "windows {first} and {second} are both served as blk; daxd serves one disk per process"
+    )]
+    SeveralDisks { first: String, second: String },
+}
+
 /// The checked windows of one region.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
-    pub windows: Vec<Window>,
-    pub allow_overlap: bool,
+    windows: Vec<Window>,
+    allow_overlap: bool,
 }
 
 impl Layout {
@@ -113,66 +90,53 @@ impl Layout {
         region_size: u64,
         windows: Vec<Window>,
         allow_overlap: bool,
-    ) -> Result<Layout, RegionError> {
+    ) -> Result<Layout, LayoutError> {
         let windows = if windows.is_empty() {
             vec![Window {
                 name: "disk".into(),
                 offset: 0,
                 size: region_size,
-                serve: Serve {
-                    blk: true,
-                    pmem: false,
-                },
+                serve: Serve::Blk,
             }]
         } else {
             windows
         };
-        let bad =
-            |w: &Window, why: String| RegionError::BadWindow(format!("window {}: {why}", w.name));
         for (i, w) in windows.iter().enumerate() {
+            let name = || w.name.clone();
             if w.size == 0 || w.offset % PAGE_SIZE != 0 || w.size % PAGE_SIZE != 0 {
-                return Err(bad(
-                    w,
-                    "offset and size must be multiples of 4 KiB, size not 0".into(),
-                ));
+                return Err(LayoutError::Unaligned { name: name() });
             }
-            if w.serve.pmem && (w.offset % PMEM_ALIGN != 0 || w.size % PMEM_ALIGN != 0) {
-                return Err(bad(
-                    w,
-                    "a pmem window's offset and size must be multiples of 2 MiB".into(),
-                ));
+            if w.serve.pmem() && (w.offset % PMEM_ALIGN != 0 || w.size % PMEM_ALIGN != 0) {
+                return Err(LayoutError::PmemUnaligned { name: name() });
             }
             if w.offset
                 .checked_add(w.size)
                 .is_none_or(|end| end > region_size)
             {
-                return Err(bad(
-                    w,
-                    format!(
-                        "{}+{} is beyond the region's {region_size} bytes",
-                        w.offset, w.size
-                    ),
-                ));
+                return Err(LayoutError::BeyondRegion {
+                    name: name(),
+                    offset: w.offset,
+                    size: w.size,
+                    region_size,
+                });
             }
             for other in &windows[..i] {
                 if other.name == w.name {
-                    return Err(bad(w, "name used twice".into()));
+                    return Err(LayoutError::DuplicateName { name: name() });
                 }
                 if !allow_overlap && other.overlaps(w) {
-                    return Err(bad(
-                        w,
-                        format!(
-                            "overlaps window {}; pass --allow-overlap if two devices may expose the same bytes",
-                            other.name
-                        ),
-                    ));
+                    return Err(LayoutError::Overlap {
+                        name: name(),
+                        other: other.name.clone(),
+                    });
+                }
+                if other.serve.blk() && w.serve.blk() {
+                    return Err(LayoutError::SeveralDisks {
+                        first: other.name.clone(),
+                        second: name(),
+                    });
                 }
             }
-        }
-        if windows.iter().filter(|w| w.serve.blk).count() > 1 {
-            return Err(RegionError::BadWindow(
-                "more than one window is served as blk; daxd serves one disk per process".into(),
-            ));
         }
         Ok(Layout {
             windows,
@@ -180,13 +144,22 @@ impl Layout {
         })
     }
 
+    pub fn windows(&self) -> &[Window] {
+        &self.windows
+    }
+
+    /// Whether windows may share bytes.
+    pub fn allows_overlap(&self) -> bool {
+        self.allow_overlap
+    }
+
     /// The window served as the disk, if any.
     pub fn blk(&self) -> Option<&Window> {
-        self.windows.iter().find(|w| w.serve.blk)
+        self.windows.iter().find(|w| w.serve.blk())
     }
 
     pub fn pmem(&self) -> impl Iterator<Item = &Window> {
-        self.windows.iter().filter(|w| w.serve.pmem)
+        self.windows.iter().filter(|w| w.serve.pmem())
     }
 
     /// The pmem window holding bytes `offset..offset+len`, if one does.
@@ -203,37 +176,12 @@ mod tests {
     const G: u64 = 1 << 30;
     const M: u64 = 1 << 20;
 
-    #[test]
-    fn parses_option_strings() {
-        let w = Window::parse("name=pm0,offset=1G,size=256M,serve=pmem").unwrap();
-        assert_eq!(
-            w,
-            Window {
-                name: "pm0".into(),
-                offset: G,
-                size: 256 * M,
-                serve: Serve {
-                    blk: false,
-                    pmem: true
-                }
-            }
-        );
-        assert!(
-            Window::parse("name=a,size=1M,serve=both")
-                .unwrap()
-                .serve
-                .blk
-        );
-        for bad in [
-            "name=a,size=1M",
-            "size=1M,serve=blk",
-            "name=a b,size=1M,serve=blk",
-            "name=a,size=1M,serve=disk",
-            "name=a,size=1M,serve=blk,colour=red",
-            "name=a,size=lots,serve=blk",
-            "name",
-        ] {
-            assert!(Window::parse(bad).is_err(), "{bad}");
+    fn w(name: &str, offset: u64, size: u64, serve: Serve) -> Window {
+        Window {
+            name: name.into(),
+            offset,
+            size,
+            serve,
         }
     }
 
@@ -246,12 +194,11 @@ mod tests {
 
     #[test]
     fn checks_alignment_bounds_names_and_overlap() {
-        let w = |t: &str| Window::parse(t).unwrap();
         let ok = Layout::new(
             4 * G,
             vec![
-                w("name=disk,offset=0,size=3G,serve=blk"),
-                w("name=pm0,offset=3G,size=1G,serve=pmem"),
+                w("disk", 0, 3 * G, Serve::Blk),
+                w("pm0", 3 * G, G, Serve::Pmem),
             ],
             false,
         )
@@ -259,34 +206,50 @@ mod tests {
         assert_eq!(ok.pmem_window_at(3 * G + 4096, 4096).unwrap().name, "pm0");
         assert!(ok.pmem_window_at(3 * G - 4096, 8192).is_none());
 
-        let err = |windows: Vec<Window>, allow: bool| {
-            Layout::new(4 * G, windows, allow).unwrap_err().to_string()
-        };
-        assert!(err(vec![w("name=p,offset=1M,size=2M,serve=pmem")], false).contains("2 MiB"));
-        assert!(err(vec![w("name=p,offset=0,size=3M,serve=pmem")], false).contains("2 MiB"));
-        assert!(err(vec![w("name=d,offset=512,size=1M,serve=blk")], false).contains("4 KiB"));
-        assert!(err(vec![w("name=d,offset=3G,size=2G,serve=blk")], false).contains("beyond"));
-        assert!(err(
-            vec![
-                w("name=d,size=1G,serve=blk"),
-                w("name=d,offset=1G,size=1G,serve=pmem")
-            ],
-            false
-        )
-        .contains("twice"));
+        let err =
+            |windows: Vec<Window>, allow: bool| Layout::new(4 * G, windows, allow).unwrap_err();
+        let name = |n: &str| n.to_owned();
+        assert_eq!(
+            err(vec![w("p", M, 2 * M, Serve::Pmem)], false),
+            LayoutError::PmemUnaligned { name: name("p") }
+        );
+        assert_eq!(
+            err(vec![w("p", 0, 3 * M, Serve::Pmem)], false),
+            LayoutError::PmemUnaligned { name: name("p") }
+        );
+        assert_eq!(
+            err(vec![w("d", 512, M, Serve::Blk)], false),
+            LayoutError::Unaligned { name: name("d") }
+        );
+        assert!(matches!(
+            err(vec![w("d", 3 * G, 2 * G, Serve::Blk)], false),
+            LayoutError::BeyondRegion { .. }
+        ));
+        assert_eq!(
+            err(
+                vec![w("d", 0, G, Serve::Blk), w("d", G, G, Serve::Pmem)],
+                false
+            ),
+            LayoutError::DuplicateName { name: name("d") }
+        );
         let overlap = vec![
-            w("name=disk,size=4G,serve=blk"),
-            w("name=pm0,offset=2G,size=1G,serve=pmem"),
+            w("disk", 0, 4 * G, Serve::Blk),
+            w("pm0", 2 * G, G, Serve::Pmem),
         ];
-        assert!(err(overlap.clone(), false).contains("--allow-overlap"));
-        assert!(Layout::new(4 * G, overlap, true).is_ok());
-        assert!(err(
-            vec![
-                w("name=a,size=1G,serve=blk"),
-                w("name=b,offset=1G,size=1G,serve=both")
-            ],
-            false
-        )
-        .contains("one disk"));
+        assert_eq!(
+            err(overlap.clone(), false),
+            LayoutError::Overlap {
+                name: name("pm0"),
+                other: name("disk")
+            }
+        );
+        assert!(Layout::new(4 * G, overlap, true).unwrap().allows_overlap());
+        assert!(matches!(
+            err(
+                vec![w("a", 0, G, Serve::Blk), w("b", G, G, Serve::Both)],
+                false
+            ),
+            LayoutError::SeveralDisks { .. }
+        ));
     }
 }

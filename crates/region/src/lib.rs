@@ -7,21 +7,20 @@
 //! the same pages through its MMU at the same time.
 
 mod layout;
-mod size;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
+use std::sync::Arc;
 
 use log::{info, warn};
+use rustix::fs::FallocateFlags;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::VolatileSlice;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
-pub use layout::{Layout, Serve, Window, PMEM_ALIGN};
-pub use size::parse_size;
+pub use layout::{Layout, LayoutError, Serve, Window, PMEM_ALIGN};
 
 /// Bytes in a page frame: the unit of guest-visible mappings and of the registry.
 pub const PAGE_SIZE: u64 = 4096;
@@ -35,17 +34,11 @@ pub const PAGE_SHIFT: u32 = 12;
 /// Errors from opening or accessing a region.
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
-    #[error(
-        "invalid size {0:?}: expected a number with an optional K, M, G or T suffix (e.g. 4G)"
-    )]
-    InvalidSize(String),
-    #[error("bad --window: {0}")]
-    BadWindow(String),
-    #[error("region size {0} is not a positive multiple of 4096 bytes; choose a size such as 1G")]
+    #[error("region size {0} is not a positive multiple of 4096 bytes")]
     UnalignedSize(u64),
-    #[error("region file {path} does not exist; pass --size to create it")]
+    #[error("region file {path} does not exist and no size was given to create it with")]
     MissingFile { path: PathBuf },
-    #[error("region file {path} is {actual} bytes but {requested} were requested; pass --resize to change it, or drop --size to use the file as it is")]
+    #[error("region file {path} is {actual} bytes, but {requested} were requested")]
     SizeMismatch {
         path: PathBuf,
         actual: u64,
@@ -55,18 +48,18 @@ pub enum RegionError {
     NotRegularFile { path: PathBuf },
     #[error("a read-only region cannot be created or resized: {path}")]
     ReadOnlyResize { path: PathBuf },
-    #[error("cannot {what} {path}: {source}")]
+    #[error("cannot {what} {path}")]
     Io {
         what: &'static str,
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("{path} cannot be mapped with MAP_SYNC ({source}): direct access needs the file on a DAX file system (e.g. ext4 or xfs mounted -o dax on host persistent memory); drop the direct option to serve it through the page cache")]
+    #[error("{path} cannot be mapped with MAP_SYNC: a synchronous mapping needs the file on a DAX file system (e.g. ext4 or xfs mounted -o dax on host persistent memory)")]
     NotDax {
         path: PathBuf,
         #[source]
-        source: io::Error,
+        source: vm_memory::mmap::MmapRegionError,
     },
     #[error("range of {len} bytes at offset {offset} is outside the region of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
@@ -99,72 +92,16 @@ pub struct FileIdentity {
     pub ino: u64,
 }
 
-/// A half-open range of page frames `[start, end)` of the region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-pub struct FrameRange {
-    pub start: u64,
-    pub end: u64,
-}
-
-impl FrameRange {
-    /// Page frames touched by `len` bytes at `offset`; empty when `len` is 0.
-    pub fn covering(offset: u64, len: u64) -> FrameRange {
-        if len == 0 {
-            let frame = offset >> PAGE_SHIFT;
-            return FrameRange {
-                start: frame,
-                end: frame,
-            };
-        }
-        // Callers pass ranges already checked against the region, so this cannot overflow.
-        FrameRange {
-            start: offset >> PAGE_SHIFT,
-            end: (offset + len - 1) / PAGE_SIZE + 1,
-        }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.end - self.start
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.start >= self.end
-    }
-
-    pub fn overlaps(&self, other: &FrameRange) -> bool {
-        self.start < other.end && other.start < self.end
-    }
-
-    pub fn contains(&self, frame: u64) -> bool {
-        self.start <= frame && frame < self.end
-    }
-
-    /// The part of `self` inside `other`, if any.
-    pub fn intersect(&self, other: &FrameRange) -> Option<FrameRange> {
-        let start = self.start.max(other.start);
-        let end = self.end.min(other.end);
-        (start < end).then_some(FrameRange { start, end })
-    }
-}
-
 /// The mapped backing file.
 #[derive(Debug)]
 pub struct Region {
-    file: File,
+    file: Arc<File>,
     path: PathBuf,
-    base: NonNull<u8>,
-    size: u64,
+    mapping: MmapRegion,
     read_only: bool,
     map_sync: bool,
     identity: FileIdentity,
 }
-
-// SAFETY: the mapping is plain shared memory owned by the Region for its whole life; all
-// access to it goes through VolatileSlice (no references to its bytes are handed out), so
-// concurrent access from several threads is no different from a guest's vCPUs sharing RAM.
-unsafe impl Send for Region {}
-// SAFETY: see `Send` above; no method takes `&self` and mutates Region's own fields.
-unsafe impl Sync for Region {}
 
 impl Region {
     /// Opens (or creates) the backing file and maps it.
@@ -239,16 +176,20 @@ impl Region {
         }
         check_size(size)?;
 
-        let (base, map_sync) = match map_file(&file, size, config.read_only, config.direct) {
-            Ok(mapped) => mapped,
-            Err(source) if config.direct => return Err(RegionError::NotDax { path, source }),
-            Err(e) => return Err(io_err("map", e)),
-        };
+        let file = Arc::new(file);
+        let (mapping, map_sync) = map_file(&file, size, config.read_only, config.direct).map_err(
+            |source| match config.direct {
+                true => RegionError::NotDax {
+                    path: path.clone(),
+                    source,
+                },
+                false => io_err("map", io::Error::other(source)),
+            },
+        )?;
         Ok(Region {
             file,
             path,
-            base,
-            size,
+            mapping,
             read_only: config.read_only,
             map_sync,
             identity: FileIdentity {
@@ -269,17 +210,17 @@ impl Region {
 
     /// Size in bytes; always a multiple of [`PAGE_SIZE`].
     pub fn size(&self) -> u64 {
-        self.size
+        self.mapping.size() as u64
     }
 
     /// Size in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
-        self.size >> SECTOR_SHIFT
+        self.size() >> SECTOR_SHIFT
     }
 
     /// Size in 4 KiB page frames.
     pub fn frames(&self) -> u64 {
-        self.size >> PAGE_SHIFT
+        self.size() >> PAGE_SHIFT
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -299,20 +240,25 @@ impl Region {
     /// Checks that `len` bytes at `offset` lie inside the region.
     pub fn check_range(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(RegionError::OutOfRange {
                 offset,
                 len,
-                size: self.size,
+                size: self.size(),
             }),
         }
     }
 
     fn slice(&self, offset: u64, len: usize) -> Result<VolatileSlice<'_>, RegionError> {
         self.check_range(offset, len as u64)?;
-        // SAFETY: offset + len lies within the mapping (checked above), which stays mapped
-        // for as long as `self` lives; the slice borrows `self`.
-        Ok(unsafe { VolatileSlice::new(self.base.as_ptr().wrapping_add(offset as usize), len) })
+        // In range (checked above), so the mapping's own bounds check cannot fail.
+        self.mapping
+            .get_slice(offset as usize, len)
+            .map_err(|_| RegionError::OutOfRange {
+                offset,
+                len: len as u64,
+                size: self.size(),
+            })
     }
 
     /// Copies `dst.len()` bytes of the region at `offset` into `dst` (guest memory).
@@ -354,14 +300,15 @@ impl Region {
     }
 
     /// Makes every earlier write to the region durable.
-    pub fn flush(&self) -> io::Result<()> {
+    pub fn flush(&self) -> Result<(), RegionError> {
         if self.read_only {
             return Ok(());
         }
         // fdatasync writes back pages dirtied through the mapping as well as metadata
         // changes from fallocate, so one call covers both the data and the discard paths.
-        // SAFETY: fdatasync on a file descriptor we own; no memory is involved.
-        check(unsafe { libc::fdatasync(self.file.as_raw_fd()) })
+        self.file
+            .sync_data()
+            .map_err(|source| self.io_error("flush", source))
     }
 
     /// Makes earlier writes to `len` bytes at `offset` durable.
@@ -371,16 +318,19 @@ impl Region {
             return Ok(());
         }
         let start = offset & !(PAGE_SIZE - 1);
-        let end = (offset + len).next_multiple_of(PAGE_SIZE).min(self.size);
-        // SAFETY: [start, end) is page aligned and inside our own mapping.
-        let ret = unsafe {
-            libc::msync(
-                self.base.as_ptr().wrapping_add(start as usize).cast(),
+        let end = (offset + len).next_multiple_of(PAGE_SIZE).min(self.size());
+        // Only the written pages, not the whole file: msync of the range is the one call
+        // that writes back part of a shared mapping and waits for it.
+        // SAFETY: [start, end) is page aligned and inside our own mapping, which lives as
+        // long as `self`; msync does not change its contents.
+        unsafe {
+            rustix::mm::msync(
+                self.mapping.as_ptr().wrapping_add(start as usize).cast(),
                 (end - start) as usize,
-                libc::MS_SYNC,
+                rustix::mm::MsyncFlags::SYNC,
             )
-        };
-        check(ret).map_err(|source| self.io_error("flush", source))
+        }
+        .map_err(|e| self.io_error("flush", e.into()))
     }
 
     /// Deallocates `len` bytes at `offset`: they read back as zeroes and no longer use
@@ -389,7 +339,7 @@ impl Region {
         self.zero(
             offset,
             len,
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
         )
     }
 
@@ -398,11 +348,11 @@ impl Region {
         self.zero(
             offset,
             len,
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+            FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE,
         )
     }
 
-    fn zero(&self, offset: u64, len: u64, mode: libc::c_int) -> Result<(), RegionError> {
+    fn zero(&self, offset: u64, len: u64, mode: FallocateFlags) -> Result<(), RegionError> {
         self.check_range(offset, len)?;
         if self.read_only {
             return Err(RegionError::ReadOnly);
@@ -410,43 +360,31 @@ impl Region {
         if len == 0 {
             return Ok(());
         }
-        // SAFETY: fallocate on our own descriptor over a range inside the file; the kernel
-        // zaps our mapping's page-table entries for it, so later loads see zeroes.
-        let ret = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                mode,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        match check(ret) {
+        // The kernel zaps the mapping's page-table entries for the range, so later loads
+        // through the mapping see zeroes.
+        match rustix::fs::fallocate(&*self.file, mode, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if is_unsupported(&e) => {
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
                 // File systems without hole punching or zero ranges (tmpfs lacks the
                 // latter): store zeroes through the mapping, which has the same result for
                 // readers.
                 warn!(
-                    "fallocate mode {mode:#x} unsupported on {}: {e}; writing zeroes instead",
+                    "fallocate {mode:?} unsupported on {}: {e}; writing zeroes instead",
                     self.path.display()
                 );
                 self.store_zeroes(offset, len)
             }
-            Err(source) => Err(self.io_error("zero a range of", source)),
+            Err(e) => Err(self.io_error("zero a range of", e.into())),
         }
     }
 
     fn store_zeroes(&self, offset: u64, len: u64) -> Result<(), RegionError> {
-        const CHUNK: usize = 64 << 10;
-        static ZEROES: [u8; CHUNK] = [0; CHUNK];
-        let slice = self.slice(offset, len as usize)?;
+        const CHUNK: u64 = 64 << 10;
+        static ZEROES: [u8; CHUNK as usize] = [0; CHUNK as usize];
         let mut done = 0;
-        while done < slice.len() {
-            let n = (slice.len() - done).min(CHUNK);
-            // In range by construction: done + n <= slice.len().
-            if let Ok(piece) = slice.subslice(done, n) {
-                piece.copy_from(&ZEROES[..n]);
-            }
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_bytes(offset + done, &ZEROES[..n as usize])?;
             done += n;
         }
         Ok(())
@@ -461,14 +399,6 @@ impl Region {
     }
 }
 
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: base/size describe the mapping created in `open`, which nothing else
-        // unmaps; all slices borrowing `self` are gone.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.size as usize) };
-    }
-}
-
 fn check_size(size: u64) -> Result<(), RegionError> {
     if size == 0 || size % PAGE_SIZE != 0 || usize::try_from(size).is_err() {
         return Err(RegionError::UnalignedSize(size));
@@ -476,68 +406,31 @@ fn check_size(size: u64) -> Result<(), RegionError> {
     Ok(())
 }
 
-fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn is_unsupported(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-    )
-}
-
 /// Maps the whole file shared. Tries `MAP_SYNC` first: on a DAX file system it makes
-/// stores durable without a page cache, elsewhere the kernel refuses it and a normal shared
+/// stores durable without a page cache; elsewhere the kernel refuses it and a normal shared
 /// mapping is used, unless `direct` insists on MAP_SYNC.
 fn map_file(
-    file: &File,
+    file: &Arc<File>,
     size: u64,
     read_only: bool,
     direct: bool,
-) -> io::Result<(NonNull<u8>, bool)> {
-    let prot = if read_only {
-        libc::PROT_READ
-    } else {
-        libc::PROT_READ | libc::PROT_WRITE
+) -> Result<(MmapRegion, bool), vm_memory::mmap::MmapRegionError> {
+    let map = |prot: i32, flags: i32| {
+        MmapRegionBuilder::new(size as usize)
+            .with_file_offset(FileOffset::from_arc(file.clone(), 0))
+            .with_mmap_prot(prot)
+            .with_mmap_flags(flags)
+            .build()
     };
-    let attempts: &[(libc::c_int, bool)] = if read_only {
-        &[(libc::MAP_SHARED, false)]
-    } else if direct {
-        &[(libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC, true)]
-    } else {
-        &[
-            (libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC, true),
-            (libc::MAP_SHARED, false),
-        ]
-    };
-    let mut last_error = io::Error::from_raw_os_error(libc::EINVAL);
-    for &(flags, sync) in attempts {
-        // SAFETY: a fresh mapping of our own file at an address the kernel chooses; it
-        // does not alias any Rust object.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                prot,
-                flags,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            last_error = io::Error::last_os_error();
-            continue;
-        }
-        if let Some(base) = NonNull::new(ptr.cast::<u8>()) {
-            return Ok((base, sync));
-        }
+    if read_only {
+        return map(libc::PROT_READ, libc::MAP_SHARED).map(|m| (m, false));
     }
-    Err(last_error)
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    match map(prot, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
+        Ok(mapping) => Ok((mapping, true)),
+        Err(e) if direct => Err(e),
+        Err(_) => map(prot, libc::MAP_SHARED).map(|m| (m, false)),
+    }
 }
 
 #[cfg(test)]
@@ -682,24 +575,5 @@ mod tests {
             Ok(region) => assert!(region.is_map_sync()),
             Err(e) => panic!("unexpected error {e}"),
         }
-    }
-
-    #[test]
-    fn frame_ranges_cover_partial_pages() {
-        assert_eq!(
-            FrameRange::covering(0, 4096),
-            FrameRange { start: 0, end: 1 }
-        );
-        assert_eq!(
-            FrameRange::covering(4095, 2),
-            FrameRange { start: 0, end: 2 }
-        );
-        assert_eq!(
-            FrameRange::covering(8192, 512),
-            FrameRange { start: 2, end: 3 }
-        );
-        assert!(FrameRange::covering(8192, 0).is_empty());
-        assert!(FrameRange { start: 0, end: 2 }.overlaps(&FrameRange { start: 1, end: 5 }));
-        assert!(!FrameRange { start: 0, end: 2 }.overlaps(&FrameRange { start: 2, end: 5 }));
     }
 }

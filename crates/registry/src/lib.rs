@@ -3,31 +3,87 @@
 //!
 //! Linux gives persistent memory `struct page`s (ZONE_DEVICE) because pages mapped into
 //! address spaces need map counts, pins and layout locks; pages touched only by block I/O
-//! do not. daxd follows the same rule: descriptors exist only for page frames covered by
-//! a guest-visible mapping (or still pinned by in-flight I/O after their mapping went),
-//! keyed by region page frame so that aliased mappings of the same file pages share one
-//! descriptor. The block path asks the registry only when something is visible at all.
+//! do not. daxd follows the same rule: a page frame has a descriptor only while a
+//! guest-visible mapping covers it (or in-flight I/O still pins it after its mapping
+//! went), keyed by region page frame so that aliased mappings of the same file pages share
+//! one descriptor. Like Linux's sparse memory model, descriptors are allocated in chunks
+//! of [`CHUNK_FRAMES`] frames (2 MiB of region, 8 KiB of descriptors): a chunk exists while
+//! any of its frames has a descriptor, and the region keeps one pointer per chunk.
+//!
+//! Two kinds of callers, two kinds of paths. Mapping, unmapping, layout changes, flush
+//! completion and snapshots are rare and serialise on one mutex. Queue workers pin guest
+//! buffers and mark written pages dirty on every request that touches guest-visible
+//! pages: those paths take no lock and allocate nothing; they find a chunk through its
+//! slot and change only atomics in it. A chunk is freed only after it is *retired*, which
+//! succeeds only while no pin holds it, so a pin can always release what it took.
 
 mod rmap;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard, RwLock};
+use std::borrow::BorrowMut;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use serde::Serialize;
+use arc_swap::ArcSwapOption;
+use serde::{Deserialize, Serialize};
 
-pub use daxd_region::FrameRange;
 use rmap::RmapSets;
 
-/// One guest-visible page frame. 16 bytes; Linux's `struct page` is 64.
+/// Frames per descriptor chunk: 2 MiB of region, the alignment of pmem windows.
+pub const CHUNK_FRAMES: u64 = 512;
+
+/// A half-open range of page frames `[start, end)` of the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct FrameRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl FrameRange {
+    /// Page frames touched by `len` bytes at `offset`; empty when `len` is 0.
+    pub fn covering(offset: u64, len: u64) -> FrameRange {
+        let start = offset >> daxd_region::PAGE_SHIFT;
+        if len == 0 {
+            return FrameRange { start, end: start };
+        }
+        // Callers pass ranges already checked against the region, so this cannot overflow.
+        FrameRange {
+            start,
+            end: (offset + len - 1) / daxd_region::PAGE_SIZE + 1,
+        }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.start >= self.end
+    }
+
+    pub fn overlaps(&self, other: &FrameRange) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+
+    pub fn contains(&self, frame: u64) -> bool {
+        self.start <= frame && frame < self.end
+    }
+
+    /// The part of `self` inside `other`, if any.
+    pub fn intersect(&self, other: &FrameRange) -> Option<FrameRange> {
+        let start = self.start.max(other.start);
+        let end = self.end.min(other.end);
+        (start < end).then_some(FrameRange { start, end })
+    }
+}
+
+/// One guest-visible page frame, as [`Registry::descriptor`] reads it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[repr(C)]
 pub struct PageDescriptor {
     /// Mappings covering the page (aliases of the same file page count once each).
     pub map_count: u16,
     /// Bit flags, see [`PageDescriptor::WRITABLE`].
     pub state: u8,
-    _reserved: u8,
     /// In-flight requests whose buffers are in this page.
     pub pin_count: u32,
     /// Flush epoch in which daxd last wrote the page; 0 while clean.
@@ -36,24 +92,133 @@ pub struct PageDescriptor {
     pub rmap: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<PageDescriptor>() == 16);
-
 impl PageDescriptor {
     /// At least one covering mapping is writable.
     pub const WRITABLE: u8 = 1;
 }
 
+/// The stored descriptor: 16 bytes, as Linux's `struct page` is 64. Every field is an
+/// atomic because queue workers change pin counts and dirty epochs without the registry's
+/// lock; the other fields change only under it.
+#[derive(Debug, Default)]
+#[repr(C)]
+struct Descriptor {
+    map_count: AtomicU16,
+    state: AtomicU8,
+    _reserved: u8,
+    pin_count: AtomicU32,
+    dirty_epoch: AtomicU32,
+    rmap: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<Descriptor>() == 16);
+
+impl Descriptor {
+    fn read(&self) -> PageDescriptor {
+        PageDescriptor {
+            map_count: self.map_count.load(Ordering::Relaxed),
+            state: self.state.load(Ordering::Relaxed),
+            pin_count: self.pin_count.load(Ordering::Acquire),
+            dirty_epoch: self.dirty_epoch.load(Ordering::Acquire),
+            rmap: self.rmap.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the frame has a descriptor: mapped, or pinned by in-flight I/O.
+    fn exists(&self) -> bool {
+        self.map_count.load(Ordering::Relaxed) > 0 || self.pin_count.load(Ordering::Acquire) > 0
+    }
+}
+
+/// Set in [`Chunk::pins`] once the chunk is being freed: no pin may take it.
+const RETIRED: u64 = 1 << 63;
+
+/// The descriptors of [`CHUNK_FRAMES`] consecutive frames.
+#[derive(Debug)]
+struct Chunk {
+    descs: Box<[Descriptor]>,
+    /// Pins holding the chunk (one per pinned run), or [`RETIRED`].
+    pins: AtomicU64,
+    /// Descriptors with a dirty epoch, so that a flush skips clean chunks.
+    dirty: AtomicU64,
+    /// The chunk lost its last mapping while pinned: the last pin to go frees it.
+    needs_prune: AtomicBool,
+}
+
+impl Chunk {
+    fn new() -> Chunk {
+        Chunk {
+            descs: (0..CHUNK_FRAMES).map(|_| Descriptor::default()).collect(),
+            pins: AtomicU64::new(0),
+            dirty: AtomicU64::new(0),
+            needs_prune: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts a pin, unless the chunk is retired.
+    fn acquire(&self) -> bool {
+        self.pins
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |pins| {
+                (pins & RETIRED == 0).then_some(pins + 1)
+            })
+            .is_ok()
+    }
+
+    /// Drops a pin; true if it was the last and the chunk waits to be freed.
+    fn release(&self) -> bool {
+        self.pins.fetch_sub(1, Ordering::SeqCst) == 1 && self.needs_prune.load(Ordering::SeqCst)
+    }
+
+    /// Retires the chunk if no pin holds it.
+    fn retire(&self) -> bool {
+        self.pins
+            .compare_exchange(0, RETIRED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    fn mark_dirty(&self, range: std::ops::Range<usize>, epoch: u32) {
+        for d in &self.descs[range] {
+            if d.exists() && d.dirty_epoch.swap(epoch, Ordering::AcqRel) == 0 {
+                self.dirty.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+/// The chunk index of `frame` and its index in the chunk.
+fn split(frame: u64) -> (usize, usize) {
+    (
+        (frame / CHUNK_FRAMES) as usize,
+        (frame % CHUNK_FRAMES) as usize,
+    )
+}
+
+/// The per-chunk parts of `frames`: (chunk index, descriptor indices in the chunk).
+fn chunk_parts(frames: FrameRange) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
+    let mut at = frames.start;
+    std::iter::from_fn(move || {
+        if at >= frames.end {
+            return None;
+        }
+        let (chunk, first) = split(at);
+        let end = ((at / CHUNK_FRAMES + 1) * CHUNK_FRAMES).min(frames.end);
+        let part = (chunk, first..first + (end - at) as usize);
+        at = end;
+        Some(part)
+    })
+}
+
 /// Identifies one mapping.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct MappingId(pub u32);
 
 /// The party that created mappings (a vhost-user connection, a device instance): when it
 /// goes away, all its mappings go with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct OwnerId(pub u64);
 
 /// Where the guest sees the pages.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// Mapped by the VMM into guest physical memory at `gpa` (a memory-backend-file
@@ -64,7 +229,7 @@ pub enum Target {
 }
 
 /// What a new mapping covers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MappingRequest {
     /// The device the mapping belongs to (e.g. "virtio-pmem", "vhost-user-blk memory table").
     pub device: String,
@@ -95,20 +260,18 @@ struct Mapping {
     request: MappingRequest,
 }
 
+/// What changes only under the registry's mutex.
 struct Inner {
-    /// Runs of descriptors, keyed by their first frame; never overlapping.
-    sections: BTreeMap<u64, Vec<PageDescriptor>>,
     mappings: BTreeMap<MappingId, Mapping>,
     owners: HashMap<OwnerId, String>,
     rmap: RmapSets,
+    /// Indices of the chunks that exist.
+    chunks: BTreeSet<usize>,
     /// Ranges under a layout change (hole punch, zeroing, resize); maps wait for them.
     busy: Vec<(u64, FrameRange, &'static str)>,
     next_mapping: u32,
     next_owner: u64,
     next_busy: u64,
-    /// Descriptors with a dirty epoch: lets a flush skip the scan when there are none.
-    dirty: u64,
-    epoch: u32,
     last_flushed: u32,
 }
 
@@ -117,43 +280,77 @@ pub struct Registry {
     frames: u64,
     inner: Mutex<Inner>,
     layout_done: Condvar,
-    /// False while no descriptor exists: lets the block path skip the registry entirely.
-    any_visible: AtomicBool,
-    /// First and end frame of everything visible: a request outside them skips the lock.
+    /// One slot per [`CHUNK_FRAMES`] frames of the region; filled and emptied under the
+    /// mutex, read without it.
+    slots: Box<[ArcSwapOption<Chunk>]>,
+    /// First and end frame of the chunks that exist (equal while none does): a request
+    /// outside them costs two atomic loads.
     visible_lo: AtomicU64,
     visible_hi: AtomicU64,
-    /// Merged frame ranges that have descriptors, for the block path's overlap checks.
-    visible: RwLock<Vec<FrameRange>>,
+    /// The epoch new writes are recorded in.
+    epoch: AtomicU32,
 }
 
 impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Registry")
             .field("frames", &self.frames)
-            .field("any_visible", &self.any_visible)
+            .field("visible_lo", &self.visible_lo)
+            .field("visible_hi", &self.visible_hi)
             .finish_non_exhaustive()
     }
 }
 
-/// Pages pinned for one request; unpinned on drop.
-#[must_use]
+/// One pinned run of frames, inside one chunk.
 #[derive(Debug)]
-pub struct Pin<'a> {
-    registry: &'a Registry,
-    ranges: Vec<FrameRange>,
+struct PinnedPart {
+    chunk: Arc<Chunk>,
+    range: std::ops::Range<usize>,
+    first_frame: u64,
 }
 
-impl Pin<'_> {
-    /// The frames actually pinned (the visible part of what was asked).
-    pub fn ranges(&self) -> &[FrameRange] {
-        &self.ranges
+/// The pins of one request. Kept by each queue worker and reused, so pinning allocates
+/// nothing once it has grown; fill it through a [`Pins`] guard.
+#[derive(Debug, Default)]
+pub struct PinSet {
+    parts: Vec<PinnedPart>,
+}
+
+/// Pins taken for one request; all released when the guard drops. `S` is the [`PinSet`]
+/// it fills: a queue worker's own, borrowed (`&mut PinSet`), or an owned one.
+#[must_use]
+#[derive(Debug)]
+pub struct Pins<'a, S: BorrowMut<PinSet>> {
+    registry: &'a Registry,
+    set: S,
+}
+
+impl<S: BorrowMut<PinSet>> Pins<'_, S> {
+    /// Pins the frames of `frames` that have descriptors (guest-visible ones): layout
+    /// changes of them are refused until the guard drops. Lock-free unless a chunk is
+    /// being freed at that moment.
+    pub fn pin(&mut self, frames: FrameRange) {
+        self.registry.pin_into(frames, self.set.borrow_mut());
+    }
+
+    /// The frames pinned so far (the visible part of what was asked).
+    pub fn frames(&self) -> impl Iterator<Item = FrameRange> + '_ {
+        self.set.borrow().parts.iter().map(|p| FrameRange {
+            start: p.first_frame,
+            end: p.first_frame + p.range.len() as u64,
+        })
     }
 }
 
-impl Drop for Pin<'_> {
+impl<S: BorrowMut<PinSet>> Drop for Pins<'_, S> {
     fn drop(&mut self) {
-        if !self.ranges.is_empty() {
-            self.registry.unpin(&self.ranges);
+        for part in self.set.borrow_mut().parts.drain(..) {
+            for d in &part.chunk.descs[part.range.clone()] {
+                d.pin_count.fetch_sub(1, Ordering::AcqRel);
+            }
+            if part.chunk.release() {
+                self.registry.prune_released(part.first_frame);
+            }
         }
     }
 }
@@ -197,23 +394,23 @@ impl Registry {
         Registry {
             frames,
             inner: Mutex::new(Inner {
-                sections: BTreeMap::new(),
                 mappings: BTreeMap::new(),
                 owners: HashMap::new(),
                 rmap: RmapSets::new(),
+                chunks: BTreeSet::new(),
                 busy: Vec::new(),
                 next_mapping: 1,
                 next_owner: 1,
                 next_busy: 1,
-                dirty: 0,
-                epoch: 1,
                 last_flushed: 0,
             }),
             layout_done: Condvar::new(),
-            any_visible: AtomicBool::new(false),
+            slots: (0..frames.div_ceil(CHUNK_FRAMES))
+                .map(|_| ArcSwapOption::empty())
+                .collect(),
             visible_lo: AtomicU64::new(0),
             visible_hi: AtomicU64::new(0),
-            visible: RwLock::new(Vec::new()),
+            epoch: AtomicU32::new(1),
         }
     }
 
@@ -241,15 +438,22 @@ impl Registry {
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
-            Self::unmap_locked(&mut inner, id);
+            self.unmap_locked(&mut inner, id);
         }
         inner.owners.remove(&owner);
-        self.publish_visible(&inner);
     }
 
-    /// Maps `request.frames`: creates descriptors for frames that had none, and counts
-    /// the mapping on every frame. Waits while a layout change covers the frames. On
-    /// error nothing changes.
+    /// The chunks under `frames` that exist, with the descriptor indices of each.
+    fn existing(
+        &self,
+        frames: FrameRange,
+    ) -> impl Iterator<Item = (Arc<Chunk>, std::ops::Range<usize>)> + '_ {
+        chunk_parts(frames).filter_map(|(i, range)| self.slots[i].load_full().map(|c| (c, range)))
+    }
+
+    /// Maps `request.frames`: gives frames that had none a descriptor, and counts the
+    /// mapping on every frame. Waits while a layout change covers the frames. On error
+    /// nothing changes.
     pub fn map(&self, owner: OwnerId, request: MappingRequest) -> Result<MappingId, RegistryError> {
         let frames = request.frames;
         if frames.is_empty() || frames.end > self.frames {
@@ -262,127 +466,193 @@ impl Registry {
                 .wait(inner)
                 .unwrap_or_else(|e| e.into_inner());
         }
-        let saturated = sections_in(&inner.sections, frames)
-            .any(|(_, descs)| descs.iter().any(|d| d.map_count == u16::MAX));
+        let saturated = self.existing(frames).any(|(chunk, range)| {
+            chunk.descs[range]
+                .iter()
+                .any(|d| d.map_count.load(Ordering::Relaxed) == u16::MAX)
+        });
         if saturated {
             return Err(RegistryError::TooManyMappings(frames));
         }
         let id = MappingId(inner.next_mapping);
         inner.next_mapping = inner.next_mapping.wrapping_add(1).max(1);
-        ensure_sections(&mut inner.sections, frames);
-        let Inner { sections, rmap, .. } = &mut *inner;
-        let mut moves = rmap::Moves::default();
-        for_each_desc(sections, frames, |d| {
-            d.map_count += 1;
-            if request.writable {
-                d.state |= PageDescriptor::WRITABLE;
+        let mut added = false;
+        for (i, _) in chunk_parts(frames) {
+            if self.slots[i].load().is_none() {
+                self.slots[i].store(Some(Arc::new(Chunk::new())));
+                inner.chunks.insert(i);
+                added = true;
             }
-            d.rmap = moves.add(rmap, d.rmap, id);
-        });
+        }
+        let Inner { rmap, .. } = &mut *inner;
+        let mut moves = rmap::Moves::default();
+        for (chunk, range) in self.existing(frames) {
+            // A frame that had no descriptor may still carry the state of an earlier
+            // life in this chunk: it starts clean.
+            for d in &chunk.descs[range] {
+                if !d.exists() {
+                    d.state.store(0, Ordering::Relaxed);
+                    if d.dirty_epoch.swap(0, Ordering::AcqRel) != 0 {
+                        chunk.dirty.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
+                // Only the mutex holder writes these: plain loads and stores suffice.
+                let count = d.map_count.load(Ordering::Relaxed);
+                d.map_count.store(count + 1, Ordering::Relaxed);
+                if request.writable {
+                    let state = d.state.load(Ordering::Relaxed);
+                    d.state
+                        .store(state | PageDescriptor::WRITABLE, Ordering::Relaxed);
+                }
+                let set = moves.add(rmap, d.rmap.load(Ordering::Relaxed), id);
+                d.rmap.store(set, Ordering::Relaxed);
+            }
+            chunk.needs_prune.store(false, Ordering::SeqCst);
+        }
         moves.apply(rmap);
         inner.mappings.insert(id, Mapping { owner, request });
-        self.publish_visible(&inner);
+        if added {
+            self.publish_bounds(&inner);
+        }
         Ok(id)
     }
 
-    /// Removes one mapping; descriptors that no mapping covers and no request pins go.
+    /// Removes one mapping; frames that no mapping covers and no request pins lose their
+    /// descriptors.
     pub fn unmap(&self, id: MappingId) -> Result<(), RegistryError> {
         let mut inner = self.lock();
         if !inner.mappings.contains_key(&id) {
             return Err(RegistryError::NoSuchMapping(id));
         }
-        Self::unmap_locked(&mut inner, id);
-        self.publish_visible(&inner);
+        self.unmap_locked(&mut inner, id);
         Ok(())
     }
 
-    fn unmap_locked(inner: &mut Inner, id: MappingId) {
+    fn unmap_locked(&self, inner: &mut Inner, id: MappingId) {
         let Some(mapping) = inner.mappings.remove(&id) else {
             return;
         };
         let frames = mapping.request.frames;
-        let Inner {
-            sections,
-            rmap,
-            mappings,
-            dirty,
-            ..
-        } = inner;
+        let Inner { rmap, mappings, .. } = &mut *inner;
         let mut moves = rmap::Moves::default();
         // Whether a page stays writable depends only on its new reverse-map set.
         let mut writable_sets: Vec<(u32, bool)> = Vec::new();
-        for_each_desc(sections, frames, |d| {
-            d.map_count -= 1;
-            d.rmap = moves.remove(rmap, d.rmap, id);
-            let set = d.rmap;
-            let writable = match writable_sets.iter().find(|(s, _)| *s == set) {
-                Some((_, w)) => *w,
-                None => {
-                    let w = rmap
-                        .members(set)
-                        .iter()
-                        .any(|m| mappings.get(m).is_some_and(|m| m.request.writable));
-                    writable_sets.push((set, w));
-                    w
-                }
-            };
-            if writable {
-                d.state |= PageDescriptor::WRITABLE;
-            } else {
-                d.state &= !PageDescriptor::WRITABLE;
+        for (chunk, range) in self.existing(frames) {
+            for d in &chunk.descs[range] {
+                let count = d.map_count.load(Ordering::Relaxed);
+                d.map_count.store(count - 1, Ordering::Relaxed);
+                let set = moves.remove(rmap, d.rmap.load(Ordering::Relaxed), id);
+                d.rmap.store(set, Ordering::Relaxed);
+                let writable = match writable_sets.iter().find(|(s, _)| *s == set) {
+                    Some((_, w)) => *w,
+                    None => {
+                        let w = rmap
+                            .members(set)
+                            .iter()
+                            .any(|m| mappings.get(m).is_some_and(|m| m.request.writable));
+                        writable_sets.push((set, w));
+                        w
+                    }
+                };
+                let state = d.state.load(Ordering::Relaxed);
+                let state = if writable {
+                    state | PageDescriptor::WRITABLE
+                } else {
+                    state & !PageDescriptor::WRITABLE
+                };
+                d.state.store(state, Ordering::Relaxed);
             }
-        });
+        }
         moves.apply(rmap);
-        *dirty -= prune(sections, frames);
+        let mut changed = false;
+        for (i, _) in chunk_parts(frames) {
+            changed |= self.prune(inner, i);
+        }
+        if changed {
+            self.publish_bounds(inner);
+        }
     }
 
-    /// Whether any frame of `frames` is guest-visible. Costs one atomic load while
-    /// nothing is mapped, three when `frames` is outside every visible frame's bounds.
-    pub fn is_visible(&self, frames: FrameRange) -> bool {
-        if !self.any_visible.load(Ordering::Acquire)
-            || frames.end <= self.visible_lo.load(Ordering::Acquire)
-            || frames.start >= self.visible_hi.load(Ordering::Acquire)
+    /// Frees chunk `i` if none of its frames is mapped any more, or leaves that to the
+    /// last pin if one still holds it. Returns whether the chunk went.
+    fn prune(&self, inner: &mut Inner, i: usize) -> bool {
+        let Some(chunk) = self.slots[i].load_full() else {
+            return false;
+        };
+        if chunk
+            .descs
+            .iter()
+            .any(|d| d.map_count.load(Ordering::Relaxed) > 0)
         {
             return false;
         }
-        let visible = self.visible.read().unwrap_or_else(|e| e.into_inner());
-        visible.iter().any(|r| r.overlaps(&frames))
+        // Flag first, retire second: either the retire sees no pin, or the last pin's
+        // release sees the flag.
+        chunk.needs_prune.store(true, Ordering::SeqCst);
+        if !chunk.retire() {
+            return false;
+        }
+        self.slots[i].store(None);
+        inner.chunks.remove(&i);
+        true
     }
 
-    /// Pins the guest-visible frames of `frames` until the returned guard drops: a request
-    /// whose guest buffers live in a mapped window.
-    pub fn pin(&self, frames: FrameRange) -> Pin<'_> {
-        let mut ranges = Vec::new();
-        if self.is_visible(frames) {
-            let mut inner = self.lock();
-            for (start, descs) in sections_in_mut(&mut inner.sections, frames) {
-                let section = FrameRange {
-                    start,
-                    end: start + descs.len() as u64,
-                };
-                if let Some(part) = section.intersect(&frames) {
-                    for d in &mut descs[(part.start - start) as usize..(part.end - start) as usize]
-                    {
-                        d.pin_count += 1;
-                    }
-                    ranges.push(part);
+    /// The last pin of the chunk holding `frame` went while the chunk waited to be freed.
+    fn prune_released(&self, frame: u64) {
+        let mut inner = self.lock();
+        if self.prune(&mut inner, split(frame).0) {
+            self.publish_bounds(&inner);
+        }
+    }
+
+    /// Whether any frame of `frames` is guest-visible (has a descriptor).
+    pub fn is_visible(&self, frames: FrameRange) -> bool {
+        self.may_be_visible(frames)
+            && self
+                .existing(frames)
+                .any(|(chunk, range)| chunk.descs[range].iter().any(Descriptor::exists))
+    }
+
+    /// False when `frames` is outside the bounds of every chunk: two atomic loads, which
+    /// is all the block path pays while nothing it touches is guest-visible.
+    fn may_be_visible(&self, frames: FrameRange) -> bool {
+        frames.end > self.visible_lo.load(Ordering::Acquire)
+            && frames.start < self.visible_hi.load(Ordering::Acquire)
+    }
+
+    /// A guard for the pins of one request, kept in `set`; every pin taken through it is
+    /// released when it drops.
+    pub fn pins<S: BorrowMut<PinSet>>(&self, set: S) -> Pins<'_, S> {
+        debug_assert!(set.borrow().parts.is_empty());
+        Pins {
+            registry: self,
+            set,
+        }
+    }
+
+    fn pin_into(&self, frames: FrameRange, set: &mut PinSet) {
+        if !self.may_be_visible(frames) {
+            return;
+        }
+        for (i, range) in chunk_parts(frames) {
+            let Some(chunk) = self.slots[i].load_full() else {
+                continue;
+            };
+            let chunk = if chunk.acquire() {
+                chunk
+            } else {
+                // Being freed, so nothing in it is mapped; a new chunk may already have
+                // taken its place under the mutex.
+                let _inner = self.lock();
+                match self.slots[i].load_full() {
+                    Some(chunk) if chunk.acquire() => chunk,
+                    _ => continue,
                 }
+            };
+            if pin_runs(&chunk, i, range, set) {
+                self.prune_released(i as u64 * CHUNK_FRAMES);
             }
         }
-        Pin {
-            registry: self,
-            ranges,
-        }
-    }
-
-    fn unpin(&self, ranges: &[FrameRange]) {
-        let mut inner = self.lock();
-        for range in ranges {
-            for_each_desc(&mut inner.sections, *range, |d| d.pin_count -= 1);
-            let dropped = prune(&mut inner.sections, *range);
-            inner.dirty -= dropped;
-        }
-        self.publish_visible(&inner);
     }
 
     /// Starts a change of the file's layout under `frames` (punching a hole, zeroing a
@@ -396,12 +666,10 @@ impl Registry {
     ) -> Result<LayoutChange<'_>, RegistryError> {
         let mut inner = self.lock();
         let (mut mapped, mut pinned) = (0, 0);
-        for (start, descs) in sections_in(&inner.sections, frames) {
-            for (i, d) in descs.iter().enumerate() {
-                if frames.contains(start + i as u64) {
-                    mapped += u64::from(d.map_count > 0);
-                    pinned += u64::from(d.pin_count > 0);
-                }
+        for (chunk, range) in self.existing(frames) {
+            for d in &chunk.descs[range] {
+                mapped += u64::from(d.map_count.load(Ordering::Relaxed) > 0);
+                pinned += u64::from(d.pin_count.load(Ordering::Acquire) > 0);
             }
         }
         if mapped > 0 || pinned > 0 {
@@ -421,43 +689,51 @@ impl Registry {
         })
     }
 
-    /// Records that daxd wrote `frames` (blk writes into a visible range).
+    /// Records that daxd wrote `frames` (blk writes into a visible range). Lock-free.
     pub fn mark_dirty(&self, frames: FrameRange) {
-        if !self.is_visible(frames) {
+        if !self.may_be_visible(frames) {
             return;
         }
-        let mut inner = self.lock();
-        let epoch = inner.epoch;
-        let mut newly_dirty = 0;
-        for_each_desc(&mut inner.sections, frames, |d| {
-            newly_dirty += u64::from(d.dirty_epoch == 0);
-            d.dirty_epoch = epoch;
-        });
-        inner.dirty += newly_dirty;
+        // Read after the data was written: a flush that began before this load covers it.
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        for (i, range) in chunk_parts(frames) {
+            if let Some(chunk) = &*self.slots[i].load() {
+                chunk.mark_dirty(range, epoch);
+            }
+        }
     }
 
     /// Starts a flush: everything marked dirty so far belongs to its epoch.
     pub fn flush_begin(&self) -> FlushTicket {
-        let mut inner = self.lock();
-        let ticket = FlushTicket(inner.epoch);
-        inner.epoch = next_epoch(inner.epoch);
-        ticket
+        let previous = self
+            .epoch
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| Some(next_epoch(e)))
+            .unwrap_or_else(|e| e);
+        FlushTicket(previous)
     }
 
     /// The flush made everything written before it durable: those pages are clean.
     pub fn flush_complete(&self, ticket: FlushTicket) {
         let mut inner = self.lock();
-        if inner.dirty > 0 {
-            let mut cleaned = 0;
-            for descs in inner.sections.values_mut() {
-                for d in descs.iter_mut() {
-                    if d.dirty_epoch != 0 && epoch_le(d.dirty_epoch, ticket.0) {
-                        d.dirty_epoch = 0;
-                        cleaned += 1;
-                    }
+        for &i in &inner.chunks {
+            let Some(chunk) = self.slots[i].load_full() else {
+                continue;
+            };
+            if chunk.dirty.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            for d in chunk.descs.iter() {
+                let e = d.dirty_epoch.load(Ordering::Acquire);
+                // A page written again meanwhile carries a newer epoch and stays dirty.
+                if e != 0
+                    && epoch_le(e, ticket.0)
+                    && d.dirty_epoch
+                        .compare_exchange(e, 0, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    chunk.dirty.fetch_sub(1, Ordering::AcqRel);
                 }
             }
-            inner.dirty -= cleaned;
         }
         if inner.last_flushed == 0 || epoch_le(inner.last_flushed, ticket.0) {
             inner.last_flushed = ticket.0;
@@ -466,40 +742,63 @@ impl Registry {
 
     /// The descriptor of `frame`, if it has one.
     pub fn descriptor(&self, frame: u64) -> Option<PageDescriptor> {
-        let inner = self.lock();
-        let (start, descs) = inner.sections.range(..=frame).next_back()?;
-        descs.get((frame - start) as usize).copied()
+        let _inner = self.lock();
+        self.descriptor_locked(frame)
     }
 
     /// The mappings covering `frame` (its descriptor's reverse map).
     pub fn rmap(&self, frame: u64) -> Vec<MappingId> {
         let inner = self.lock();
-        let Some((start, descs)) = inner.sections.range(..=frame).next_back() else {
-            return Vec::new();
-        };
-        descs
-            .get((frame - start) as usize)
+        self.descriptor_locked(frame)
             .map(|d| inner.rmap.members(d.rmap).to_vec())
             .unwrap_or_default()
     }
 
-    /// Everything `daxd inspect` shows.
+    fn descriptor_locked(&self, frame: u64) -> Option<PageDescriptor> {
+        let (i, at) = split(frame);
+        let chunk = self.slots.get(i)?.load_full()?;
+        let d = &chunk.descs[at];
+        d.exists().then(|| d.read())
+    }
+
+    /// Everything `daxd inspect` shows. Sections are the runs of frames with descriptors.
     pub fn snapshot(&self) -> Snapshot {
         let inner = self.lock();
         let mut descriptors = 0;
-        let mut sections = Vec::new();
-        for (start, descs) in &inner.sections {
-            descriptors += descs.len() as u64;
-            sections.push(SectionSnapshot {
-                frames: FrameRange {
-                    start: *start,
-                    end: start + descs.len() as u64,
-                },
-                mapped: descs.iter().filter(|d| d.map_count > 0).count() as u64,
-                pinned: descs.iter().filter(|d| d.pin_count > 0).count() as u64,
-                dirty: descs.iter().filter(|d| d.dirty_epoch != 0).count() as u64,
-                max_map_count: descs.iter().map(|d| d.map_count).max().unwrap_or(0),
-            });
+        let mut sections: Vec<SectionSnapshot> = Vec::new();
+        for &i in &inner.chunks {
+            let Some(chunk) = self.slots[i].load_full() else {
+                continue;
+            };
+            for (at, d) in chunk.descs.iter().enumerate() {
+                let d = d.read();
+                if d.map_count == 0 && d.pin_count == 0 {
+                    continue;
+                }
+                descriptors += 1;
+                let frame = i as u64 * CHUNK_FRAMES + at as u64;
+                let section = match sections.last_mut() {
+                    Some(s) if s.frames.end == frame => s,
+                    _ => {
+                        sections.push(SectionSnapshot {
+                            frames: FrameRange {
+                                start: frame,
+                                end: frame,
+                            },
+                            mapped: 0,
+                            pinned: 0,
+                            dirty: 0,
+                            max_map_count: 0,
+                        });
+                        sections.last_mut().expect("just pushed")
+                    }
+                };
+                section.frames.end = frame + 1;
+                section.mapped += u64::from(d.map_count > 0);
+                section.pinned += u64::from(d.pin_count > 0);
+                section.dirty += u64::from(d.dirty_epoch != 0);
+                section.max_map_count = section.max_map_count.max(d.map_count);
+            }
         }
         let mappings = inner
             .mappings
@@ -515,8 +814,10 @@ impl Registry {
             .collect();
         Snapshot {
             descriptors,
-            descriptor_bytes: descriptors * std::mem::size_of::<PageDescriptor>() as u64,
-            epoch: inner.epoch,
+            descriptor_bytes: inner.chunks.len() as u64
+                * CHUNK_FRAMES
+                * std::mem::size_of::<Descriptor>() as u64,
+            epoch: self.epoch.load(Ordering::SeqCst),
             last_flushed: inner.last_flushed,
             mappings,
             sections,
@@ -525,40 +826,65 @@ impl Registry {
                 .iter()
                 .map(|(_, frames, what)| BusySnapshot {
                     frames: *frames,
-                    what,
+                    what: (*what).to_owned(),
                 })
                 .collect(),
         }
     }
 
-    fn publish_visible(&self, inner: &Inner) {
-        let mut merged: Vec<FrameRange> = Vec::with_capacity(inner.sections.len());
-        for (start, descs) in &inner.sections {
-            let range = FrameRange {
-                start: *start,
-                end: start + descs.len() as u64,
-            };
-            match merged.last_mut() {
-                Some(last) if last.end == range.start => last.end = range.end,
-                _ => merged.push(range),
-            }
-        }
-        let any = !merged.is_empty();
-        let lo = merged.first().map_or(0, |r| r.start);
-        let hi = merged.last().map_or(0, |r| r.end);
-        *self.visible.write().unwrap_or_else(|e| e.into_inner()) = merged;
-        // Widen the bounds before narrowing them, so that a reader racing with this update
-        // never sees bounds that exclude frames visible both before and after it.
-        self.visible_lo.fetch_min(lo, Ordering::AcqRel);
-        self.visible_hi.fetch_max(hi, Ordering::AcqRel);
+    /// Publishes the bounds of the chunks that exist to the lock-free paths. Called with
+    /// the mutex held, after a chunk came or went.
+    fn publish_bounds(&self, inner: &Inner) {
+        let lo = inner.chunks.first().map_or(0, |&i| i as u64 * CHUNK_FRAMES);
+        let hi = inner
+            .chunks
+            .last()
+            .map_or(0, |&i| (i as u64 + 1) * CHUNK_FRAMES);
         self.visible_lo.store(lo, Ordering::Release);
         self.visible_hi.store(hi, Ordering::Release);
-        self.any_visible.store(any, Ordering::Release);
     }
 }
 
+/// Pins the runs of frames in `range` of chunk `i` that have descriptors; `chunk` has
+/// been acquired once for this call, and each run beyond the first acquires it again.
+/// Returns true if nothing was pinned and dropping that first acquisition left a chunk
+/// waiting to be freed.
+fn pin_runs(chunk: &Arc<Chunk>, i: usize, range: std::ops::Range<usize>, set: &mut PinSet) -> bool {
+    let first_frame = |at: usize| i as u64 * CHUNK_FRAMES + at as u64;
+    let mut run: Option<usize> = None;
+    let mut pinned_runs = 0;
+    let mut push = |start: usize, end: usize, set: &mut PinSet| {
+        if pinned_runs > 0 && !chunk.acquire() {
+            return;
+        }
+        for d in &chunk.descs[start..end] {
+            d.pin_count.fetch_add(1, Ordering::AcqRel);
+        }
+        set.parts.push(PinnedPart {
+            chunk: chunk.clone(),
+            range: start..end,
+            first_frame: first_frame(start),
+        });
+        pinned_runs += 1;
+    };
+    for at in range.clone() {
+        match (chunk.descs[at].exists(), run) {
+            (true, None) => run = Some(at),
+            (false, Some(start)) => {
+                push(start, at, set);
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run {
+        push(start, range.end, set);
+    }
+    pinned_runs == 0 && chunk.release()
+}
+
 /// `daxd inspect`'s view of the registry.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub descriptors: u64,
     pub descriptor_bytes: u64,
@@ -571,7 +897,7 @@ pub struct Snapshot {
     pub busy: Vec<BusySnapshot>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MappingSnapshot {
     pub id: MappingId,
     pub owner: String,
@@ -582,7 +908,7 @@ pub struct MappingSnapshot {
 }
 
 /// A run of frames with descriptors and how many of them are in each state.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SectionSnapshot {
     pub frames: FrameRange,
     pub mapped: u64,
@@ -591,124 +917,10 @@ pub struct SectionSnapshot {
     pub max_map_count: u16,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BusySnapshot {
     pub frames: FrameRange,
-    pub what: &'static str,
-}
-
-/// The key from which sections overlapping `frames` start: the section starting at or
-/// before `frames.start` may reach into the range.
-fn first_candidate(sections: &BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) -> u64 {
-    sections
-        .range(..=frames.start)
-        .next_back()
-        .map(|(s, _)| *s)
-        .unwrap_or(frames.start)
-}
-
-/// Sections overlapping `frames`, as (first frame, descriptors).
-fn sections_in(
-    sections: &BTreeMap<u64, Vec<PageDescriptor>>,
-    frames: FrameRange,
-) -> impl Iterator<Item = (u64, &Vec<PageDescriptor>)> {
-    sections
-        .range(first_candidate(sections, frames)..frames.end)
-        .filter(move |(s, d)| **s + d.len() as u64 > frames.start)
-        .map(|(s, d)| (*s, d))
-}
-
-fn sections_in_mut(
-    sections: &mut BTreeMap<u64, Vec<PageDescriptor>>,
-    frames: FrameRange,
-) -> impl Iterator<Item = (u64, &mut Vec<PageDescriptor>)> {
-    let first = first_candidate(sections, frames);
-    sections
-        .range_mut(first..frames.end)
-        .filter(move |(s, d)| **s + d.len() as u64 > frames.start)
-        .map(|(s, d)| (*s, d))
-}
-
-fn for_each_desc(
-    sections: &mut BTreeMap<u64, Vec<PageDescriptor>>,
-    frames: FrameRange,
-    mut f: impl FnMut(&mut PageDescriptor),
-) {
-    for (start, descs) in sections_in_mut(sections, frames) {
-        let section = FrameRange {
-            start,
-            end: start + descs.len() as u64,
-        };
-        if let Some(part) = section.intersect(&frames) {
-            descs[(part.start - start) as usize..(part.end - start) as usize]
-                .iter_mut()
-                .for_each(&mut f);
-        }
-    }
-}
-
-/// Creates descriptor sections for the frames of `frames` that have none.
-fn ensure_sections(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) {
-    let covered: Vec<FrameRange> = sections_in(sections, frames)
-        .map(|(s, d)| FrameRange {
-            start: s,
-            end: s + d.len() as u64,
-        })
-        .collect();
-    let mut at = frames.start;
-    for range in covered.iter().chain(std::iter::once(&FrameRange {
-        start: frames.end,
-        end: frames.end,
-    })) {
-        if range.start > at {
-            let end = range.start.min(frames.end);
-            sections.insert(at, vec![PageDescriptor::default(); (end - at) as usize]);
-        }
-        at = at.max(range.end);
-        if at >= frames.end {
-            break;
-        }
-    }
-}
-
-/// Drops descriptors in `frames` that are neither mapped nor pinned, splitting sections.
-/// Returns how many dropped descriptors were dirty.
-fn prune(sections: &mut BTreeMap<u64, Vec<PageDescriptor>>, frames: FrameRange) -> u64 {
-    let mut dropped_dirty = 0;
-    let touched: Vec<u64> = sections_in(sections, frames).map(|(s, _)| s).collect();
-    for start in touched {
-        let Some(descs) = sections.get(&start) else {
-            continue;
-        };
-        let live = |d: &PageDescriptor| d.map_count > 0 || d.pin_count > 0;
-        let live_count = descs.iter().filter(|d| live(d)).count();
-        if live_count == descs.len() {
-            continue;
-        }
-        let descs = sections.remove(&start).unwrap_or_default();
-        dropped_dirty += descs
-            .iter()
-            .filter(|d| !live(d) && d.dirty_epoch != 0)
-            .count() as u64;
-        if live_count == 0 {
-            continue;
-        }
-        let mut run_start = None;
-        for (i, d) in descs.iter().enumerate() {
-            match (live(d), run_start) {
-                (true, None) => run_start = Some(i),
-                (false, Some(s)) => {
-                    sections.insert(start + s as u64, descs[s..i].to_vec());
-                    run_start = None;
-                }
-                _ => {}
-            }
-        }
-        if let Some(s) = run_start {
-            sections.insert(start + s as u64, descs[s..].to_vec());
-        }
-    }
-    dropped_dirty
+    pub what: String,
 }
 
 #[cfg(test)]

@@ -92,50 +92,51 @@ impl RmapSets {
 #[derive(Debug, Default)]
 pub struct Moves {
     moves: Vec<(u32, u32, u64)>,
+    /// Index of the move used last: consecutive pages almost always share their set.
+    last: usize,
 }
 
 impl Moves {
-    fn record(&mut self, old: u32, new: u32) -> u32 {
-        match self.moves.iter_mut().find(|(o, _, _)| *o == old) {
-            Some((_, _, n)) => *n += 1,
-            None => self.moves.push((old, new, 1)),
+    fn find(&mut self, old: u32) -> Option<usize> {
+        if self.moves.get(self.last).is_some_and(|(o, _, _)| *o == old) {
+            return Some(self.last);
         }
-        new
+        let at = self.moves.iter().position(|(o, _, _)| *o == old)?;
+        self.last = at;
+        Some(at)
     }
 
-    fn cached(&self, old: u32) -> Option<u32> {
-        self.moves
-            .iter()
-            .find(|(o, _, _)| *o == old)
-            .map(|(_, n, _)| *n)
+    /// Counts one more page moving from `old` to the set `compute` interns, computing it
+    /// only the first time `old` is seen.
+    fn record(&mut self, old: u32, compute: impl FnOnce() -> u32) -> u32 {
+        if let Some(at) = self.find(old) {
+            self.moves[at].2 += 1;
+            return self.moves[at].1;
+        }
+        let new = compute();
+        self.moves.push((old, new, 1));
+        self.last = self.moves.len() - 1;
+        new
     }
 
     /// The set for a page now also covered by `id`.
     pub fn add(&mut self, sets: &mut RmapSets, old: u32, id: MappingId) -> u32 {
-        let new = match self.cached(old) {
-            Some(new) => new,
-            None => {
-                let mut members = sets.members(old).to_vec();
-                if let Err(at) = members.binary_search(&id) {
-                    members.insert(at, id);
-                }
-                sets.intern(members)
+        self.record(old, || {
+            let mut members = sets.members(old).to_vec();
+            if let Err(at) = members.binary_search(&id) {
+                members.insert(at, id);
             }
-        };
-        self.record(old, new)
+            sets.intern(members)
+        })
     }
 
     /// The set for a page no longer covered by `id`.
     pub fn remove(&mut self, sets: &mut RmapSets, old: u32, id: MappingId) -> u32 {
-        let new = match self.cached(old) {
-            Some(new) => new,
-            None => {
-                let mut members = sets.members(old).to_vec();
-                members.retain(|m| *m != id);
-                sets.intern(members)
-            }
-        };
-        self.record(old, new)
+        self.record(old, || {
+            let mut members = sets.members(old).to_vec();
+            members.retain(|m| *m != id);
+            sets.intern(members)
+        })
     }
 
     /// Applies the page counts; sets nothing refers to any more are freed.

@@ -6,22 +6,22 @@ pub mod vhu_blk;
 pub mod vhu_pmem;
 
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::VhostUserDaemon;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use daxd_blk::BlkDevice;
 use daxd_pmem::PmemDevice;
 use daxd_region::Layout;
 use daxd_registry::{OwnerId, Registry};
-use vhost_user_backend::VhostUserBackend;
 
 pub use vhu_blk::VhostUserBlkBackend;
 pub use vhu_pmem::VhostUserPmemBackend;
@@ -29,22 +29,28 @@ pub use vhu_pmem::VhostUserPmemBackend;
 /// Errors setting up or serving a vhost-user socket.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("socket {0} is in use by another running backend; stop it or choose another path")]
+    #[error("socket {0} is in use by another running backend")]
     SocketInUse(PathBuf),
-    #[error("{0} exists and is not a socket; remove it or choose another path")]
+    #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Bind {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("file descriptor {fd} is not a listening UNIX socket ({why}); pass a socket that is already bound and listening")]
-    BadFd { fd: RawFd, why: String },
+    #[error("file descriptor {fd} is not a listening UNIX socket")]
+    BadFd {
+        fd: RawFd,
+        #[source]
+        source: io::Error,
+    },
+    // vhost_user_backend::Error implements Display but not std::error::Error, so it is
+    // carried as a field, not as a source.
     #[error("cannot set up the vhost-user daemon: {0}")]
-    Daemon(String),
+    Daemon(vhost_user_backend::Error),
     #[error("cannot accept a vhost-user connection: {0}")]
-    Accept(String),
+    Accept(vhost_user_backend::Error),
 }
 
 /// Where the frontend connects.
@@ -57,19 +63,6 @@ pub enum SocketAddr {
     Fd(RawFd),
 }
 
-/// Opens the listening socket. A stale socket file left by a process that died is
-/// replaced; one that a live process still accepts on is not.
-pub fn listen(addr: &SocketAddr) -> Result<Listener, ServeError> {
-    match addr {
-        SocketAddr::Path(path) => listen_on_path(path),
-        SocketAddr::Fd(fd) => listen_on_fd(*fd),
-    }
-}
-
-fn listen_on_path(path: &Path) -> Result<Listener, ServeError> {
-    bind_unix(path).map(Listener::from)
-}
-
 /// Binds a UNIX socket at `path`. A stale socket file left by a process that died is
 /// replaced; one that a live process still accepts on, or a file that is not a socket,
 /// is not.
@@ -80,6 +73,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
                 return Err(ServeError::SocketInUse(path.to_owned()));
             }
             info!("removing stale socket {}", path.display());
+            // A failure shows up as the bind error below.
             let _ = std::fs::remove_file(path);
         }
         Ok(_) => return Err(ServeError::NotASocket(path.to_owned())),
@@ -91,97 +85,194 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
     })
 }
 
-fn listen_on_fd(fd: RawFd) -> Result<Listener, ServeError> {
-    let bad = |why: String| ServeError::BadFd { fd, why };
-    let domain = sockopt(fd, libc::SO_DOMAIN).map_err(|e| bad(e.to_string()))?;
-    if domain != libc::AF_UNIX {
-        return Err(bad(format!("socket domain {domain}, not AF_UNIX")));
-    }
-    if sockopt(fd, libc::SO_ACCEPTCONN).map_err(|e| bad(e.to_string()))? != 1 {
-        return Err(bad("not listening".into()));
-    }
-    // SAFETY: `fd` was handed to this process for its exclusive use (the --fd convention)
-    // and is an open listening UNIX socket, checked above; nothing else owns it.
+fn listen_on_fd(fd: RawFd) -> Result<UnixListener, ServeError> {
+    let bad = |source: io::Error| ServeError::BadFd { fd, source };
+    // SAFETY: `fd` was handed to this process for its exclusive use (the --fd convention),
+    // so nothing else owns or closes it; a number that is not an open socket only makes
+    // the checks below fail.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    Ok(Listener::from(UnixListener::from(owned)))
-}
-
-fn sockopt(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `value`, which is that large; an
-    // fd that is not a socket only makes it fail.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
+    let domain = rustix::net::sockopt::socket_domain(&owned).map_err(|e| bad(e.into()))?;
+    if domain != rustix::net::AddressFamily::UNIX {
+        return Err(bad(io::Error::other("not a UNIX socket")));
     }
-    Ok(value)
+    if !rustix::net::sockopt::socket_acceptconn(&owned).map_err(|e| bad(e.into()))? {
+        return Err(bad(io::Error::other("not listening")));
+    }
+    Ok(UnixListener::from(owned))
 }
 
-/// Serves the blk device to one frontend after another, forever. The device and its
-/// region carry over between connections, so a reconnecting frontend (QEMU,
-/// cloud-hypervisor) finds its data.
-/// `poll`: how long each queue worker keeps polling after its queue ran empty.
-pub fn serve_blk(
-    listener: &mut Listener,
-    device: Arc<BlkDevice>,
-    layout: Arc<Layout>,
-    poll: std::time::Duration,
-) -> Result<(), ServeError> {
-    let registry = device.registry().clone();
-    serve(listener, &registry, "blk", |owner, mem| {
-        VhostUserBlkBackend::new(device.clone(), layout.clone(), owner, mem, poll)
-    })
+/// Stops a [`Server`] from another thread: no new connection is accepted, and the
+/// current one is shut down, which makes its queue workers finish their batch and exit.
+#[derive(Clone)]
+pub struct Stopper {
+    state: Arc<StopState>,
 }
 
-/// Serves the virtio-pmem device (vhost-user shared memory) like [`serve_blk`].
-pub fn serve_pmem(listener: &mut Listener, device: Arc<PmemDevice>) -> Result<(), ServeError> {
-    let registry = device.registry().clone();
-    serve(listener, &registry, "pmem", |owner, mem| {
-        VhostUserPmemBackend::new(device.clone(), owner, mem)
-    })
+struct StopState {
+    stopped: AtomicBool,
+    /// The listening socket (a second descriptor of it): shutting it down wakes a thread
+    /// blocked in accept.
+    listener: OwnedFd,
+    connection: Mutex<Option<ShutdownHandle>>,
 }
 
-/// One connection after another: each gets a fresh backend and daemon (no state of one
-/// frontend leaks into the next) and a registry owner whose mappings go when it ends.
-fn serve<B>(
-    listener: &mut Listener,
-    registry: &Registry,
-    name: &str,
-    backend: impl Fn(OwnerId, GuestMemoryAtomic<GuestMemoryMmap>) -> B,
-) -> Result<(), ServeError>
-where
-    B: VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + 'static,
-{
-    for connection in 1u64.. {
-        let owner = registry.new_owner(&format!("vhost-user-{name} connection {connection}"));
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(backend(owner, mem.clone()));
-        let mut daemon = VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem)
-            .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        daemon
-            .start(listener)
-            .map_err(|e| ServeError::Accept(e.to_string()))?;
-        info!("{name}: frontend connected (connection {connection})");
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                VhostUserError::Disconnected | VhostUserError::PartialMessage,
-            )) => info!("{name}: frontend disconnected (connection {connection})"),
-            Err(e) => warn!("{name}: connection {connection} ended: {e}"),
+impl std::fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopper")
+            .field("stopped", &self.is_stopped())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stopper {
+    pub fn stop(&self) {
+        self.state.stopped.store(true, Ordering::SeqCst);
+        if let Err(e) = rustix::net::shutdown(&self.state.listener, rustix::net::Shutdown::Both) {
+            warn!("cannot shut down a listening socket: {e}");
         }
-        // Dropping the daemon stops and joins its queue workers; then nothing of this
-        // connection can still be using its mappings.
-        drop(daemon);
-        registry.release_owner(owner);
+        if let Some(connection) = self.lock_connection().take() {
+            connection.shutdown();
+        }
     }
-    Ok(())
+
+    pub fn is_stopped(&self) -> bool {
+        self.state.stopped.load(Ordering::SeqCst)
+    }
+
+    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+        self.state
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the connection being served; shuts it down at once if a stop came first.
+    fn serving(&self, connection: Option<ShutdownHandle>) {
+        let mut current = self.lock_connection();
+        *current = connection;
+        if self.is_stopped() {
+            if let Some(connection) = current.take() {
+                connection.shutdown();
+            }
+        }
+    }
+}
+
+/// A listening vhost-user socket and the loop that serves one frontend after another.
+pub struct Server {
+    name: &'static str,
+    listener: Listener,
+    stopper: Stopper,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("name", &self.name)
+            .field("stopper", &self.stopper)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Opens the listening socket for device `name` ("blk", "pmem").
+    pub fn listen(addr: &SocketAddr, name: &'static str) -> Result<Server, ServeError> {
+        let listener = match addr {
+            SocketAddr::Path(path) => bind_unix(path)?,
+            SocketAddr::Fd(fd) => listen_on_fd(*fd)?,
+        };
+        let second = listener
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| ServeError::BadFd {
+                fd: listener.as_raw_fd(),
+                source,
+            })?;
+        Ok(Server {
+            name,
+            listener: Listener::from(listener),
+            stopper: Stopper {
+                state: Arc::new(StopState {
+                    stopped: AtomicBool::new(false),
+                    listener: second,
+                    connection: Mutex::new(None),
+                }),
+            },
+        })
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        self.stopper.clone()
+    }
+
+    /// Serves the blk device until stopped. The device and its region carry over between
+    /// connections, so a reconnecting frontend (QEMU, cloud-hypervisor) finds its data.
+    /// `poll`: how long each queue worker keeps polling after its queue ran empty.
+    pub fn serve_blk(
+        self,
+        device: Arc<BlkDevice>,
+        layout: Arc<Layout>,
+        poll: std::time::Duration,
+    ) -> Result<(), ServeError> {
+        let registry = device.registry().clone();
+        self.serve(&registry, |owner, mem| {
+            VhostUserBlkBackend::new(device.clone(), layout.clone(), owner, mem, poll)
+        })
+    }
+
+    /// Serves the virtio-pmem device (vhost-user shared memory) like [`Server::serve_blk`].
+    pub fn serve_pmem(self, device: Arc<PmemDevice>) -> Result<(), ServeError> {
+        let registry = device.registry().clone();
+        self.serve(&registry, |owner, mem| {
+            VhostUserPmemBackend::new(device.clone(), owner, mem)
+        })
+    }
+
+    /// One connection after another: each gets a fresh backend and daemon (no state of
+    /// one frontend leaks into the next) and a registry owner whose mappings go when it
+    /// ends.
+    fn serve<B>(
+        mut self,
+        registry: &Registry,
+        backend: impl Fn(OwnerId, GuestMemoryAtomic<GuestMemoryMmap>) -> B,
+    ) -> Result<(), ServeError>
+    where
+        B: VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + 'static,
+    {
+        let name = self.name;
+        for connection in 1u64.. {
+            if self.stopper.is_stopped() {
+                break;
+            }
+            let owner = registry.new_owner(&format!("vhost-user-{name} connection {connection}"));
+            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+            let backend = Arc::new(backend(owner, mem.clone()));
+            let mut daemon =
+                VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem)
+                    .map_err(ServeError::Daemon)?;
+            if let Err(e) = daemon.start(&mut self.listener) {
+                registry.release_owner(owner);
+                if self.stopper.is_stopped() {
+                    break;
+                }
+                return Err(ServeError::Accept(e));
+            }
+            self.stopper.serving(daemon.shutdown_handle());
+            info!("{name}: frontend connected (connection {connection})");
+            match daemon.wait() {
+                Ok(())
+                | Err(vhost_user_backend::Error::HandleRequest(
+                    VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                )) => info!("{name}: frontend disconnected (connection {connection})"),
+                Err(e) => warn!("{name}: connection {connection} ended: {e}"),
+            }
+            self.stopper.serving(None);
+            // Dropping the daemon stops and joins its queue workers; then nothing of this
+            // connection can still be using its mappings.
+            drop(daemon);
+            registry.release_owner(owner);
+        }
+        info!("{name}: stopped serving");
+        Ok(())
+    }
 }

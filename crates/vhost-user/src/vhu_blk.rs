@@ -18,8 +18,8 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::queue;
 use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled, PendingFlush};
-use daxd_region::{FrameRange, Layout};
-use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
+use daxd_region::Layout;
+use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
 
 /// The blk device as seen by one vhost-user connection. A fresh one is made for every
 /// connection so that no per-connection state (features, worker exit events) leaks into
@@ -44,7 +44,7 @@ pub struct VhostUserBlkBackend {
     poll: Duration,
     /// Where queue workers hand FLUSH requests, so that a queue keeps moving while the
     /// region is flushed.
-    flusher: mpsc::Sender<FlushJob>,
+    flusher: Flusher,
 }
 
 /// A FLUSH request waiting for the flusher.
@@ -54,35 +54,67 @@ struct FlushJob {
     pending: PendingFlush,
 }
 
-/// The connection's flusher: one `fdatasync` completes every FLUSH that arrived while the
-/// previous one ran (group commit). Each FLUSH covers every write completed before a queue
-/// worker handed it over, since those writes were in the mapping before this thread
-/// received it. Ends when the backend (the sender) is dropped.
-fn spawn_flusher(
-    device: Arc<BlkDevice>,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
-) -> mpsc::Sender<FlushJob> {
-    let (sender, receiver) = mpsc::channel::<FlushJob>();
-    let spawned = std::thread::Builder::new()
-        .name("daxd-blk-flush".into())
-        .spawn(move || {
-            while let Ok(first) = receiver.recv() {
-                let mut jobs = vec![first];
-                jobs.extend(receiver.try_iter());
-                let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
-                let used = device.complete_flushes(&pending, &*mem.memory());
-                for (job, used) in jobs.iter().zip(used) {
-                    if let Err(e) = queue::complete_later(&job.vring, job.head, used) {
-                        warn!("cannot complete a FLUSH request: {e}");
+/// The connection's flusher thread: one `fdatasync` completes every FLUSH that arrived
+/// while the previous one ran (group commit). Each FLUSH covers every write completed
+/// before a queue worker handed it over, since those writes were in the mapping before
+/// this thread received it. Dropping it completes what was handed over and joins the
+/// thread.
+#[derive(Debug)]
+struct Flusher {
+    sender: Option<mpsc::Sender<FlushJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn spawn(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Flusher {
+        let (sender, receiver) = mpsc::channel::<FlushJob>();
+        let spawned = std::thread::Builder::new()
+            .name("daxd-blk-flush".into())
+            .spawn(move || {
+                while let Ok(first) = receiver.recv() {
+                    let mut jobs = vec![first];
+                    jobs.extend(receiver.try_iter());
+                    let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
+                    let used = device.complete_flushes(&pending, &*mem.memory());
+                    for (job, used) in jobs.iter().zip(used) {
+                        if let Err(e) = queue::complete_later(&job.vring, job.head, used) {
+                            warn!("cannot complete a FLUSH request: {e}");
+                        }
                     }
                 }
+            });
+        let thread = match spawned {
+            Ok(thread) => Some(thread),
+            Err(e) => {
+                // Without the thread the channel is closed and queue workers flush inline.
+                warn!("cannot start the flush thread ({e}); flushing on the queue workers");
+                None
             }
-        });
-    if let Err(e) = spawned {
-        // Without the thread the channel is closed and queue workers flush inline.
-        warn!("cannot start the flush thread ({e}); flushing on the queue workers");
+        };
+        Flusher {
+            sender: Some(sender),
+            thread,
+        }
     }
-    sender
+
+    /// Hands a FLUSH over; gives it back if there is no flusher thread.
+    fn send(&self, job: FlushJob) -> Result<(), FlushJob> {
+        match &self.sender {
+            Some(sender) => sender.send(job).map_err(|mpsc::SendError(job)| job),
+            None => Err(job),
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.sender = None;
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                warn!("the flush thread panicked");
+            }
+        }
+    }
 }
 
 impl VhostUserBlkBackend {
@@ -94,7 +126,7 @@ impl VhostUserBlkBackend {
         poll: Duration,
     ) -> Self {
         let workers = usize::from(device.config().num_queues);
-        let flusher = spawn_flusher(device.clone(), mem.clone());
+        let flusher = Flusher::spawn(device.clone(), mem.clone());
         VhostUserBlkBackend {
             device,
             layout,
@@ -142,7 +174,7 @@ impl VhostUserBlkBackend {
                         match self.flusher.send(job) {
                             Ok(()) => None,
                             // No flusher thread: flush here.
-                            Err(mpsc::SendError(job)) => {
+                            Err(job) => {
                                 Some(self.device.complete_flushes(&[job.pending], &*mem)[0])
                             }
                         }
@@ -198,7 +230,9 @@ impl VhostUserBlkBackend {
         mappings.retain(|(window, id)| {
             let keep = found.contains(window);
             if !keep {
-                let _ = registry.unmap(*id);
+                if let Err(e) = registry.unmap(*id) {
+                    warn!("cannot unregister guest memory at {:#x}: {e}", window.gpa);
+                }
                 info!(
                     "guest memory at {:#x} no longer maps the region",
                     window.gpa

@@ -29,8 +29,8 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::queue;
 use daxd_pmem::{PmemDevice, SHMEM_REGION_ID};
-use daxd_region::FrameRange;
-use daxd_registry::{MappingId, MappingRequest, OwnerId, Target};
+use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
+use daxd_virtio::Chain;
 
 /// The pmem device as seen by one vhost-user connection.
 pub struct VhostUserPmemBackend {
@@ -41,6 +41,8 @@ pub struct VhostUserPmemBackend {
     backend_req: Mutex<Option<Backend>>,
     /// The registry mapping of the shared-memory window, once QEMU accepted the map.
     mapping: Arc<Mutex<Option<MappingId>>>,
+    /// Scratch space of the one queue worker.
+    chain: Mutex<Chain>,
 }
 
 impl std::fmt::Debug for VhostUserPmemBackend {
@@ -66,6 +68,7 @@ impl VhostUserPmemBackend {
             event_idx: AtomicBool::new(false),
             backend_req: Mutex::new(None),
             mapping: Arc::new(Mutex::new(None)),
+            chain: Mutex::default(),
         }
     }
 
@@ -108,7 +111,9 @@ impl VhostUserPmemBackend {
                         let registry = device.registry();
                         if let Some(old) = mapping.take() {
                             // QEMU dropped the old one at a reset; this map replaces it.
-                            let _ = registry.unmap(old);
+                            if let Err(e) = registry.unmap(old) {
+                                error!("virtio-pmem: cannot unregister the old mapping: {e}");
+                            }
                         }
                         let registered = registry.map(
                             owner,
@@ -151,13 +156,14 @@ impl VhostUserPmemBackend {
 
     fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
         let mem = self.mem.memory();
+        let mut scratch = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         // FLUSH requests are rare and slow anyway: no polling.
         queue::drain(
             vring,
             &mem,
             self.event_idx.load(Ordering::Relaxed),
             Duration::ZERO,
-            |chain| Some(self.device.handle(chain, &*mem)),
+            |chain| Some(self.device.handle(chain, &*mem, &mut scratch)),
         )
     }
 }
@@ -171,7 +177,7 @@ impl VhostUserBackend for VhostUserPmemBackend {
     }
 
     fn max_queue_size(&self) -> usize {
-        256
+        usize::from(self.device.queue_size())
     }
 
     fn features(&self) -> u64 {
