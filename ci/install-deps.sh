@@ -37,3 +37,10 @@ fi
 if ((${#need[@]})); then
     apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends -t bookworm-backports "${need[@]}"
 fi
+
+# The lint gates in ci/test.sh need clippy and rustfmt next to the toolchain.
+for component in clippy rustfmt; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$component"
+    fi
+done

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The project's test command (README "Test"): installs what is missing, runs the unit
-# tests and the blkio end-to-end suite (cargo test --workspace), builds the test guest and
-# a Debian sid root with QEMU 11.1, and runs the real-guest suites: the disk against daxd
-# and qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1.
+# The project's test command (README "Test"): installs what is missing, checks formatting,
+# lints and documentation (warnings are errors), runs the unit tests and the blkio
+# end-to-end suite (cargo test --workspace), builds the test guest and a Debian sid root
+# with QEMU 11.1, and runs the real-guest suites: the disk against daxd and
+# qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo build --workspace --all-targets
 cargo test --workspace
 ci/build-guest.sh >/dev/null
 ci/build-sid-root.sh >/dev/null
-cargo test -p daxd --test guest_blk --test guest_pmem -- --ignored --test-threads=1
+cargo test -p daxd --test e2e -- --ignored --test-threads=1

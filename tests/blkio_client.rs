@@ -1,8 +1,6 @@
 //! daxd's blk device driven by a real vhost-user client: libblkio's pure-Rust
 //! `virtio-blk-vhost-user` driver, against the real daxd binary.
 
-mod support;
-
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 use std::sync::{Arc, Barrier};
@@ -10,7 +8,7 @@ use std::sync::{Arc, Barrier};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use support::{file_bytes, next_data, pattern, Backend, Client, QUEUE_BUF};
+use crate::support::{file_bytes, next_data, pattern, Backend, Client, QUEUE_BUF};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -5;
@@ -331,7 +329,7 @@ fn serves_an_inherited_listening_socket() {
     // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
     // functions (fcntl, dup2), allocating nothing.
     unsafe { command.pre_exec(place_listener_at_fd_3) };
-    let daxd = Backend::spawn(command, socket.clone(), &region, false);
+    let daxd = Backend::spawn(command, socket.clone(), false);
     drop(listener); // daxd holds the only copy now
     let mut client = Client::connect(&socket, 1, false).unwrap();
     client.q().write(0, &pattern(1, 4096)).unwrap();
@@ -390,7 +388,33 @@ fn bad_start_up_configurations_fail_with_a_message() {
 
     let (status, err) = run(&["--region", r, "--socket-path", sock, "--direct"]);
     assert!(!status.success(), "MAP_SYNC on a non-DAX file system");
-    assert!(err.contains("DAX"), "{err}");
+    assert!(
+        err.contains("DAX") && err.contains("drop --direct"),
+        "{err}"
+    );
+
+    // Overlapping windows name the option that allows them, and a layout that cannot be
+    // served leaves the file as it was.
+    let (status, err) = run(&[
+        "--region",
+        r,
+        "--size",
+        "8M",
+        "--resize",
+        "--socket-path",
+        sock,
+        "--window",
+        "name=d,size=8M,serve=blk",
+        "--window",
+        "name=p,offset=2M,size=2M,serve=pmem",
+    ]);
+    assert!(!status.success());
+    assert!(err.contains("--allow-overlap"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&region).unwrap().len(),
+        8192,
+        "file was resized"
+    );
 
     let (status, out) = {
         let out = Command::new(env!("CARGO_BIN_EXE_daxd"))

@@ -3,15 +3,13 @@
 //! right thing. Needs QEMU and the test guest: ci/test.sh installs and builds both, then
 //! runs these with `--ignored`.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use support::guest::{boot, host_tool, Vm};
-use support::{file_bytes, next_data, pattern, Backend};
+use crate::support::guest::{boot, host_tool, Vm};
+use crate::support::{file_bytes, next_data, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
 const REGION_SIZE: u64 = 256 * MIB;
@@ -60,7 +58,7 @@ impl Peer {
                         socket.display(),
                         if read_only { "off" } else { "on" }
                     ));
-                Backend::spawn(command, socket, region, true)
+                Backend::spawn(command, socket, true)
             }
         }
     }
@@ -94,7 +92,7 @@ fn suite(peer: Peer) {
     let _one = ONE_GUEST_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let dir = support::test_dir("daxd-guest-");
+    let dir = crate::support::test_dir("daxd-guest-");
     let d = dir.path();
     let region = d.join("region.img");
     std::fs::File::create(&region)
@@ -200,7 +198,11 @@ fn suite(peer: Peer) {
         BOOT_TIMEOUT,
         &mut |_, _| {},
     );
-    let _ = backend.terminate();
+    let status = backend.terminate();
+    assert!(
+        status.success(),
+        "the backend's read-only run ended with {status}"
+    );
     let unchanged = std::fs::read(&region).unwrap() == before;
     third.assert_passed(
         &["identity_ro", "read_only"],

@@ -7,8 +7,6 @@
 //! poweroff. The QEMU options come from `daxd print-qemu-args`. Run by ci/test.sh with
 //! `--ignored`.
 
-mod support;
-
 use std::cell::RefCell;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -16,10 +14,10 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use daxd_registry::{Snapshot, Target};
 
-use support::guest::{boot, host_tool, results, sid_qemu, Vm};
-use support::{file_bytes, pattern, Backend};
+use crate::support::guest::{boot, host_tool, results, sid_qemu, Vm};
+use crate::support::{file_bytes, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
 const WINDOW_OFFSET: u64 = 256 * MIB;
@@ -63,7 +61,8 @@ fn daxd_args(region: &Path, control: &Path, pmem_socket: Option<&Path>) -> Vec<S
     args
 }
 
-fn inspect(control: &Path) -> Value {
+/// The registry as `daxd inspect --json` reports it, read as the registry's own type.
+fn inspect(control: &Path) -> Snapshot {
     let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
         .args([
             "inspect",
@@ -78,14 +77,16 @@ fn inspect(control: &Path) -> Value {
         "daxd inspect: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON")
+    let mut inspection: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
+    serde_json::from_value(inspection["registry"].take()).expect("the registry is a Snapshot")
 }
 
 fn suite(kind: Kind) {
     let _one = ONE_GUEST_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let dir = support::test_dir("daxd-pmem-");
+    let dir = crate::support::test_dir("daxd-pmem-");
     let d = dir.path();
     let region = d.join("region.img");
     let control = d.join("control.sock");
@@ -180,8 +181,8 @@ fn suite(kind: Kind) {
     );
 
     let findings = RefCell::new(Vec::<String>::new());
-    let mapped_while_mounted = RefCell::new(None::<Value>);
-    let after_sync = RefCell::new(None::<Value>);
+    let mapped_while_mounted = RefCell::new(None::<Snapshot>);
+    let after_sync = RefCell::new(None::<Snapshot>);
     let mut host = |step: &str, console: &str| {
         let data_offset: u64 = results(console)
             .get("data_offset")
@@ -232,52 +233,43 @@ fn suite(kind: Kind) {
     let inspected = mapped_while_mounted
         .into_inner()
         .expect("inspected while mounted");
-    let registry = &inspected["registry"];
+    let registry = &inspected;
     let window_frames = WINDOW_SIZE / 4096;
     let first_frame = WINDOW_OFFSET / 4096;
-    assert_eq!(
-        registry["descriptors"].as_u64(),
-        Some(window_frames),
-        "{registry}"
-    );
-    assert_eq!(
-        registry["descriptor_bytes"].as_u64(),
-        Some(window_frames * 16)
-    );
-    let mappings = registry["mappings"].as_array().unwrap();
+    assert_eq!(registry.descriptors, window_frames, "{registry:?}");
+    // Descriptors come in chunks of 2 MiB of region; the window is 2 MiB aligned, so
+    // that is 16 bytes per page.
+    assert_eq!(registry.descriptor_bytes, window_frames * 16);
     let aliases = if kind == Kind::SharedMemory { 2 } else { 1 };
-    assert_eq!(mappings.len(), aliases, "{registry}");
-    for m in mappings {
-        assert_eq!(m["frames"]["start"].as_u64(), Some(first_frame), "{m}");
-        assert_eq!(
-            m["frames"]["end"].as_u64(),
-            Some(first_frame + window_frames),
-            "{m}"
-        );
+    assert_eq!(registry.mappings.len(), aliases, "{registry:?}");
+    for m in &registry.mappings {
+        assert_eq!(m.frames.start, first_frame, "{m:?}");
+        assert_eq!(m.frames.end, first_frame + window_frames, "{m:?}");
     }
     if kind == Kind::SharedMemory {
         assert!(
-            mappings
+            registry
+                .mappings
                 .iter()
-                .any(|m| m["target"]["shared_memory"]["shmid"] == 0),
-            "no shared-memory mapping: {registry}"
+                .any(|m| matches!(m.target, Target::SharedMemory { shmid: 0, .. })),
+            "no shared-memory mapping: {registry:?}"
         );
     }
-    let sections = registry["sections"].as_array().unwrap();
-    let mapped: u64 = sections.iter().map(|s| s["mapped"].as_u64().unwrap()).sum();
+    let mapped: u64 = registry.sections.iter().map(|s| s.mapped).sum();
     assert_eq!(mapped, window_frames);
     assert!(
-        sections
+        registry
+            .sections
             .iter()
-            .all(|s| s["max_map_count"].as_u64() == Some(aliases as u64)),
-        "{registry}"
+            .all(|s| usize::from(s.max_map_count) == aliases),
+        "{registry:?}"
     );
     // Where daxd serves virtio-pmem, the guest's sync of the DAX file system is a FLUSH
     // request that completed a flush epoch in daxd.
     if kind == Kind::SharedMemory {
         let synced = after_sync.into_inner().expect("inspected after sync");
-        let before = registry["last_flushed"].as_u64().unwrap();
-        let after = synced["registry"]["last_flushed"].as_u64().unwrap();
+        let before = registry.last_flushed;
+        let after = synced.last_flushed;
         assert!(
             after > before,
             "no flush reached daxd: last_flushed {before} -> {after}"
@@ -288,13 +280,13 @@ fn suite(kind: Kind) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let after = inspect(&control);
-        if after["registry"]["descriptors"].as_u64() == Some(0) {
-            assert!(after["registry"]["mappings"].as_array().unwrap().is_empty());
+        if after.descriptors == 0 {
+            assert!(after.mappings.is_empty(), "{after:?}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "descriptors left after poweroff: {after}"
+            "descriptors left after poweroff: {after:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

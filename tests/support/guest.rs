@@ -234,8 +234,10 @@ pub fn boot(
             answered += 1;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
+            // The guest is stuck: end QEMU; the report below says the script never
+            // finished, whatever kill and wait return.
+            child.kill().ok();
+            child.wait().ok();
             break None;
         }
         std::thread::sleep(Duration::from_millis(50));

@@ -2,15 +2,13 @@
 //! backend with the `blkio` crate's `virtio-blk-vhost-user` driver (a client nobody here
 //! wrote).
 
-#![allow(dead_code)]
-
 use std::mem::MaybeUninit;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 /// Bytes of buffer each queue handle owns; the largest single request the suites send.
 pub mod guest;
@@ -21,7 +19,6 @@ pub const QUEUE_BUF: usize = 1 << 20;
 pub struct Backend {
     child: Option<Child>,
     pub socket: PathBuf,
-    pub region: PathBuf,
 }
 
 impl Backend {
@@ -37,22 +34,16 @@ impl Backend {
             .arg(&socket)
             .args(extra)
             .stdin(Stdio::null());
-        Self::spawn(command, socket, region, true)
+        Self::spawn(command, socket, true)
     }
 
     /// Starts daxd with exactly `command`'s arguments. With `wait_for_socket` set, waits for
     /// `socket` to accept connections.
-    pub fn spawn(
-        mut command: Command,
-        socket: PathBuf,
-        region: &Path,
-        wait_for_socket: bool,
-    ) -> Backend {
+    pub fn spawn(mut command: Command, socket: PathBuf, wait_for_socket: bool) -> Backend {
         let child = command.spawn().expect("start daxd");
         let mut daxd = Backend {
             child: Some(child),
             socket,
-            region: region.to_owned(),
         };
         if wait_for_socket {
             daxd.wait_until_listening();
@@ -95,7 +86,8 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
             return status;
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            // It may have exited meanwhile; wait() below tells either way.
+            child.kill().ok();
             let status = child.wait().unwrap();
             panic!("daxd did not exit within {timeout:?} (killed: {status:?})");
         }
@@ -106,7 +98,8 @@ fn wait_with_timeout(child: &mut Child, timeout: Duration) -> ExitStatus {
 impl Drop for Backend {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
+            // A child that already exited cannot be killed; its status is reported below.
+            child.kill().ok();
             let status = child.wait();
             if let Ok(status) = status {
                 if status.signal() != Some(9) && !std::thread::panicking() {
@@ -161,7 +154,6 @@ impl Client {
                 completions: (0..64).map(|_| MaybeUninit::uninit()).collect(),
             })
             .collect();
-        let _: &MemoryRegion = &region;
         Ok(Client {
             blkio,
             queues,

@@ -103,6 +103,11 @@ struct Opened {
 
 impl Opened {
     fn open(config: &Config) -> Result<Opened, Error> {
+        if let Some(size) = config.region.size {
+            // Before the file is created or resized: a layout that cannot fit changes
+            // nothing.
+            config.layout(size)?;
+        }
         let region = Arc::new(Region::open(&config.region).map_err(Error::Region)?);
         let layout = Arc::new(config.layout(region.size())?);
         let registry = Arc::new(Registry::new(region.frames()));

@@ -276,3 +276,83 @@ impl Server {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    use daxd_blk::{BlkConfig, Serial};
+    use daxd_region::{Region, RegionConfig};
+
+    fn blk_device(dir: &Path) -> (Arc<BlkDevice>, Arc<Layout>) {
+        let region = Arc::new(
+            Region::open(&RegionConfig {
+                path: dir.join("r.img"),
+                size: Some(1 << 20),
+                resize: false,
+                read_only: false,
+                direct: false,
+            })
+            .unwrap(),
+        );
+        let layout = Arc::new(Layout::new(region.size(), vec![], false).unwrap());
+        let registry = Arc::new(Registry::new(region.frames()));
+        let device = BlkDevice::new(
+            region,
+            registry,
+            layout.blk().unwrap(),
+            BlkConfig {
+                num_queues: 1,
+                queue_size: 64,
+                read_only: false,
+                sync: false,
+                serial: Serial::new("stop-test").unwrap(),
+            },
+        )
+        .unwrap();
+        (Arc::new(device), layout)
+    }
+
+    /// Stops a server thread and returns how long it took to end, and how.
+    fn stop_and_join(
+        stopper: Stopper,
+        thread: std::thread::JoinHandle<Result<(), ServeError>>,
+    ) -> (Duration, Result<(), ServeError>) {
+        let start = Instant::now();
+        stopper.stop();
+        while !thread.is_finished() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(thread.is_finished(), "the server did not stop");
+        (start.elapsed(), thread.join().unwrap())
+    }
+
+    #[test]
+    fn a_stop_ends_a_server_waiting_for_its_first_frontend() {
+        let dir = tempfile::tempdir().unwrap();
+        let (device, layout) = blk_device(dir.path());
+        let server = Server::listen(&SocketAddr::Path(dir.path().join("s.sock")), "blk").unwrap();
+        let stopper = server.stopper();
+        let thread = std::thread::spawn(move || server.serve_blk(device, layout, Duration::ZERO));
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, result) = stop_and_join(stopper, thread);
+        assert!(result.is_ok(), "{result:?}");
+    }
+
+    #[test]
+    fn a_stop_ends_a_connected_frontend_and_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let (device, layout) = blk_device(dir.path());
+        let path = dir.path().join("s.sock");
+        let server = Server::listen(&SocketAddr::Path(path.clone()), "blk").unwrap();
+        let stopper = server.stopper();
+        let thread = std::thread::spawn(move || server.serve_blk(device, layout, Duration::ZERO));
+        // A frontend that connects and then says nothing: the daemon waits on it.
+        let frontend = UnixStream::connect(&path).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let (_, result) = stop_and_join(stopper, thread);
+        assert!(result.is_ok(), "{result:?}");
+        drop(frontend);
+    }
+}

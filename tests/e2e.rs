@@ -1,0 +1,8 @@
+//! daxd's end-to-end suites in one test binary, so that the helpers in `support` are
+//! shared without dead-code allowances: the blkio client suite runs with `cargo test`,
+//! the real-guest suites (marked ignored) with `cargo test --test e2e -- --ignored`.
+
+mod blkio_client;
+mod guest_blk;
+mod guest_pmem;
+mod support;
