@@ -256,11 +256,7 @@ impl BlkDevice {
     /// Exactly `size` bytes of config space from `offset`, zero beyond what daxd defines
     /// (frontends ask for their own `sizeof(struct virtio_blk_config)`).
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = self.config_space();
-        let bytes = space.as_slice();
-        (u64::from(offset)..u64::from(offset) + u64::from(size))
-            .map(|i| bytes.get(i as usize).copied().unwrap_or(0))
-            .collect()
+        daxd_virtio::config_bytes(self.config_space().as_slice(), offset, size)
     }
 
     /// The limits requests are checked against, given the driver's accepted features.

@@ -61,6 +61,8 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    #[error("cannot create the event loop")]
+    EventLoop(#[source] event_manager::Error),
     #[error("flushing the region failed; recent writes may not be durable")]
     Flush(#[source] RegionError),
     #[error("cannot {what}")]

@@ -280,9 +280,7 @@ impl Running {
     fn wait(mut self, signals: SignalPipe) -> Result<(), Error> {
         let stop = signals.requested.clone();
         let mut events =
-            EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(|e| {
-                Error::io("create the event loop")(std::io::Error::other(e.to_string()))
-            })?;
+            EventManager::<Box<dyn MutEventSubscriber + Send>>::new().map_err(Error::EventLoop)?;
         events.add_subscriber(Box::new(signals));
         let exited = self
             .exited

@@ -202,11 +202,7 @@ impl PmemDevice {
     /// Exactly `size` bytes of config space from `offset`: all zero, since the window is
     /// described by the shared-memory region, not by start/size.
     pub fn read_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let space = VirtioPmemConfig::default();
-        let bytes = space.as_slice();
-        (u64::from(offset)..u64::from(offset) + u64::from(size))
-            .map(|i| bytes.get(i as usize).copied().unwrap_or(0))
-            .collect()
+        daxd_virtio::config_bytes(VirtioPmemConfig::default().as_slice(), offset, size)
     }
 
     /// Serves one chain and returns the used length: 4 with a response written, or 0 for

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_ring::vring_avail;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::event::{
@@ -76,9 +77,8 @@ fn poll_for_work(
     mem: &GuestMemoryMmap,
     poll: Duration,
 ) -> io::Result<bool> {
-    // struct vring_avail { le16 flags; le16 idx; ... }
     let idx = avail_ring
-        .checked_add(2)
+        .checked_add(std::mem::offset_of!(vring_avail, idx) as u64)
         .ok_or_else(|| io::Error::other("avail ring address overflows"))?;
     let deadline = Instant::now() + poll;
     loop {

@@ -11,6 +11,15 @@ use log::warn;
 
 pub use chain::{Chain, ChainError, Segment, Stream};
 
+/// Exactly `size` bytes of a config space from `offset`, zero beyond what the device
+/// defines: frontends read their own `sizeof` of the config struct, and vhost-user
+/// frontends reject an answer of any other length.
+pub fn config_bytes(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    (u64::from(offset)..u64::from(offset) + u64::from(size))
+        .map(|i| space.get(i as usize).copied().unwrap_or(0))
+        .collect()
+}
+
 /// Refused requests logged in full before logging falls back to one line in 10000, so a
 /// hostile guest cannot fill the host's disk with log lines.
 const REFUSALS_LOGGED: u64 = 100;
