@@ -4,7 +4,9 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock};
+use std::sync::{mpsc, Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use log::{debug, info, warn};
@@ -33,7 +35,7 @@ pub struct VhostUserBlkBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     /// Guest memory that is region pages (pmem windows the VMM mapped from the region
     /// file), read once per batch by the queue workers.
-    guest_windows: RwLock<Arc<[GuestWindow]>>,
+    guest_windows: ArcSwap<Vec<GuestWindow>>,
     /// The registry mapping of each guest window.
     window_mappings: Mutex<Vec<(GuestWindow, MappingId)>>,
     event_idx: AtomicBool,
@@ -132,7 +134,7 @@ impl VhostUserBlkBackend {
             layout,
             owner,
             mem,
-            guest_windows: RwLock::new(Arc::from(Vec::new())),
+            guest_windows: ArcSwap::default(),
             window_mappings: Mutex::new(Vec::new()),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
@@ -148,11 +150,7 @@ impl VhostUserBlkBackend {
         let limits = self
             .device
             .limits(self.acked_features.load(Ordering::Relaxed));
-        let guest_windows = self
-            .guest_windows
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let guest_windows = self.guest_windows.load();
         queue::drain(
             vring,
             &mem,
@@ -270,10 +268,7 @@ impl VhostUserBlkBackend {
             }
         }
         let windows: Vec<GuestWindow> = mappings.iter().map(|(w, _)| *w).collect();
-        *self
-            .guest_windows
-            .write()
-            .unwrap_or_else(|e| e.into_inner()) = Arc::from(windows);
+        self.guest_windows.store(Arc::new(windows));
     }
 }
 
