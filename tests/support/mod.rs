@@ -73,8 +73,11 @@ impl Backend {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> ExitStatus {
         let mut child = self.child.take().unwrap();
-        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::TERM,
+        )
+        .expect("send SIGTERM to daxd");
         wait_with_timeout(&mut child, Duration::from_secs(20))
     }
 }
@@ -255,15 +258,13 @@ pub fn test_dir(prefix: &str) -> tempfile::TempDir {
 /// `lseek(SEEK_DATA)` from `offset`: where the next data at or after `offset` starts (the
 /// file's length when only hole follows).
 pub fn next_data(path: &Path, offset: u64) -> u64 {
-    use std::os::fd::AsRawFd;
     let file = std::fs::File::open(path).unwrap();
-    // SAFETY: lseek on a descriptor we own; no memory is involved.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_DATA) };
-    if at < 0 {
-        // ENXIO: nothing but hole up to the end of the file.
-        return std::fs::metadata(path).unwrap().len();
+    match rustix::fs::seek(&file, rustix::fs::SeekFrom::Data(offset)) {
+        Ok(at) => at,
+        // Nothing but hole up to the end of the file.
+        Err(rustix::io::Errno::NXIO) => std::fs::metadata(path).unwrap().len(),
+        Err(e) => panic!("SEEK_DATA on {}: {e}", path.display()),
     }
-    at as u64
 }
 
 /// Bytes `offset..offset+len` of a file, as the host sees them.

@@ -478,10 +478,19 @@ fn run(
         args.client_poll,
         || (rss_kib_excluding(pid, &file), cpu_seconds(pid)),
     );
-    // SAFETY: kill(2) on our own, not yet reaped child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    terminate(&mut child);
     stats
+}
+
+/// Stops a backend with SIGTERM, its normal way out, and reaps it.
+fn terminate(child: &mut std::process::Child) {
+    let pid = rustix::process::Pid::from_child(child);
+    if let Err(e) = rustix::process::kill_process(pid, rustix::process::Signal::TERM) {
+        eprintln!("cannot stop backend {pid:?}: {e}");
+    }
+    if let Err(e) = child.wait() {
+        eprintln!("cannot reap backend {pid:?}: {e}");
+    }
 }
 
 /// User plus system CPU time of process `pid` so far, in seconds (/proc/PID/stat).
@@ -496,9 +505,7 @@ fn cpu_seconds(pid: u32) -> f64 {
         .get(11..13)
         .map(|f| f.iter().filter_map(|v| v.parse::<u64>().ok()).sum())
         .unwrap_or(0);
-    // SAFETY: sysconf only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    ticks as f64 / hz as f64
+    ticks as f64 / rustix::param::clock_ticks_per_second().max(1) as f64
 }
 
 /// Resident memory of process `pid` outside mappings of `file`, in KiB, from
