@@ -450,3 +450,79 @@ fn sync_mode_is_write_through_and_default_is_write_back() {
     drop(client);
     assert!(daxd.terminate().success());
 }
+
+#[test]
+fn a_region_has_one_writer_or_many_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let sub = |name: &str| {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        path
+    };
+    let refused = |extra: &[&str]| {
+        let socket = dir.path().join("refused.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_daxd"))
+            .arg("--region")
+            .arg(&region)
+            .arg("--socket-path")
+            .arg(&socket)
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A refused start ends at once; one still running after a while was not refused.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                child.kill().ok();
+                child.wait().ok();
+                std::fs::remove_file(&socket).ok();
+                panic!("a conflicting daxd started and kept serving: {extra:?}");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            !out.status.success(),
+            "a conflicting daxd started: {extra:?}"
+        );
+        assert!(!socket.exists(), "a refused daxd left a socket");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    let writer = Backend::start_daxd(&sub("w1"), &region, &["--size", "4M"]);
+    let mut client = Client::connect(&writer.socket, 1, false).unwrap();
+    client.q().write(0, &pattern(9, 4096)).unwrap();
+    let err = refused(&[]);
+    assert!(
+        err.contains("in use")
+            && err.contains("an exclusive (writable) lock")
+            && err.contains("--no-lock"),
+        "{err}"
+    );
+    let err = refused(&["--read-only"]);
+    assert!(err.contains("an exclusive (writable) lock"), "{err}");
+    // The refused starts changed nothing and the writer still serves.
+    assert_eq!(client.q().read(0, 4096).unwrap(), pattern(9, 4096));
+
+    // Someone who knows better may turn locking off.
+    let unlocked = Backend::start_daxd(&sub("nolock"), &region, &["--no-lock"]);
+    drop(unlocked);
+
+    // A writer that dies leaves no stale lock behind (SIGKILL, no clean exit).
+    drop(client);
+    drop(writer);
+    let reader1 = Backend::start_daxd(&sub("r1"), &region, &["--read-only"]);
+    let reader2 = Backend::start_daxd(&sub("r2"), &region, &["--read-only"]);
+    let err = refused(&[]);
+    assert!(err.contains("a shared (read-only) lock"), "{err}");
+    let mut client = Client::connect(&reader2.socket, 1, true).unwrap();
+    assert_eq!(client.q().read(0, 4096).unwrap(), pattern(9, 4096));
+    drop(client);
+    assert!(reader1.terminate().success());
+    assert!(reader2.terminate().success());
+    let writer = Backend::start_daxd(&sub("w2"), &region, &[]);
+    assert!(writer.terminate().success());
+}

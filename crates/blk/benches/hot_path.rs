@@ -70,6 +70,7 @@ fn main() {
             resize: false,
             read_only: false,
             direct: false,
+            lock: true,
         })
         .unwrap(),
     );

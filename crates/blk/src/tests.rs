@@ -43,6 +43,7 @@ fn fixture_with(read_only: bool, sync: bool) -> Fixture {
             resize: false,
             read_only,
             direct: false,
+            lock: true,
         })
         .unwrap(),
     );

@@ -105,6 +105,13 @@ pub struct Args {
     #[arg(long)]
     pub direct: bool,
 
+    /// Do not lock the region file. By default a writable daxd holds an exclusive lock on
+    /// it and a read-only one a shared lock (open file description locks, as QEMU's image
+    /// locking), so a second writer (another daxd, a qemu-storage-daemon export) is
+    /// refused. Only for a file that nothing else can change while daxd serves it.
+    #[arg(long)]
+    pub no_lock: bool,
+
     /// Path of the UNIX socket to create for the blk device (vhost-user server side).
     #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
     pub socket_path: Option<PathBuf>,
@@ -119,7 +126,8 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub num_queues: u16,
 
-    /// Largest queue size the frontend may choose (a power of two, 2..=32768).
+    /// Largest queue size the frontend may choose (a power of two, 2..=32768), for the
+    /// disk's queues and the virtio-pmem device's queue alike.
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
 

@@ -55,6 +55,7 @@ impl TryFrom<Args> for Config {
                 resize: args.resize,
                 read_only: args.read_only,
                 direct: args.direct,
+                lock: !args.no_lock,
             },
             windows: args.windows,
             allow_overlap: args.allow_overlap,

@@ -88,6 +88,9 @@ fn region_hint(e: &RegionError) -> &'static str {
         RegionError::NotDax { .. } => " (drop --direct to serve it through the page cache)",
         RegionError::UnalignedSize(_) => " (choose a --size such as 1G)",
         RegionError::ReadOnlyResize { .. } => " (drop --read-only, or --size/--resize)",
+        RegionError::Locked { .. } | RegionError::LockedByUnknown { .. } => {
+            " (stop the process that uses it, `fuser -v FILE` names it; readers may share a file, a writer may not; --no-lock turns locking off)"
+        }
         _ => "",
     }
 }

@@ -282,6 +282,7 @@ mod tests {
                 resize: false,
                 read_only: false,
                 direct: false,
+                lock: true,
             })
             .unwrap(),
         );

@@ -7,9 +7,11 @@
 //! the same pages through its MMU at the same time.
 
 mod layout;
+mod lock;
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 pub use layout::{Layout, LayoutError, Serve, Window, PMEM_ALIGN};
+pub use lock::LockKind;
 
 /// Bytes in a page frame: the unit of guest-visible mappings and of the registry.
 pub const PAGE_SIZE: u64 = 4096;
@@ -61,6 +64,10 @@ pub enum RegionError {
         #[source]
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("region file {path} is in use: another process holds {held} lock on it")]
+    Locked { path: PathBuf, held: LockKind },
+    #[error("region file {path} is in use: another process holds a conflicting lock on it")]
+    LockedByUnknown { path: PathBuf },
     #[error("range of {len} bytes at offset {offset} is outside the region of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the region is read-only")]
@@ -82,6 +89,9 @@ pub struct RegionConfig {
     /// Require a synchronous DAX mapping (`MAP_SYNC`): the file must live on a DAX file
     /// system (host persistent memory), so stores bypass the host page cache entirely.
     pub direct: bool,
+    /// Lock the file (exclusive when writable, shared when read-only) so that no other
+    /// writer can use it at the same time.
+    pub lock: bool,
 }
 
 /// Identifies the backing file independently of paths and file descriptors, so that a
@@ -96,6 +106,8 @@ pub struct FileIdentity {
 #[derive(Debug)]
 pub struct Region {
     file: Arc<File>,
+    /// A second open of the same file, without the lock, for VMMs that map it.
+    shareable: File,
     path: PathBuf,
     mapping: MmapRegion,
     read_only: bool,
@@ -154,6 +166,25 @@ impl Region {
             file
         };
 
+        if config.lock {
+            // Before anything about the file changes: a refused start leaves it as it was.
+            let kind = if config.read_only {
+                LockKind::Shared
+            } else {
+                LockKind::Exclusive
+            };
+            lock::lock(&file, kind).map_err(|e| match e {
+                lock::LockError::Conflict(Some(held)) => RegionError::Locked {
+                    path: path.clone(),
+                    held,
+                },
+                lock::LockError::Conflict(None) => {
+                    RegionError::LockedByUnknown { path: path.clone() }
+                }
+                lock::LockError::Io(source) => io_err("lock", source),
+            })?;
+        }
+
         let meta = file.metadata().map_err(|e| io_err("inspect", e))?;
         let mut size = meta.len();
         if let Some(requested) = config.size {
@@ -176,6 +207,13 @@ impl Region {
         }
         check_size(size)?;
 
+        // Through /proc, so that it is the same inode even if the path changed meanwhile.
+        let shareable = OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .map_err(|e| io_err("open a second descriptor of", e))?;
         let file = Arc::new(file);
         let (mapping, map_sync) = map_file(&file, size, config.read_only, config.direct).map_err(
             |source| match config.direct {
@@ -188,6 +226,7 @@ impl Region {
         )?;
         Ok(Region {
             file,
+            shareable,
             path,
             mapping,
             read_only: config.read_only,
@@ -203,9 +242,11 @@ impl Region {
         &self.path
     }
 
-    /// The open backing file (to hand to a VMM that maps it, e.g. SHMEM_MAP).
-    pub fn file(&self) -> &File {
-        &self.file
+    /// An open of the backing file to hand to a VMM that maps it (SHMEM_MAP). It is a
+    /// separate open file description from the one that holds the region's lock: a VMM
+    /// that keeps the file mapped must not keep daxd's lock alive after daxd is gone.
+    pub fn shareable_file(&self) -> &File {
+        &self.shareable
     }
 
     /// Size in bytes; always a multiple of [`PAGE_SIZE`].
@@ -444,6 +485,7 @@ mod tests {
             resize: false,
             read_only: false,
             direct: false,
+            lock: true,
         }
     }
 

@@ -293,6 +293,7 @@ mod tests {
                 resize: false,
                 read_only: false,
                 direct: false,
+                lock: true,
             })
             .unwrap(),
         );

@@ -103,7 +103,7 @@ impl VhostUserPmemBackend {
                     flags: VhostUserMMapFlags::WRITABLE.bits(),
                     ..Default::default()
                 };
-                let result = backend.shmem_map(&request, device.region().file());
+                let result = backend.shmem_map(&request, device.region().shareable_file());
                 let elapsed = started.elapsed();
                 let mut mapping = mapping.lock().unwrap_or_else(|e| e.into_inner());
                 match result {
