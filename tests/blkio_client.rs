@@ -526,3 +526,141 @@ fn a_region_has_one_writer_or_many_readers() {
     let writer = Backend::start_daxd(&sub("w2"), &region, &[]);
     assert!(writer.terminate().success());
 }
+
+/// A small file system mounted for one test, unmounted when dropped.
+struct SmallFs {
+    path: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum FsKind {
+    /// Allocates a page even to read a hole through a shared mapping.
+    Tmpfs,
+    /// Maps the zero page for a hole that is only read.
+    Ext4,
+}
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, kind: FsKind) -> SmallFs {
+        let path = dir.join("small");
+        std::fs::create_dir_all(&path).unwrap();
+        let mut mount = Command::new("mount");
+        match kind {
+            FsKind::Tmpfs => {
+                mount.args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]);
+            }
+            FsKind::Ext4 => {
+                let image = dir.join("small.ext4");
+                std::fs::File::create(&image)
+                    .unwrap()
+                    .set_len(8 << 20)
+                    .unwrap();
+                let made = Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&image)
+                    .status()
+                    .unwrap();
+                assert!(made.success(), "mkfs.ext4");
+                mount.args(["-o", "loop"]).arg(&image);
+            }
+        }
+        let status = mount.arg(&path).status().unwrap();
+        assert!(status.success(), "mount a small {kind:?} (needs root)");
+        SmallFs { path }
+    }
+
+    /// Writes a file until the file system is full.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xffu8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount").arg(&self.path).status();
+        if !matches!(unmounted, Ok(s) if s.success()) {
+            eprintln!("cannot unmount {}", self.path.display());
+        }
+    }
+}
+
+/// The guest writes into holes of a sparse region whose host file system is full: each
+/// such write fails with an I/O error, and daxd goes on serving everything else.
+fn full_host_file_system(kind: FsKind) {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallFs::mount(dir.path(), kind);
+    // A sparse region larger than its file system.
+    let region = fs.path.join("region.img");
+    let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "16M"]);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    client.q().write(0, &pattern(1, 65536)).unwrap();
+    client.q().flush().unwrap();
+
+    let filler = fs.fill();
+    // Into a hole: there is no block to store it in.
+    assert!(
+        client.q().write(8 << 20, &pattern(2, 4096)).is_err(),
+        "write into a hole of a full file system"
+    );
+    assert!(
+        client.q().write_zeroes(12 << 20, 65536, false).is_err(),
+        "write-zeroes without unmap into a hole of a full file system"
+    );
+    // Still serving, earlier data intact, the failed write left nothing.
+    assert_eq!(client.q().read(0, 65536).unwrap(), pattern(1, 65536));
+    assert_eq!(client.q().read(10 << 20, 4096).unwrap(), vec![0; 4096]);
+    client.q().write(4096, &pattern(3, 4096)).unwrap();
+    assert_eq!(client.q().read(4096, 4096).unwrap(), pattern(3, 4096));
+
+    // A pmem window must have all its blocks before a guest maps it (a DAX store into a
+    // hole would fault in the VMM): on a full file system daxd refuses to serve it.
+    let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .arg("--region")
+        .arg(fs.path.join("pmem.img"))
+        .args(["--size", "16M", "--socket-path"])
+        .arg(dir.path().join("pmem-blk.sock"))
+        .args([
+            "--window",
+            "name=disk,size=8M,serve=blk",
+            "--window",
+            "name=pm0,offset=8M,size=8M,serve=pmem",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "served a pmem window without blocks");
+    assert!(
+        err.contains("cannot give pmem window pm0 all its blocks") && err.contains("no space"),
+        "{err}"
+    );
+
+    // Space back: the same write works.
+    std::fs::remove_file(filler).unwrap();
+    client.q().write(8 << 20, &pattern(2, 4096)).unwrap();
+    client.q().flush().unwrap();
+    assert_eq!(client.q().read(8 << 20, 4096).unwrap(), pattern(2, 4096));
+    drop(client);
+    assert!(
+        daxd.terminate().success(),
+        "daxd did not stay up through the full file system"
+    );
+    assert_eq!(file_bytes(&region, 8 << 20, 4096), pattern(2, 4096));
+    assert_eq!(file_bytes(&region, 4096, 4096), pattern(3, 4096));
+}
+
+#[test]
+#[ignore = "mounts a small tmpfs, which needs root; run by ci/test.sh"]
+fn a_full_tmpfs_is_an_io_error_not_a_crash() {
+    full_host_file_system(FsKind::Tmpfs);
+}
+
+#[test]
+#[ignore = "loop-mounts a small ext4, which needs root; run by ci/test.sh"]
+fn a_full_ext4_is_an_io_error_not_a_crash() {
+    full_host_file_system(FsKind::Ext4);
+}

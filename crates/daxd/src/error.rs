@@ -19,6 +19,12 @@ pub enum Error {
     Layout(#[source] LayoutError),
     #[error("no window is served as blk; add serve=blk or serve=both to one: QEMU's memory table, through which daxd sees pmem windows, reaches daxd over the disk's socket")]
     NoDisk,
+    #[error("cannot give pmem window {window} all its blocks; free space on the host file system or make the window smaller")]
+    PmemAllocation {
+        window: String,
+        #[source]
+        source: RegionError,
+    },
     #[error("cannot set up the disk")]
     Blk(#[source] BlkError),
     #[error("cannot set up virtio-pmem")]

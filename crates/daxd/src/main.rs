@@ -127,8 +127,18 @@ impl Opened {
                 .map_err(Error::Blk)?,
         );
         for w in layout.pmem() {
+            // A guest's DAX store into a hole would fault in the VMM when the host file
+            // system is full: pmem windows get all their blocks before anyone maps them.
+            if !region.is_read_only() {
+                region
+                    .ensure_allocated(w.offset, w.size)
+                    .map_err(|source| Error::PmemAllocation {
+                        window: w.name.clone(),
+                        source,
+                    })?;
+            }
             info!(
-                "pmem window {}: region bytes {:#x}+{:#x} (QEMU options: daxd print-qemu-args)",
+                "pmem window {}: region bytes {:#x}+{:#x}, allocated (QEMU options: daxd print-qemu-args)",
                 w.name, w.offset, w.size
             );
         }

@@ -6,6 +6,7 @@
 //! the file. All access goes through [`VolatileSlice`]s because the guest may be writing
 //! the same pages through its MMU at the same time.
 
+mod alloc;
 mod layout;
 mod lock;
 
@@ -22,6 +23,7 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
+pub use alloc::GRANULE;
 pub use layout::{Layout, LayoutError, Serve, Window, PMEM_ALIGN};
 pub use lock::LockKind;
 
@@ -68,6 +70,12 @@ pub enum RegionError {
     Locked { path: PathBuf, held: LockKind },
     #[error("region file {path} is in use: another process holds a conflicting lock on it")]
     LockedByUnknown { path: PathBuf },
+    #[error("no space left on the file system of {path} to allocate bytes {offset:#x}+{len:#x} of the region")]
+    NoSpace {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
     #[error("range of {len} bytes at offset {offset} is outside the region of {size} bytes")]
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("the region is read-only")]
@@ -110,6 +118,10 @@ pub struct Region {
     shareable: File,
     path: PathBuf,
     mapping: MmapRegion,
+    allocation: alloc::Allocation,
+    /// The file system allocates a page even to read a hole through a shared mapping
+    /// (tmpfs), so reads must find blocks too.
+    allocates_on_read: bool,
     read_only: bool,
     map_sync: bool,
     identity: FileIdentity,
@@ -224,11 +236,17 @@ impl Region {
                 false => io_err("map", io::Error::other(source)),
             },
         )?;
+        let allocation = alloc::Allocation::scan(&file, size);
+        let allocates_on_read = rustix::fs::fstatfs(&*file)
+            .map(|fs| fs.f_type as i64 == libc::TMPFS_MAGIC)
+            .unwrap_or(false);
         Ok(Region {
             file,
             shareable,
             path,
             mapping,
+            allocation,
+            allocates_on_read,
             read_only: config.read_only,
             map_sync,
             identity: FileIdentity {
@@ -308,11 +326,50 @@ impl Region {
         offset: u64,
         dst: VolatileSlice<'_, B>,
     ) -> Result<(), RegionError> {
-        self.slice(offset, dst.len())?.copy_to_volatile_slice(dst);
+        let src = self.slice(offset, dst.len())?;
+        if self.allocates_on_read && !self.read_only {
+            match self.ensure_allocated(offset, dst.len() as u64) {
+                Ok(()) => {}
+                // A read through the mapping would fault; read(2) gives a hole's zeroes
+                // without allocating. Only a full tmpfs gets here.
+                Err(RegionError::NoSpace { .. }) => return self.read_with_syscall(offset, dst),
+                Err(e) => return Err(e),
+            }
+        }
+        src.copy_to_volatile_slice(dst);
         Ok(())
     }
 
-    /// Copies `src` (guest memory) into the region at `offset`.
+    fn read_with_syscall<B: BitmapSlice>(
+        &self,
+        offset: u64,
+        dst: VolatileSlice<'_, B>,
+    ) -> Result<(), RegionError> {
+        let mut buf = vec![0u8; dst.len().min(GRANULE as usize)];
+        let mut done = 0;
+        while done < dst.len() {
+            let n = (dst.len() - done).min(buf.len());
+            let read = rustix::io::pread(&*self.file, &mut buf[..n], offset + done as u64)
+                .map_err(|e| self.io_error("read", e.into()))?;
+            if read == 0 {
+                return Err(self.io_error("read", io::ErrorKind::UnexpectedEof.into()));
+            }
+            let piece = dst
+                .subslice(done, read)
+                .map_err(|_| RegionError::OutOfRange {
+                    offset,
+                    len: dst.len() as u64,
+                    size: self.size(),
+                })?;
+            piece.copy_from(&buf[..read]);
+            done += read;
+        }
+        Ok(())
+    }
+
+    /// Copies `src` (guest memory) into the region at `offset`. Parts of the file without
+    /// blocks are allocated first, so that a full host file system is an error here, not
+    /// a fault in the copy.
     pub fn write_from<B: BitmapSlice>(
         &self,
         offset: u64,
@@ -321,7 +378,9 @@ impl Region {
         if self.read_only {
             return Err(RegionError::ReadOnly);
         }
-        src.copy_to_volatile_slice(self.slice(offset, src.len())?);
+        let dst = self.slice(offset, src.len())?;
+        self.ensure_allocated(offset, src.len() as u64)?;
+        src.copy_to_volatile_slice(dst);
         Ok(())
     }
 
@@ -331,12 +390,54 @@ impl Region {
         Ok(())
     }
 
-    /// Copies a host buffer into the region (control paths and tests).
+    /// Copies a host buffer into the region (control paths and tests), allocating first
+    /// as [`Region::write_from`] does.
     pub fn write_bytes(&self, offset: u64, buf: &[u8]) -> Result<(), RegionError> {
         if self.read_only {
             return Err(RegionError::ReadOnly);
         }
-        self.slice(offset, buf.len())?.copy_from(buf);
+        let dst = self.slice(offset, buf.len())?;
+        self.ensure_allocated(offset, buf.len() as u64)?;
+        dst.copy_from(buf);
+        Ok(())
+    }
+
+    /// Gives every part of `offset..offset+len` blocks in the file, so that stores into it
+    /// through the mapping (daxd's, or a guest's DAX mapping of a pmem window) cannot
+    /// fault for lack of space. Costs one atomic load per 64 KiB granule when the range is
+    /// known to be allocated; otherwise one `fallocate` per granule, once.
+    pub fn ensure_allocated(&self, offset: u64, len: u64) -> Result<(), RegionError> {
+        self.check_range(offset, len)?;
+        if self.read_only {
+            return Err(RegionError::ReadOnly);
+        }
+        for granule in alloc::Allocation::touched(offset, len) {
+            if self.allocation.is_allocated(granule) || self.allocation.unsupported() {
+                continue;
+            }
+            let start = granule * GRANULE;
+            let end = (start + GRANULE).min(self.size());
+            match rustix::fs::fallocate(&*self.file, FallocateFlags::KEEP_SIZE, start, end - start)
+            {
+                Ok(()) => self.allocation.set(granule, true),
+                Err(rustix::io::Errno::NOSPC) => {
+                    return Err(RegionError::NoSpace {
+                        path: self.path.clone(),
+                        offset: start,
+                        len: end - start,
+                    })
+                }
+                Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
+                    if self.allocation.set_unsupported() {
+                        warn!(
+                            "{} cannot allocate ranges ({e}): a write into a hole of the region when its file system is full will fault and end daxd; preallocate the file",
+                            self.path.display()
+                        );
+                    }
+                }
+                Err(e) => return Err(self.io_error("allocate a range of", e.into())),
+            }
+        }
         Ok(())
     }
 
@@ -401,34 +502,40 @@ impl Region {
         if len == 0 {
             return Ok(());
         }
+        if mode.contains(FallocateFlags::PUNCH_HOLE) {
+            // Forgotten before the hole exists, so that a store after it allocates again.
+            for granule in alloc::Allocation::touched(offset, len) {
+                self.allocation.set(granule, false);
+            }
+        }
         // The kernel zaps the mapping's page-table entries for the range, so later loads
         // through the mapping see zeroes.
         match rustix::fs::fallocate(&*self.file, mode, offset, len) {
             Ok(()) => Ok(()),
-            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => {
-                // File systems without hole punching or zero ranges (tmpfs lacks the
-                // latter): store zeroes through the mapping, which has the same result for
-                // readers.
-                warn!(
-                    "fallocate {mode:?} unsupported on {}: {e}; writing zeroes instead",
-                    self.path.display()
-                );
-                self.store_zeroes(offset, len)
+            Err(e)
+                if mode.contains(FallocateFlags::ZERO_RANGE)
+                    && (e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS) =>
+            {
+                // File systems without zero ranges (tmpfs): a hole, then blocks for it,
+                // which read as zeroes just the same; no store through the mapping.
+                self.punch_hole(offset, len)?;
+                match rustix::fs::fallocate(&*self.file, FallocateFlags::KEEP_SIZE, offset, len) {
+                    Ok(()) => Ok(()),
+                    Err(rustix::io::Errno::NOSPC) => Err(RegionError::NoSpace {
+                        path: self.path.clone(),
+                        offset,
+                        len,
+                    }),
+                    Err(e) => Err(self.io_error("allocate a range of", e.into())),
+                }
             }
+            Err(rustix::io::Errno::NOSPC) => Err(RegionError::NoSpace {
+                path: self.path.clone(),
+                offset,
+                len,
+            }),
             Err(e) => Err(self.io_error("zero a range of", e.into())),
         }
-    }
-
-    fn store_zeroes(&self, offset: u64, len: u64) -> Result<(), RegionError> {
-        const CHUNK: u64 = 64 << 10;
-        static ZEROES: [u8; CHUNK as usize] = [0; CHUNK as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
-            self.write_bytes(offset + done, &ZEROES[..n as usize])?;
-            done += n;
-        }
-        Ok(())
     }
 
     fn io_error(&self, what: &'static str, source: io::Error) -> RegionError {
@@ -579,6 +686,35 @@ mod tests {
         assert!(all[8192..12288].iter().all(|&b| b == 0xaa));
         assert!(all[12288..12800].iter().all(|&b| b == 0));
         assert!(all[12800..].iter().all(|&b| b == 0xaa));
+    }
+
+    #[test]
+    fn stores_into_holes_allocate_their_granule_first() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        let region = Region::open(&config(&path, Some(1 << 20))).unwrap();
+        let blocks = || std::fs::metadata(&path).unwrap().blocks() * 512;
+        assert_eq!(blocks(), 0, "a new region is sparse");
+        region.write_bytes(200 << 10, &[7; 512]).unwrap();
+        assert!(
+            blocks() >= GRANULE,
+            "the written granule is allocated whole, before the store: {} bytes",
+            blocks()
+        );
+        region.punch_hole(192 << 10, GRANULE).unwrap();
+        assert_eq!(blocks(), 0, "the hole gives the space back");
+        region.write_bytes(200 << 10, &[8; 512]).unwrap();
+        assert!(blocks() >= GRANULE, "a store after a hole allocates again");
+        let mut back = [0u8; 512];
+        region.read_bytes(200 << 10, &mut back).unwrap();
+        assert_eq!(back, [8; 512]);
+
+        // Reopened, allocated granules are found by scanning the file, not allocated again.
+        drop(region);
+        let region = Region::open(&config(&path, None)).unwrap();
+        assert!(region.allocation.is_allocated(3));
+        assert!(!region.allocation.is_allocated(4));
     }
 
     #[test]

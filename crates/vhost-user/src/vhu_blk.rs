@@ -247,6 +247,14 @@ impl VhostUserBlkBackend {
                 .pmem_window_at(window.region_offset, window.len)
                 .map(|w| format!("pmem window {}", w.name))
                 .unwrap_or_else(|| "no declared pmem window".to_owned());
+            if !self.device.config().read_only {
+                if let Err(e) = region.ensure_allocated(window.region_offset, window.len) {
+                    warn!(
+                        "guest memory at {:#x} maps region bytes with holes that cannot be allocated ({e}): a guest store there faults in the VMM",
+                        window.gpa
+                    );
+                }
+            }
             let request = MappingRequest {
                 device: "memory-backend-file in the vhost-user-blk memory table".into(),
                 target: Target::GuestPhysical { gpa: window.gpa },

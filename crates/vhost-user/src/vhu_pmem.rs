@@ -95,6 +95,15 @@ impl VhostUserPmemBackend {
             .name("daxd-pmem-map".into())
             .spawn(move || {
                 let window = device.window();
+                // Allocated at start; a discard through the disk (serve=both) may have
+                // punched holes since, and a guest's store into one must not fault in QEMU.
+                if let Err(e) = device.region().ensure_allocated(window.offset, window.size) {
+                    error!(
+                        "virtio-pmem: not mapping window {}: {e}; the guest's pmem device is backed by nothing",
+                        window.name
+                    );
+                    return;
+                }
                 let request = VhostUserMMap {
                     shmid: SHMEM_REGION_ID,
                     fd_offset: window.offset,
