@@ -238,7 +238,7 @@ impl Region {
         )?;
         let allocation = alloc::Allocation::scan(&file, size);
         let allocates_on_read = rustix::fs::fstatfs(&*file)
-            .map(|fs| fs.f_type as i64 == libc::TMPFS_MAGIC)
+            .map(|fs| fs.f_type == libc::TMPFS_MAGIC)
             .unwrap_or(false);
         Ok(Region {
             file,
