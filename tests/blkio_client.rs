@@ -8,7 +8,7 @@ use std::sync::{Arc, Barrier};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::support::{file_bytes, next_data, pattern, Backend, Client, QUEUE_BUF};
+use crate::support::{file_bytes, next_data, pattern, Backend, Client, FsKind, SmallFs, QUEUE_BUF};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -5;
@@ -527,73 +527,11 @@ fn a_region_has_one_writer_or_many_readers() {
     assert!(writer.terminate().success());
 }
 
-/// A small file system mounted for one test, unmounted when dropped.
-struct SmallFs {
-    path: std::path::PathBuf,
-}
-
-#[derive(Debug, Clone, Copy)]
-enum FsKind {
-    /// Allocates a page even to read a hole through a shared mapping.
-    Tmpfs,
-    /// Maps the zero page for a hole that is only read.
-    Ext4,
-}
-
-impl SmallFs {
-    fn mount(dir: &std::path::Path, kind: FsKind) -> SmallFs {
-        let path = dir.join("small");
-        std::fs::create_dir_all(&path).unwrap();
-        let mut mount = Command::new("mount");
-        match kind {
-            FsKind::Tmpfs => {
-                mount.args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"]);
-            }
-            FsKind::Ext4 => {
-                let image = dir.join("small.ext4");
-                std::fs::File::create(&image)
-                    .unwrap()
-                    .set_len(8 << 20)
-                    .unwrap();
-                let made = Command::new("mkfs.ext4")
-                    .args(["-q", "-F"])
-                    .arg(&image)
-                    .status()
-                    .unwrap();
-                assert!(made.success(), "mkfs.ext4");
-                mount.args(["-o", "loop"]).arg(&image);
-            }
-        }
-        let status = mount.arg(&path).status().unwrap();
-        assert!(status.success(), "mount a small {kind:?} (needs root)");
-        SmallFs { path }
-    }
-
-    /// Writes a file until the file system is full.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write;
-        let filler = self.path.join("filler");
-        let mut file = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0xffu8; 4096];
-        while file.write_all(&chunk).is_ok() {}
-        filler
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let unmounted = Command::new("umount").arg(&self.path).status();
-        if !matches!(unmounted, Ok(s) if s.success()) {
-            eprintln!("cannot unmount {}", self.path.display());
-        }
-    }
-}
-
 /// The guest writes into holes of a sparse region whose host file system is full: each
 /// such write fails with an I/O error, and daxd goes on serving everything else.
 fn full_host_file_system(kind: FsKind) {
     let dir = tempfile::tempdir().unwrap();
-    let fs = SmallFs::mount(dir.path(), kind);
+    let fs = SmallFs::mount(dir.path(), kind, 4 << 20);
     // A sparse region larger than its file system.
     let region = fs.path.join("region.img");
     let daxd = Backend::start_daxd(dir.path(), &region, &["--size", "16M"]);

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::support::guest::{boot, host_tool, Vm};
-use crate::support::{file_bytes, next_data, pattern, Backend};
+use crate::support::{file_bytes, next_data, pattern, Backend, FsKind, SmallFs};
 
 const MIB: u64 = 1 << 20;
 const REGION_SIZE: u64 = 256 * MIB;
@@ -22,6 +22,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const DIRECT_OFFSETS: [u64; 3] = [64 * MIB, 100 * MIB + 8192, REGION_SIZE - 65536];
 const DISCARD_OFFSET: u64 = 150 * MIB;
 const DISCARD_LEN: u64 = MIB;
+/// Boot 4's sparse region, four times the size of its host file system, and a hole in it.
+const FULL_REGION_SIZE: u64 = 16 * MIB;
+const FULL_HOLE: u64 = 8 * MIB;
 
 /// Two TCG guests at once would only slow each other down on a 2-core machine.
 static ONE_GUEST_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -213,6 +216,47 @@ fn suite(peer: Peer) {
         },
     );
     assert!(unchanged, "the read-only boot changed the region file");
+
+    // Boot 4: a sparse region on a host file system that fills up while the guest writes.
+    let small = SmallFs::mount(d, FsKind::Ext4, 4 * MIB);
+    let sparse = small.path.join("sparse.img");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(FULL_REGION_SIZE)
+        .unwrap();
+    let backend = peer.start(d, &sparse, false);
+    let mut filler = None;
+    let fourth = boot(
+        d,
+        "boot4",
+        &Vm::blk(&backend.socket, QUEUES),
+        &format!(
+            "run_case full_host case_full_host {payload} {FULL_HOLE}\n",
+            payload = payload.display(),
+        ),
+        BOOT_TIMEOUT,
+        &mut |step, _| match step {
+            "filled" => filler = Some(small.fill()),
+            "freed" => {
+                if let Some(filler) = filler.take() {
+                    std::fs::remove_file(filler).unwrap();
+                }
+            }
+            _ => {}
+        },
+    );
+    let status = backend.terminate();
+    let findings = if file_bytes(&sparse, FULL_HOLE, 65536) == pattern(1, 65536) {
+        String::new()
+    } else {
+        "the write after space came back is not in the region file".to_owned()
+    };
+    fourth.assert_passed(&["full_host"], &findings);
+    assert!(findings.is_empty(), "host checks after boot 4: {findings}");
+    assert!(
+        status.success(),
+        "the backend did not stay up through a full host file system: {status}"
+    );
 }
 
 #[test]

@@ -139,6 +139,27 @@ case_ext4() {
     host e2fsck -fn /dev/vda > /tmp/fsck.out 2>&1 || { cat /tmp/fsck.out; fail "e2fsck -fn found problems"; }
 }
 
+# full_host PAYLOAD HOLE: the region is sparse and its host file system fills up (host
+# step "filled"): an O_DIRECT write into the hole at byte HOLE fails with an I/O error,
+# while data written before is still read back; once the host frees space (step
+# "freed"), the same write succeeds. The disk never hangs.
+case_full_host() {
+    payload=$1 hole=$2
+    host dd if="$payload" of=/dev/vda bs=4096 oflag=direct conv=notrunc status=none \
+        || fail "write before the host file system filled up failed"
+    wait_host filled || return
+    if host dd if="$payload" of=/dev/vda bs=4096 count=1 seek=$((hole / 4096)) oflag=direct conv=notrunc \
+        status=none 2> /tmp/dd.err; then
+        fail "a write into a hole of a full host file system succeeded"
+    fi
+    grep -q "Input/output error" /tmp/dd.err || fail "the write failed with '$(cat /tmp/dd.err)', not an I/O error"
+    expect_payload_at "data written before the host filled up" "$payload" 0
+    wait_host freed || return
+    host dd if="$payload" of=/dev/vda bs=4096 seek=$((hole / 4096)) oflag=direct conv=notrunc status=none \
+        || fail "the write failed after the host freed space"
+    expect_payload_at "data written after space came back" "$payload" "$hole"
+}
+
 # read_only OFFSET LEN: writes fail and the data at OFFSET does not change.
 case_read_only() {
     off=$1 len=$2

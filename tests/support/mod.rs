@@ -289,3 +289,66 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// A small file system mounted for one test, unmounted when dropped.
+pub struct SmallFs {
+    pub path: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum FsKind {
+    /// Allocates a page even to read a hole through a shared mapping.
+    Tmpfs,
+    /// Maps the zero page for a hole that is only read.
+    Ext4,
+}
+
+impl SmallFs {
+    /// Mounts a file system of `size` bytes at `dir/small`.
+    pub fn mount(dir: &std::path::Path, kind: FsKind, size: u64) -> SmallFs {
+        let path = dir.join("small");
+        std::fs::create_dir_all(&path).unwrap();
+        let mut mount = Command::new("mount");
+        match kind {
+            FsKind::Tmpfs => {
+                mount.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]);
+            }
+            FsKind::Ext4 => {
+                let image = dir.join("small.ext4");
+                std::fs::File::create(&image)
+                    .unwrap()
+                    .set_len(size)
+                    .unwrap();
+                let made = Command::new("mkfs.ext4")
+                    .args(["-q", "-F"])
+                    .arg(&image)
+                    .status()
+                    .unwrap();
+                assert!(made.success(), "mkfs.ext4");
+                mount.args(["-o", "loop"]).arg(&image);
+            }
+        }
+        let status = mount.arg(&path).status().unwrap();
+        assert!(status.success(), "mount a small {kind:?} (needs root)");
+        SmallFs { path }
+    }
+
+    /// Writes a file until the file system is full.
+    pub fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xffu8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount").arg(&self.path).status();
+        if !matches!(unmounted, Ok(s) if s.success()) {
+            eprintln!("cannot unmount {}", self.path.display());
+        }
+    }
+}
