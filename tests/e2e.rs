@@ -5,4 +5,5 @@
 mod blkio_client;
 mod guest_blk;
 mod guest_pmem;
+mod powercut;
 mod support;

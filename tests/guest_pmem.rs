@@ -146,7 +146,7 @@ fn suite(kind: Kind) {
         }
     };
     let vm = Vm {
-        socket: &backend.socket,
+        socket: Some(&backend.socket),
         num_queues: 2,
         machine,
         memory,

@@ -89,8 +89,8 @@ impl Boot {
 /// The machine a test boots.
 #[derive(Debug, Clone)]
 pub struct Vm<'a> {
-    /// The vhost-user-blk socket.
-    pub socket: &'a Path,
+    /// The vhost-user-blk socket, if the guest has that disk.
+    pub socket: Option<&'a Path>,
     pub num_queues: u16,
     /// `-machine` value.
     pub machine: String,
@@ -103,10 +103,22 @@ pub struct Vm<'a> {
 }
 
 impl<'a> Vm<'a> {
+    /// A guest with no disk but what `extra` adds.
+    pub fn diskless() -> Vm<'a> {
+        Vm {
+            socket: None,
+            num_queues: 1,
+            machine: "q35".into(),
+            memory: "1G".into(),
+            extra: Vec::new(),
+            qemu: vec!["qemu-system-x86_64".into()],
+        }
+    }
+
     /// A guest with one vhost-user-blk disk.
     pub fn blk(socket: &'a Path, num_queues: u16) -> Vm<'a> {
         Vm {
-            socket,
+            socket: Some(socket),
             num_queues,
             machine: "q35".into(),
             memory: "1G".into(),
@@ -162,10 +174,25 @@ pub fn boot(
     timeout: Duration,
     host: &mut dyn FnMut(&str, &str),
 ) -> Boot {
+    boot_until(dir, name, vm, script, timeout, host, &mut |_| false)
+}
+
+/// [`boot`], and QEMU is killed with SIGKILL (a power cut for everything in the guest) as
+/// soon as `cut` returns true for the console so far. The returned boot is then not
+/// `finished` and its console ends with a `[runner] power cut` line.
+pub fn boot_until(
+    dir: &Path,
+    name: &str,
+    vm: &Vm<'_>,
+    script: &str,
+    timeout: Duration,
+    host: &mut dyn FnMut(&str, &str),
+    cut: &mut dyn FnMut(&str) -> bool,
+) -> Boot {
     let (kernel, initrd) = guest_image();
     let script_path = dir.join(format!("{name}.sh"));
     let mut prelude = format!("WAIT_DIR={}\n", dir.display());
-    for lib in ["blk-cases.sh", "pmem-cases.sh"] {
+    for lib in ["blk-cases.sh", "pmem-cases.sh", "cut-cases.sh"] {
         let path = repo_root().join("resources/guest").join(lib);
         prelude += &format!(". /host{}\n", path.display());
     }
@@ -199,13 +226,17 @@ pub fn boot(
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .arg("-serial")
         .arg(format!("file:{}", console_log.display()))
-        .arg("-chardev")
-        .arg(format!("socket,id=blk0,path={}", vm.socket.display()))
-        .arg("-device")
-        .arg(format!(
-            "vhost-user-blk-pci,chardev=blk0,num-queues={}",
-            vm.num_queues
-        ))
+        .args(vm.socket.map_or_else(Vec::new, |socket| {
+            vec![
+                "-chardev".to_owned(),
+                format!("socket,id=blk0,path={}", socket.display()),
+                "-device".to_owned(),
+                format!(
+                    "vhost-user-blk-pci,chardev=blk0,num-queues={}",
+                    vm.num_queues
+                ),
+            ]
+        }))
         .args([
             "-virtfs",
             "local,path=/,mount_tag=host,security_model=none,readonly=on",
@@ -219,11 +250,20 @@ pub fn boot(
         .unwrap_or_else(|e| panic!("start {:?} (run ci/install-deps.sh): {e}", vm.qemu));
     let deadline = Instant::now() + timeout;
     let mut answered = 0;
+    let mut was_cut = false;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
         }
         let console = std::fs::read_to_string(&console_log).unwrap_or_default();
+        if cut(&console) {
+            // SIGKILL: QEMU gets no chance to write anything more; what the guest had
+            // not written to its disks is gone.
+            child.kill().ok();
+            child.wait().ok();
+            was_cut = true;
+            break None;
+        }
         let waits: Vec<&str> = console
             .lines()
             .filter_map(|l| l.trim_end_matches('\r').strip_prefix("WAIT "))
@@ -245,6 +285,11 @@ pub fn boot(
     let output = child.wait_with_output().unwrap();
     let console = std::fs::read_to_string(&console_log).unwrap_or_default();
     let mut boot = parse_console(console, console_log);
+    if was_cut {
+        boot.finished = false;
+        boot.console.push_str("\n[runner] power cut\n");
+        return boot;
+    }
     if status.is_none() {
         boot.finished = false;
         boot.console

@@ -1,0 +1,207 @@
+//! The power-cut suite's blocks and its verdict. `daxd-cut-client` writes self-describing
+//! 4 KiB blocks and prints what daxd acknowledged; after a cut, [`check`] compares the
+//! region file with those acknowledgements.
+
+/// Bytes per block.
+pub const BLOCK: usize = 4096;
+const MAGIC: &[u8; 8] = b"DAXDCUT1";
+
+/// Fills `buf` (one block) with the version `seq` of block `block`: magic, block number,
+/// sequence number and seed, then bytes derived from them, so that a block read after a
+/// cut says exactly which write put it there.
+pub fn fill(buf: &mut [u8], seed: u64, block: u64, seq: u64) {
+    buf[..8].copy_from_slice(MAGIC);
+    buf[8..16].copy_from_slice(&block.to_le_bytes());
+    buf[16..24].copy_from_slice(&seq.to_le_bytes());
+    buf[24..32].copy_from_slice(&seed.to_le_bytes());
+    let mut x = (seed
+        ^ block.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ seq.wrapping_mul(0xd1b5_4a32_d192_ed03))
+        | 1;
+    for chunk in buf[32..].chunks_mut(8) {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+}
+
+/// What a block of the region holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Content {
+    Zero,
+    /// Version `seq` of this block, intact.
+    Version(u64),
+    /// Anything else: torn, foreign, or another block's data.
+    Garbage,
+}
+
+/// Reads one block of the region.
+pub fn content(data: &[u8], seed: u64, block: u64) -> Content {
+    if data.iter().all(|&b| b == 0) {
+        return Content::Zero;
+    }
+    if data.len() != BLOCK || &data[..8] != MAGIC {
+        return Content::Garbage;
+    }
+    let field = |at: usize| u64::from_le_bytes(data[at..at + 8].try_into().unwrap_or_default());
+    let seq = field(16);
+    if field(8) != block || field(24) != seed {
+        return Content::Garbage;
+    }
+    let mut expected = vec![0u8; BLOCK];
+    fill(&mut expected, seed, block, seq);
+    if expected == data {
+        Content::Version(seq)
+    } else {
+        Content::Garbage
+    }
+}
+
+/// One acknowledged request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: u64,
+    pub block: u64,
+    /// True for a write, false for a discard (the block reads zero after it).
+    pub write: bool,
+}
+
+/// What the client printed before the cut.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Log {
+    pub acks: Vec<Ack>,
+    /// The highest sequence number a completed FLUSH covers (0: none).
+    pub flushed: u64,
+    /// The client finished its requests.
+    pub done: bool,
+}
+
+impl Log {
+    /// Parses the client's lines out of a console log (other lines are ignored; a line cut
+    /// short by the power cut does not parse and is ignored too).
+    pub fn parse(console: &str) -> Log {
+        let mut log = Log::default();
+        for line in console.lines().map(|l| l.trim_end_matches('\r')) {
+            let words: Vec<&str> = line.split(' ').collect();
+            match words.as_slice() {
+                ["ACK", seq, kind @ ("W" | "Z"), block] => {
+                    if let (Ok(seq), Ok(block)) = (seq.parse(), block.parse()) {
+                        log.acks.push(Ack {
+                            seq,
+                            block,
+                            write: *kind == "W",
+                        });
+                    }
+                }
+                ["FLUSHED", seq] => {
+                    if let Ok(seq) = seq.parse::<u64>() {
+                        log.flushed = log.flushed.max(seq);
+                    }
+                }
+                ["CLIENT-DONE", _] => log.done = true,
+                _ => {}
+            }
+        }
+        log
+    }
+
+    /// The highest acknowledged sequence number.
+    pub fn last_ack(&self) -> u64 {
+        self.acks.iter().map(|a| a.seq).max().unwrap_or(0)
+    }
+}
+
+/// Checks `region` (the region file after a cut) against the acknowledgements in `log`:
+/// every request acknowledged up to `durable` (its sequence number) must be there, each
+/// block holding its last durable version or a later one; blocks never hold garbage.
+/// Returns one line per violated block, empty when all promises were kept.
+pub fn check(region: &[u8], log: &Log, seed: u64, durable: u64) -> Vec<String> {
+    let mut last_durable = std::collections::HashMap::<u64, Ack>::new();
+    for ack in log.acks.iter().filter(|a| a.seq <= durable) {
+        last_durable.insert(ack.block, *ack);
+    }
+    let mut findings = Vec::new();
+    for (block, data) in region.chunks(BLOCK).enumerate() {
+        let block = block as u64;
+        let found = content(data, seed, block);
+        let promised = last_durable.get(&block);
+        let kept = match (promised, found) {
+            (_, Content::Garbage) => false,
+            (None, _) => true,
+            // After a durable discard: zero, or a later write.
+            (Some(ack), Content::Zero) => !ack.write,
+            (Some(ack), Content::Version(seq)) => {
+                if ack.write {
+                    seq >= ack.seq
+                } else {
+                    seq > ack.seq
+                }
+            }
+        };
+        if !kept {
+            findings.push(format!(
+                "block {block}: {} was durable, the region holds {found:?}",
+                match promised {
+                    Some(ack) if ack.write => format!("write {}", ack.seq),
+                    Some(ack) => format!("discard {}", ack.seq),
+                    None => "nothing".to_owned(),
+                }
+            ));
+        }
+    }
+    findings
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region_with(versions: &[(u64, Option<u64>)], blocks: u64) -> Vec<u8> {
+        let mut region = vec![0u8; blocks as usize * BLOCK];
+        for &(block, seq) in versions {
+            if let Some(seq) = seq {
+                let at = block as usize * BLOCK;
+                fill(&mut region[at..at + BLOCK], 7, block, seq);
+            }
+        }
+        region
+    }
+
+    #[test]
+    fn blocks_say_which_write_made_them() {
+        let region = region_with(&[(1, Some(5))], 3);
+        assert_eq!(content(&region[..BLOCK], 7, 0), Content::Zero);
+        assert_eq!(
+            content(&region[BLOCK..2 * BLOCK], 7, 1),
+            Content::Version(5)
+        );
+        // Another block's data, a torn block, another seed.
+        assert_eq!(content(&region[BLOCK..2 * BLOCK], 7, 2), Content::Garbage);
+        let mut torn = region[BLOCK..2 * BLOCK].to_vec();
+        torn[2048..].fill(0);
+        assert_eq!(content(&torn, 7, 1), Content::Garbage);
+        assert_eq!(content(&region[BLOCK..2 * BLOCK], 8, 1), Content::Garbage);
+    }
+
+    #[test]
+    fn durable_requests_must_be_there_later_ones_may_be() {
+        let log = Log::parse(
+            "boot noise\nACK 1 W 0\nACK 2 W 1\nFLUSHED 2\nACK 3 W 0\nACK 4 Z 1\nACK 5 W 2\nACK 6 W",
+        );
+        assert_eq!(log.flushed, 2);
+        assert_eq!(log.last_ack(), 5);
+        // Everything flushed is there, later requests partly.
+        let ok = region_with(&[(0, Some(3)), (1, Some(2))], 3);
+        assert!(check(&ok, &log, 7, log.flushed).is_empty());
+        // The flushed write to block 1 is missing.
+        let lost = region_with(&[(0, Some(1))], 3);
+        assert_eq!(check(&lost, &log, 7, log.flushed).len(), 1);
+        // Every acknowledgement durable (write-through): block 1's discard and block 2's
+        // write must both be there.
+        let all = region_with(&[(0, Some(3)), (2, Some(5))], 3);
+        assert!(check(&all, &log, 7, log.last_ack()).is_empty());
+        assert_eq!(check(&ok, &log, 7, log.last_ack()).len(), 2);
+    }
+}

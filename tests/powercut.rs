@@ -1,0 +1,243 @@
+//! Power cuts: daxd runs inside a test guest with its region on the guest's own disk (a
+//! host image file that QEMU caches write-back), a client in the same guest prints every
+//! acknowledgement, and the runner kills QEMU with SIGKILL at a random moment. Whatever
+//! the guest kernel had not written to its disk is lost, exactly what a power failure
+//! does to daxd's host, so after each cut the region file in the image shows what daxd
+//! really made durable. Checked against the client's acknowledgements:
+//! - default mode: every request acknowledged before a completed FLUSH is there;
+//! - `--sync`: every acknowledged write and discard is there;
+//! - after SIGTERM (daxd exited 0): every acknowledged request is there.
+//!
+//! The guest writes nothing back on its own (periodic writeback is off), so only daxd's
+//! `fdatasync`/`msync` can save data: remove one and its mode fails. `DAXD_POWER_CUTS`
+//! multiplies the number of cuts (a soak: `DAXD_POWER_CUTS=20`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use daxd_bench::cut::{check, Log};
+
+use crate::support::guest::{boot_until, host_tool, Vm};
+
+const REGION_SIZE: u64 = 16 << 20;
+const IMAGE_SIZE: u64 = 64 << 20;
+/// A run that has not been cut by then has hung.
+const RUN_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Flush,
+    Sync,
+    Term,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Flush => "flush",
+            Mode::Sync => "sync",
+            Mode::Term => "term",
+        }
+    }
+}
+
+/// The disk image holding the guest's ext4 with the region file on it.
+fn make_image(dir: &Path) -> PathBuf {
+    let image = dir.join("cut.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(IMAGE_SIZE)
+        .unwrap();
+    let (ok, _, err) = host_tool("mkfs.ext4", &["-q", "-F", image.to_str().unwrap()]);
+    assert!(ok, "mkfs.ext4: {err}");
+    let zeroes = dir.join("zeroes");
+    std::fs::File::create(&zeroes)
+        .unwrap()
+        .set_len(REGION_SIZE)
+        .unwrap();
+    let (ok, _, err) = host_tool(
+        "debugfs",
+        &[
+            "-w",
+            "-R",
+            &format!("write {} region.img", zeroes.display()),
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "debugfs write: {err}");
+    image
+}
+
+/// The region file as the image holds it after a cut: the journal replayed on a copy (as
+/// the next mount would), then the file read out.
+fn region_after_cut(dir: &Path, image: &Path) -> Vec<u8> {
+    let copy = dir.join("check.img");
+    std::fs::copy(image, &copy).unwrap();
+    let status = Command::new("e2fsck")
+        .args(["-fy", copy.to_str().unwrap()])
+        .output()
+        .unwrap()
+        .status;
+    // 0: clean, 1: errors corrected (a replayed journal); anything more is damage.
+    assert!(
+        matches!(status.code(), Some(0 | 1)),
+        "the guest's file system is damaged after the cut: e2fsck {status}"
+    );
+    let out = dir.join("region.out");
+    let (ok, _, err) = host_tool(
+        "debugfs",
+        &[
+            "-R",
+            &format!("dump /region.img {}", out.display()),
+            copy.to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "debugfs dump: {err}");
+    let region = std::fs::read(&out).unwrap();
+    assert_eq!(region.len() as u64, REGION_SIZE);
+    region
+}
+
+/// xorshift, for cut delays that differ between cuts but repeat between runs.
+fn delay(seed: u64, max: Duration) -> Duration {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    max.mul_f64((x % 1000) as f64 / 1000.0)
+}
+
+fn cuts(mode: Mode, count: usize) {
+    let dir = crate::support::test_dir(&format!("daxd-cut-{}-", mode.name()));
+    let d = dir.path();
+    let image = make_image(d);
+    let daxd = Path::new(env!("CARGO_BIN_EXE_daxd"));
+    let client = daxd.with_file_name("daxd-cut-client");
+    assert!(
+        client.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        client.display()
+    );
+    let mut vm = Vm::diskless();
+    vm.extra = vec![
+        "-drive".into(),
+        format!(
+            "file={},if=none,id=cut,format=raw,cache=writeback,aio=threads",
+            image.display()
+        ),
+        "-device".into(),
+        "virtio-blk-pci,drive=cut".into(),
+    ];
+    let count = count
+        * std::env::var("DAXD_POWER_CUTS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(1);
+    let seed = 42;
+    let mut checked = 0u64;
+    for cut in 0..count {
+        let first_seq = 1 + cut as u64 * 10_000_000;
+        let wait = delay(cut as u64 + 1, Duration::from_millis(1500));
+        let mut armed: Option<Instant> = None;
+        let run = boot_until(
+            d,
+            &format!("cut{cut}"),
+            &vm,
+            &format!(
+                "run_case powercut case_powercut {} {} {seed} {first_seq} {}\n",
+                daxd.display(),
+                client.display(),
+                mode.name()
+            ),
+            RUN_TIMEOUT,
+            &mut |_, _| {},
+            &mut |console| {
+                let trigger = match mode {
+                    Mode::Flush => console.contains("\nFLUSHED "),
+                    Mode::Sync => console.contains("\nACK "),
+                    Mode::Term => console.contains("CUT-NOW"),
+                };
+                match armed {
+                    None if trigger => {
+                        armed = Some(Instant::now());
+                        false
+                    }
+                    Some(at) => at.elapsed() >= wait || mode == Mode::Term,
+                    None => false,
+                }
+            },
+        );
+        assert!(
+            run.console.ends_with("[runner] power cut\n"),
+            "cut {cut}: the run ended before the cut\nconsole log: {}\n{}",
+            run.console_log.display(),
+            run.console
+                .lines()
+                .rev()
+                .take(20)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let log = Log::parse(&run.console);
+        let durable = match mode {
+            Mode::Flush => log.flushed,
+            Mode::Sync => log.last_ack(),
+            Mode::Term => {
+                assert!(
+                    log.done && run.console.contains("DAXD-EXIT 0"),
+                    "cut {cut}: daxd did not exit 0 after SIGTERM\nconsole log: {}",
+                    run.console_log.display()
+                );
+                log.last_ack()
+            }
+        };
+        assert!(
+            durable >= first_seq,
+            "cut {cut}: nothing was acknowledged before the cut, so nothing was tested"
+        );
+        let region = region_after_cut(d, &image);
+        let findings = check(&region, &log, seed, durable);
+        assert!(
+            findings.is_empty(),
+            "cut {cut} ({} mode, after {wait:?}): {} of the promised requests up to {durable} are not in the region:\n{}\nconsole log: {}",
+            mode.name(),
+            findings.len(),
+            findings.iter().take(10).cloned().collect::<Vec<_>>().join("\n"),
+            run.console_log.display()
+        );
+        checked += durable + 1 - first_seq;
+        let when = match mode {
+            Mode::Term => "after daxd's exit".to_owned(),
+            _ => format!("{wait:?} into the run"),
+        };
+        eprintln!(
+            "cut {cut} ({} mode) {when}: {} requests acknowledged, {} durable by promise, all there",
+            mode.name(),
+            log.last_ack() + 1 - first_seq,
+            durable + 1 - first_seq
+        );
+    }
+    eprintln!(
+        "{count} cuts in {} mode: {checked} promised requests checked",
+        mode.name()
+    );
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn power_cuts_keep_every_write_a_completed_flush_covered() {
+    cuts(Mode::Flush, 8);
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn power_cuts_keep_every_acknowledged_request_with_sync() {
+    cuts(Mode::Sync, 5);
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn power_cuts_after_sigterm_keep_every_acknowledged_request() {
+    cuts(Mode::Term, 3);
+}
