@@ -19,9 +19,19 @@ case_powercut() {
     rm -f /host/mnt/blk.sock
     sync_arg=
     [ "$mode" = sync ] && sync_arg=--sync
-    # Not through the host function: $! must be daxd itself, for the SIGTERM below.
-    chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-        "$daxd" --region /mnt/region.img --socket-path /mnt/blk.sock $sync_arg 2> /tmp/daxd.log &
+    # Not through the host function: $! must be the backend itself, for the SIGTERM below.
+    if [ "$daxd" = qemu-storage-daemon ]; then
+        # The peer: QEMU's own export of the same file, write-through for sync.
+        writethrough=off
+        [ "$mode" = sync ] && writethrough=on
+        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin qemu-storage-daemon \
+            --blockdev driver=file,node-name=f,filename=/mnt/region.img,discard=unmap \
+            --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/mnt/blk.sock,writable=on,writethrough=$writethrough \
+            2> /tmp/daxd.log &
+    else
+        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+            "$daxd" --region /mnt/region.img --socket-path /mnt/blk.sock $sync_arg 2> /tmp/daxd.log &
+    fi
     daxd_pid=$!
     i=0
     while [ ! -S /host/mnt/blk.sock ]; do
@@ -35,7 +45,8 @@ case_powercut() {
     done
     case $mode in
         flush) host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 8 ;;
-        sync) host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 ;;
+        # Discards are metadata, which only fdatasync makes durable: many of them.
+        sync) host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 --discard-every 2 ;;
         term)
             host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 --ops 300
             kill -TERM "$daxd_pid"

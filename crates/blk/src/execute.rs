@@ -82,7 +82,7 @@ impl BlkDevice {
                 self.registry
                     .mark_dirty(FrameRange::covering(start, data.len));
                 if self.config.sync {
-                    region.flush_range(start, data.len)?;
+                    region.flush()?;
                 }
                 Ok(Executed::Done(0))
             }

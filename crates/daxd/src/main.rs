@@ -128,10 +128,11 @@ impl Opened {
         );
         for w in layout.pmem() {
             // A guest's DAX store into a hole would fault in the VMM when the host file
-            // system is full: pmem windows get all their blocks before anyone maps them.
+            // system is full: pmem windows get all their blocks (zeroes written into
+            // their holes) before anyone maps them.
             if !region.is_read_only() {
                 region
-                    .ensure_allocated(w.offset, w.size)
+                    .fill_holes(w.offset, w.size)
                     .map_err(|source| Error::PmemAllocation {
                         window: w.name.clone(),
                         source,

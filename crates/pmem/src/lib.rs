@@ -257,8 +257,8 @@ impl PmemDevice {
     /// Makes every earlier write to the window durable.
     pub fn flush(&self) -> Result<(), RegionError> {
         let ticket = self.registry.flush_begin();
-        self.region
-            .flush_range(self.window.offset, self.window.size)?;
+        // All of the file, not only the window: see Region::flush.
+        self.region.flush()?;
         self.registry.flush_complete(ticket);
         Ok(())
     }

@@ -247,13 +247,13 @@ impl VhostUserBlkBackend {
                 .pmem_window_at(window.region_offset, window.len)
                 .map(|w| format!("pmem window {}", w.name))
                 .unwrap_or_else(|| "no declared pmem window".to_owned());
-            if !self.device.config().read_only {
-                if let Err(e) = region.ensure_allocated(window.region_offset, window.len) {
-                    warn!(
-                        "guest memory at {:#x} maps region bytes with holes that cannot be allocated ({e}): a guest store there faults in the VMM",
-                        window.gpa
-                    );
-                }
+            // Filled when daxd started; the guest may be using the mapping already, so holes
+            // punched since (discards through the disk) cannot be filled safely here.
+            if region.has_holes(window.region_offset, window.len) {
+                warn!(
+                    "guest memory at {:#x} maps region bytes with holes: when the host file system is full, a guest store there faults in the VMM",
+                    window.gpa
+                );
             }
             let request = MappingRequest {
                 device: "memory-backend-file in the vhost-user-blk memory table".into(),

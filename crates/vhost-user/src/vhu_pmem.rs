@@ -95,9 +95,10 @@ impl VhostUserPmemBackend {
             .name("daxd-pmem-map".into())
             .spawn(move || {
                 let window = device.window();
-                // Allocated at start; a discard through the disk (serve=both) may have
+                // Filled at start; a discard through the disk (serve=both) may have
                 // punched holes since, and a guest's store into one must not fault in QEMU.
-                if let Err(e) = device.region().ensure_allocated(window.offset, window.size) {
+                // Nothing maps the window yet, so writing zeroes into holes is safe.
+                if let Err(e) = device.region().fill_holes(window.offset, window.size) {
                     error!(
                         "virtio-pmem: not mapping window {}: {e}; the guest's pmem device is backed by nothing",
                         window.name

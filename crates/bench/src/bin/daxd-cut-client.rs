@@ -5,7 +5,7 @@
 //!
 //! It writes self-describing 4 KiB blocks (magic, block number, sequence number, seed, then
 //! bytes derived from them) at random blocks of the disk, one request at a time, and
-//! sometimes discards a block (write-zeroes with unmap). Lines:
+//! sometimes discards the block it wrote last (write-zeroes with unmap). Lines:
 //! - `ACK <seq> W <block>` / `ACK <seq> Z <block>`: the write / zeroing completed;
 //! - `FLUSHED <seq>`: a FLUSH submitted after the completion of `<seq>` completed;
 //! - `CLIENT-DONE <seq>`: `--ops` requests were made.
@@ -40,7 +40,8 @@ struct Args {
     /// Stop after this many requests (default: run until killed).
     #[arg(long)]
     ops: Option<u64>,
-    /// One request in N is a discard instead of a write (0: none).
+    /// About one request in N is a discard of the block written just before, instead of a
+    /// write (0: none).
     #[arg(long, default_value_t = 10)]
     discard_every: u64,
 }
@@ -84,14 +85,20 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         rng
     };
     let mut seq = args.first_seq - 1;
+    let mut last_written = None;
     let end = args.ops.map_or(u64::MAX, |ops| seq + ops);
     writeln!(out, "CLIENT-READY {blocks}")?;
     out.flush()?;
     while seq < end {
         seq += 1;
-        let block = next() % blocks;
-        let offset = block * BLOCK as u64;
         let discard = args.discard_every != 0 && next() % args.discard_every == 0;
+        // A discard takes back the block written last, so that a discard lost in a cut
+        // shows as that write coming back.
+        let block = match (discard, last_written) {
+            (true, Some(block)) => block,
+            _ => next() % blocks,
+        };
+        let offset = block * BLOCK as u64;
         if discard {
             q.write_zeroes(offset, BLOCK as u64, 0, ReqFlags::empty());
         } else {
@@ -106,6 +113,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("request {seq} failed: {ret}").into());
         }
         writeln!(out, "ACK {seq} {} {block}", if discard { 'Z' } else { 'W' })?;
+        last_written = (!discard).then_some(block);
         out.flush()?;
         if args.flush_every != 0 && seq % args.flush_every == 0 {
             q.flush(0, ReqFlags::empty());
