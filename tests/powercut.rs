@@ -12,11 +12,12 @@
 //! `fdatasync` calls can save data: remove one and its mode fails. `DAXD_POWER_CUTS`
 //! multiplies the number of cuts (a soak: `DAXD_POWER_CUTS=20`).
 //!
-//! The `soak_` tests are not run by CI: with `--sync`, the request acknowledged last
-//! before a cut was occasionally missing afterwards (about one cut in 20), for
-//! qemu-storage-daemon (write-through export) exactly as for daxd, and not for `dd` with
-//! fsync or fdatasync in the same guest; until that is understood, the write-through
-//! promise is checked by hand (`cargo test --test e2e soak_ -- --ignored`).
+//! The `soak_` tests are not run by CI: with `--sync` and a discard every other request,
+//! the request acknowledged last before a cut was occasionally missing afterwards (about
+//! one cut in 20), for qemu-storage-daemon's write-through export exactly as for daxd;
+//! without discards 24 of 24 cuts kept everything, and so did `dd` with fsync or
+//! fdatasync in the same guest. Until that is understood, write-through with discards is
+//! checked by hand (`cargo test --test e2e soak_ -- --ignored`), without them in CI.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,12 +117,18 @@ fn delay(seed: u64, max: Duration) -> Duration {
     max.mul_f64((x % 1000) as f64 / 1000.0)
 }
 
-fn cuts(mode: Mode, count: usize) {
-    cuts_against(mode, count, Path::new(env!("CARGO_BIN_EXE_daxd")));
+/// `count` cuts of daxd in `mode`; about one request in `discard_every` is a discard.
+fn cuts(mode: Mode, count: usize, discard_every: u32) {
+    cuts_against(
+        mode,
+        count,
+        discard_every,
+        Path::new(env!("CARGO_BIN_EXE_daxd")),
+    );
 }
 
 /// The same cuts against `backend` (daxd's path, or `qemu-storage-daemon`).
-fn cuts_against(mode: Mode, count: usize, backend: &Path) {
+fn cuts_against(mode: Mode, count: usize, discard_every: u32, backend: &Path) {
     let dir = crate::support::test_dir(&format!("daxd-cut-{}-", mode.name()));
     let d = dir.path();
     let image = make_image(d);
@@ -158,7 +165,7 @@ fn cuts_against(mode: Mode, count: usize, backend: &Path) {
             &format!("cut{cut}"),
             &vm,
             &format!(
-                "run_case powercut case_powercut {} {} {seed} {first_seq} {}\n",
+                "run_case powercut case_powercut {} {} {seed} {first_seq} {} {discard_every}\n",
                 daxd.display(),
                 client.display(),
                 mode.name()
@@ -240,24 +247,31 @@ fn cuts_against(mode: Mode, count: usize, backend: &Path) {
 #[test]
 #[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
 fn power_cuts_keep_every_write_a_completed_flush_covered() {
-    cuts(Mode::Flush, 10);
+    cuts(Mode::Flush, 10, 10);
 }
 
 #[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn power_cuts_keep_every_acknowledged_write_with_sync() {
+    cuts(Mode::Sync, 6, 0);
+}
+
+/// Discards are metadata that only fdatasync makes durable: one request in two.
+#[test]
 #[ignore = "by hand: see the module documentation"]
 fn soak_power_cuts_keep_every_acknowledged_request_with_sync() {
-    cuts(Mode::Sync, 8);
+    cuts(Mode::Sync, 8, 2);
 }
 
 #[test]
 #[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
 fn power_cuts_after_sigterm_keep_every_acknowledged_request() {
-    cuts(Mode::Term, 3);
+    cuts(Mode::Term, 3, 10);
 }
 
-/// The peer's run of the write-through checks, for comparison.
+/// The peer's run of the write-through checks with discards, for comparison.
 #[test]
 #[ignore = "by hand: see the module documentation"]
 fn soak_power_cuts_against_qemu_storage_daemon_with_sync() {
-    cuts_against(Mode::Sync, 8, Path::new("qemu-storage-daemon"));
+    cuts_against(Mode::Sync, 8, 2, Path::new("qemu-storage-daemon"));
 }

@@ -4,11 +4,12 @@
 # had not written to that disk is lost, as in a power failure. The client's lines on the
 # console are what daxd promised.
 
-# powercut DAXD CLIENT SEED FIRST_SEQ MODE: MODE is flush (a FLUSH every 8 requests), sync
-# (daxd --sync: every request write-through, no FLUSH) or term (300 requests without FLUSH,
-# then SIGTERM to daxd, which must make them durable before it exits).
+# powercut DAXD CLIENT SEED FIRST_SEQ MODE DISCARD_EVERY: MODE is flush (a FLUSH every 8
+# requests), sync (daxd --sync: every request write-through, no FLUSH) or term (300
+# requests without FLUSH, then SIGTERM to daxd, which must make them durable before it
+# exits); about one request in DISCARD_EVERY is a discard (0: none).
 case_powercut() {
-    daxd=$1 client=$2 seed=$3 first=$4 mode=$5
+    daxd=$1 client=$2 seed=$3 first=$4 mode=$5 discards=$6
     mount -t ext4 /dev/vda /host/mnt || { fail "mount of the cut disk failed"; return; }
     # Nothing but daxd's own flushes may write the region back: no periodic writeback,
     # no writeback for lack of memory.
@@ -44,11 +45,17 @@ case_powercut() {
         sleep 0.1
     done
     case $mode in
-        flush) host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 8 ;;
-        # Discards are metadata, which only fdatasync makes durable: many of them.
-        sync) host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 --discard-every 2 ;;
+        flush)
+            host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 8 \
+                --discard-every "$discards"
+            ;;
+        sync)
+            host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 \
+                --discard-every "$discards"
+            ;;
         term)
-            host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 --ops 300
+            host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 \
+                --discard-every "$discards" --ops 300
             kill -TERM "$daxd_pid"
             wait "$daxd_pid"
             echo "DAXD-EXIT $?"
