@@ -35,10 +35,8 @@ pub fn world() -> &'static World {
             .unwrap(),
         );
         let registry = Arc::new(Registry::new(region.frames()));
-        let mem = GuestMemoryMmap::from_ranges(
-            &MEM.map(|(addr, len)| (GuestAddress(addr), len)),
-        )
-        .unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&MEM.map(|(addr, len)| (GuestAddress(addr), len)))
+            .unwrap();
         World {
             _dir: dir,
             region,
