@@ -93,7 +93,7 @@ pub struct Args {
     pub read_only: bool,
 
     /// Write-through: every write, discard and write-zeroes is durable on the host
-    /// (msync/fdatasync) before it completes. The disk then offers no FLUSH and the guest
+    /// (fdatasync of the region file) before it completes. The disk then offers no FLUSH and the guest
     /// sees a write-through cache. Without it, a write is durable once a later FLUSH
     /// completes (the guest sees a write-back cache).
     #[arg(long)]
