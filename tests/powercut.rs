@@ -14,9 +14,10 @@
 //!
 //! The `soak_` tests are not run by CI: with `--sync` and a discard every other request,
 //! the request acknowledged last before a cut was occasionally missing afterwards (about
-//! one cut in 20), for qemu-storage-daemon's write-through export exactly as for daxd;
-//! without discards 24 of 24 cuts kept everything, and so did `dd` with fsync or
-//! fdatasync in the same guest. Until that is understood, write-through with discards is
+//! one cut in 20), for qemu-storage-daemon's write-through export exactly as for daxd,
+//! and for a program doing the same pwrite / hole punch / fdatasync sequence on the file
+//! directly; without discards 24 of 24 cuts kept everything, and so did `dd` with fsync
+//! or fdatasync in the same guest. Until that is understood, write-through with discards is
 //! checked by hand (`cargo test --test e2e soak_ -- --ignored`), without them in CI.
 
 use std::path::{Path, PathBuf};
