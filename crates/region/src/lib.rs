@@ -798,6 +798,26 @@ mod tests {
     }
 
     #[test]
+    fn the_shareable_descriptor_does_not_keep_the_lock() {
+        // A VMM that was handed the shareable descriptor (SHMEM_MAP) may keep it, or a
+        // mapping through it, long after daxd is gone; the next daxd must still start.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        let region = Region::open(&config(&path, Some(PAGE_SIZE))).unwrap();
+        let held_by_vmm = region.shareable_file().try_clone().unwrap();
+        assert!(matches!(
+            Region::open(&config(&path, None)),
+            Err(RegionError::Locked {
+                held: LockKind::Exclusive,
+                ..
+            })
+        ));
+        drop(region);
+        Region::open(&config(&path, None)).expect("a descriptor held elsewhere kept the lock");
+        drop(held_by_vmm);
+    }
+
+    #[test]
     fn direct_needs_a_dax_file_system() {
         // Test temp directories are never on DAX here; MAP_SYNC must be refused with an
         // error that says what to do, not silently downgraded.
