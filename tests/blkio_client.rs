@@ -8,7 +8,9 @@ use std::sync::{Arc, Barrier};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::support::{file_bytes, next_data, pattern, Backend, Client, FsKind, SmallFs, QUEUE_BUF};
+use crate::support::{
+    file_bytes, next_data, pattern, refused_start, Backend, Client, FsKind, SmallFs, QUEUE_BUF,
+};
 
 const MIB: u64 = 1 << 20;
 const EIO: i32 = -5;
@@ -343,22 +345,11 @@ fn bad_start_up_configurations_fail_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
     std::fs::write(&region, vec![0u8; 8192]).unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status,
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
     let sock = dir.path().join("s.sock");
     let sock = sock.to_str().unwrap();
     let r = region.to_str().unwrap();
 
-    let (status, err) = run(&["--region", r, "--size", "1M", "--socket-path", sock]);
-    assert!(!status.success());
+    let err = refused_start(&["--region", r, "--size", "1M", "--socket-path", sock]);
     assert!(err.contains("--resize"), "{err}");
     assert_eq!(
         std::fs::metadata(&region).unwrap().len(),
@@ -367,11 +358,10 @@ fn bad_start_up_configurations_fail_with_a_message() {
     );
 
     let missing = dir.path().join("missing.img");
-    let (status, err) = run(&["--region", missing.to_str().unwrap(), "--socket-path", sock]);
-    assert!(!status.success());
+    let err = refused_start(&["--region", missing.to_str().unwrap(), "--socket-path", sock]);
     assert!(err.contains("--size"), "{err}");
 
-    let (status, err) = run(&[
+    let err = refused_start(&[
         "--region",
         r,
         "--socket-path",
@@ -379,15 +369,12 @@ fn bad_start_up_configurations_fail_with_a_message() {
         "--serial",
         "this-serial-is-too-long",
     ]);
-    assert!(!status.success());
     assert!(err.contains("20 bytes"), "{err}");
 
-    let (status, err) = run(&["--region", r, "--fd", "0"]);
-    assert!(!status.success());
+    let err = refused_start(&["--region", r, "--fd", "0"]);
     assert!(err.contains("not a listening UNIX socket"), "{err}");
 
-    let (status, err) = run(&["--region", r, "--socket-path", sock, "--direct"]);
-    assert!(!status.success(), "MAP_SYNC on a non-DAX file system");
+    let err = refused_start(&["--region", r, "--socket-path", sock, "--direct"]);
     assert!(
         err.contains("DAX") && err.contains("drop --direct"),
         "{err}"
@@ -395,7 +382,7 @@ fn bad_start_up_configurations_fail_with_a_message() {
 
     // Overlapping windows name the option that allows them, and a layout that cannot be
     // served leaves the file as it was.
-    let (status, err) = run(&[
+    let err = refused_start(&[
         "--region",
         r,
         "--size",
@@ -408,7 +395,6 @@ fn bad_start_up_configurations_fail_with_a_message() {
         "--window",
         "name=p,offset=2M,size=2M,serve=pmem",
     ]);
-    assert!(!status.success());
     assert!(err.contains("--allow-overlap"), "{err}");
     assert_eq!(
         std::fs::metadata(&region).unwrap().len(),
@@ -462,34 +448,16 @@ fn a_region_has_one_writer_or_many_readers() {
     };
     let refused = |extra: &[&str]| {
         let socket = dir.path().join("refused.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_daxd"))
-            .arg("--region")
-            .arg(&region)
-            .arg("--socket-path")
-            .arg(&socket)
-            .args(extra)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A refused start ends at once; one still running after a while was not refused.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while child.try_wait().unwrap().is_none() {
-            if std::time::Instant::now() > deadline {
-                child.kill().ok();
-                child.wait().ok();
-                std::fs::remove_file(&socket).ok();
-                panic!("a conflicting daxd started and kept serving: {extra:?}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            !out.status.success(),
-            "a conflicting daxd started: {extra:?}"
-        );
+        let mut args = vec![
+            "--region",
+            region.to_str().unwrap(),
+            "--socket-path",
+            socket.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let err = refused_start(&args);
         assert!(!socket.exists(), "a refused daxd left a socket");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        err
     };
 
     let writer = Backend::start_daxd(&sub("w1"), &region, &["--size", "4M"]);
@@ -557,21 +525,18 @@ fn full_host_file_system(kind: FsKind) {
 
     // A pmem window must have all its blocks before a guest maps it (a DAX store into a
     // hole would fault in the VMM): on a full file system daxd refuses to serve it.
-    let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
-        .arg("--region")
-        .arg(fs.path.join("pmem.img"))
-        .args(["--size", "16M", "--socket-path"])
-        .arg(dir.path().join("pmem-blk.sock"))
-        .args([
-            "--window",
-            "name=disk,size=8M,serve=blk",
-            "--window",
-            "name=pm0,offset=8M,size=8M,serve=pmem",
-        ])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "served a pmem window without blocks");
+    let err = refused_start(&[
+        "--region",
+        fs.path.join("pmem.img").to_str().unwrap(),
+        "--size",
+        "16M",
+        "--socket-path",
+        dir.path().join("pmem-blk.sock").to_str().unwrap(),
+        "--window",
+        "name=disk,size=8M,serve=blk",
+        "--window",
+        "name=pm0,offset=8M,size=8M,serve=pmem",
+    ]);
     assert!(
         err.contains("cannot give pmem window pm0 all its blocks") && err.contains("no space"),
         "{err}"

@@ -244,6 +244,35 @@ impl QueueHandle {
     }
 }
 
+/// Runs daxd with `args`, which must be refused: it must exit with a failure status
+/// within 10 s (one that keeps serving was not refused, and is killed). Returns what it
+/// printed on standard error.
+pub fn refused_start(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            panic!("daxd {args:?} was not refused: it kept running");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "daxd {args:?} was not refused: {}",
+        out.status
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A temporary directory for one test; kept (and its path printed) when the environment
 /// sets DAXD_KEEP_TEST_DIR, to read console logs after a run.
 pub fn test_dir(prefix: &str) -> tempfile::TempDir {
