@@ -6,11 +6,9 @@
 //! SEEK_HOLE finds no hole in it, and is forgotten when a hole is punched or a range is
 //! zeroed in it.
 //!
-//! daxd never allocates with `fallocate`: blocks allocated but not written (unwritten
-//! extents) and then written through a shared mapping did not survive power cuts in the
-//! power-cut suite on ext4 (Linux 6.12), although `msync`/`fdatasync` had returned;
-//! qemu-storage-daemon lost writes the same way on such a file. Plain holes, filled by
-//! stores or by pwrite(2), did not lose anything.
+//! Granules are allocated by writing them, not with `fallocate`: blocks allocated but not
+//! written are unwritten extents, which SEEK_DATA reports as holes, so the scan at the next
+//! start would not find them again.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -506,10 +506,7 @@ impl Region {
     ///
     /// The one way daxd makes anything durable. fdatasync writes back pages dirtied
     /// through the mapping or by pwrite(2), and the metadata of holes and zeroed ranges,
-    /// so one call covers the data and the discard paths. It is used even where only a
-    /// few pages changed: `msync` of just those pages lost acknowledged writes into holes
-    /// (their block allocation) in the power-cut suite on ext4 (Linux 6.12), fdatasync
-    /// never did.
+    /// so one call covers the data and the discard paths, whichever way a request took.
     pub fn flush(&self) -> Result<(), RegionError> {
         if self.read_only {
             return Ok(());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use blkio::{Blkio, Completion, ReqFlags};
 use clap::Parser;
 
-use daxd_bench::cut::{fill, BLOCK};
+use daxd_bench::cut::{fill, Plan, BLOCK};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,27 +77,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         Ok(unsafe { completions[0].assume_init_read() }.ret)
     };
     let mut out = std::io::stdout().lock();
-    let mut rng = args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut next = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng
-    };
     let mut seq = args.first_seq - 1;
-    let mut last_written = None;
     let end = args.ops.map_or(u64::MAX, |ops| seq + ops);
     writeln!(out, "CLIENT-READY {blocks}")?;
     out.flush()?;
-    while seq < end {
-        seq += 1;
-        let discard = args.discard_every != 0 && next() % args.discard_every == 0;
-        // A discard takes back the block written last, so that a discard lost in a cut
-        // shows as that write coming back.
-        let block = match (discard, last_written) {
-            (true, Some(block)) => block,
-            _ => next() % blocks,
-        };
+    let plan = Plan::new(args.seed, args.first_seq, blocks, args.discard_every);
+    for request in plan.take_while(|r| r.seq <= end) {
+        seq = request.seq;
+        let (block, discard) = (request.block, !request.write);
         let offset = block * BLOCK as u64;
         if discard {
             q.write_zeroes(offset, BLOCK as u64, 0, ReqFlags::empty());
@@ -113,7 +100,6 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             return Err(format!("request {seq} failed: {ret}").into());
         }
         writeln!(out, "ACK {seq} {} {block}", if discard { 'Z' } else { 'W' })?;
-        last_written = (!discard).then_some(block);
         out.flush()?;
         if args.flush_every != 0 && seq % args.flush_every == 0 {
             q.flush(0, ReqFlags::empty());
