@@ -24,7 +24,7 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserProtocolFeatures,
     VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
@@ -188,6 +188,32 @@ pub trait VhostUserBackend: Send + Sync {
             std::io::ErrorKind::Unsupported,
             "back end does not support state transfer",
         ))
+    }
+
+    /// Creates the area for in-flight I/O tracking (`VHOST_USER_GET_INFLIGHT_FD`, for
+    /// backends that offer `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): returns its size and
+    /// offset in the returned file. (daxd patch.)
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight I/O tracking",
+        ))
+    }
+
+    /// Takes the area for in-flight I/O tracking the frontend kept
+    /// (`VHOST_USER_SET_INFLIGHT_FD`). (daxd patch.)
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight I/O tracking",
+        ))
+    }
+
+    /// Called when a vring starts (it is ready and has its kick eventfd), before its kick
+    /// is watched: the place to restore the queue from in-flight tracking. An error fails
+    /// the message that started the vring. (daxd patch.)
+    fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
+        Ok(())
     }
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
@@ -414,6 +440,18 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         self.deref().queues_per_thread()
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.deref().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.deref().set_inflight_fd(inflight, file)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.deref().start_vring(queue_index, vring)
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
