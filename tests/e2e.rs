@@ -6,4 +6,5 @@ mod blkio_client;
 mod guest_blk;
 mod guest_pmem;
 mod powercut;
+mod restart;
 mod support;

@@ -155,6 +155,7 @@ fn suite(kind: Kind) {
             Kind::SharedMemory => sid_qemu(d),
             _ => vec!["qemu-system-x86_64".into()],
         },
+        reconnect_ms: None,
     };
 
     let payload = d.join("payload.bin");

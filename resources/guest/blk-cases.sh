@@ -169,3 +169,39 @@ case_read_only() {
     fi
     expect_eq "data after the refused write" "$(read_sha "$off" "$len")" "$before"
 }
+
+# restart SECONDS: the backend is killed and restarted while this runs (tests/restart.rs).
+# An ext4 file system on the disk; in it fio writes with crc32c verification for SECONDS,
+# on each CPU (so each queue) one job with an fdatasync (a FLUSH) every 8 writes next to one
+# without, so that FLUSHes are in flight together with writes on the same queue. Passes
+# when fio finds no verify or I/O error, the kernel logged no I/O error, timeout or ring
+# error, and e2fsck finds the file system clean.
+case_restart() {
+    secs=$1
+    host mkfs.ext4 -q -F -E nodiscard /dev/vda || { fail "mkfs.ext4 failed"; return; }
+    mount -t ext4 /dev/vda /host/mnt || { fail "mount failed"; return; }
+    dmesg -c > /dev/null
+    echo "RESTART-LOAD-START"
+    if ! host fio --directory=/mnt --ioengine=libaio --direct=1 --bs=4k --iodepth=8 \
+        --rw=randwrite --size=16M --time_based --runtime="$secs" \
+        --verify=crc32c --verify_backlog=32 --verify_fatal=1 --group_reporting \
+        --name=flushing0 --fdatasync=8 --cpus_allowed=0 \
+        --name=plain0 --cpus_allowed=0 \
+        --name=flushing1 --fdatasync=8 --cpus_allowed=1 \
+        --name=plain1 --cpus_allowed=1 > /tmp/fio.out 2>&1; then
+        cat /tmp/fio.out
+        fail "fio failed"
+    fi
+    echo "RESTART-LOAD-END"
+    grep -E "WRITE:|READ:|err=" /tmp/fio.out
+    umount /host/mnt || fail "umount failed"
+    if ! host e2fsck -fn /dev/vda > /tmp/fsck.out 2>&1; then
+        cat /tmp/fsck.out
+        fail "e2fsck found errors"
+    fi
+    dmesg > /tmp/dmesg.out
+    if grep -iE "I/O error|timed? ?out|is not a head|blk_update_request|buffer I/O" /tmp/dmesg.out; then
+        fail "the guest kernel logged disk errors"
+    fi
+    echo "RESULT kernel_log_lines $(wc -l < /tmp/dmesg.out)"
+}

@@ -100,6 +100,9 @@ pub struct Vm<'a> {
     pub extra: Vec<String>,
     /// The command that runs QEMU, QEMU's arguments appended (default: the host's QEMU).
     pub qemu: Vec<String>,
+    /// QEMU reconnects to the vhost-user-blk socket this often when the backend is gone
+    /// (`reconnect-ms`; none: a lost backend stops the disk).
+    pub reconnect_ms: Option<u32>,
 }
 
 impl<'a> Vm<'a> {
@@ -112,6 +115,7 @@ impl<'a> Vm<'a> {
             memory: "1G".into(),
             extra: Vec::new(),
             qemu: vec!["qemu-system-x86_64".into()],
+            reconnect_ms: None,
         }
     }
 
@@ -124,6 +128,7 @@ impl<'a> Vm<'a> {
             memory: "1G".into(),
             extra: Vec::new(),
             qemu: vec!["qemu-system-x86_64".into()],
+            reconnect_ms: None,
         }
     }
 }
@@ -229,7 +234,12 @@ pub fn boot_until(
         .args(vm.socket.map_or_else(Vec::new, |socket| {
             vec![
                 "-chardev".to_owned(),
-                format!("socket,id=blk0,path={}", socket.display()),
+                format!(
+                    "socket,id=blk0,path={}{}",
+                    socket.display(),
+                    vm.reconnect_ms
+                        .map_or_else(String::new, |ms| format!(",reconnect-ms={ms}"))
+                ),
                 "-device".to_owned(),
                 format!(
                     "vhost-user-blk-pci,chardev=blk0,num-queues={}",

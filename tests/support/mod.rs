@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 
 /// Bytes of buffer each queue handle owns; the largest single request the suites send.
+pub mod frontend;
 pub mod guest;
 
 pub const QUEUE_BUF: usize = 1 << 20;

@@ -4,17 +4,73 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use daxd_virtio::chain_at;
 use log::warn;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_ring::vring_avail;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-/// Serves every available chain of `vring` with `handle`, which returns the chain's used
-/// length, or `None` when it completes the chain later itself (a deferred FLUSH). One
+use crate::inflight::InflightArea;
+
+/// Where a queue's requests are tracked for a successor after a crash (in-flight I/O
+/// tracking), if the frontend gave an area.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Tracking {
+    pub area: Option<Arc<InflightArea>>,
+    pub queue: usize,
+}
+
+impl Tracking {
+    fn take(&self, head: u16) {
+        if let Some(area) = &self.area {
+            area.take(self.queue, head);
+        }
+    }
+
+    /// Adds `head`'s used entry, with the tracking around it that lets a successor tell
+    /// whether the entry was published.
+    fn publish(&self, state: &mut VringState, head: u16, used: u32) -> io::Result<()> {
+        if let Some(area) = &self.area {
+            area.publishing(self.queue, head);
+        }
+        state.add_used(head, used).map_err(io::Error::other)?;
+        if let Some(area) = &self.area {
+            area.published(self.queue, head, state.get_queue().next_used());
+        }
+        Ok(())
+    }
+}
+
+/// A chain's descriptors: from the available ring, or read again by head for a request an
+/// earlier backend took and did not complete.
+#[derive(Debug)]
+pub(crate) enum Descriptors<'m> {
+    Ring(DescriptorChain<&'m GuestMemoryMmap>),
+    Again(std::vec::IntoIter<Descriptor>),
+}
+
+impl Iterator for Descriptors<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        match self {
+            Descriptors::Ring(chain) => chain.next(),
+            Descriptors::Again(descriptors) => descriptors.next(),
+        }
+    }
+}
+
+/// Serves the chains in `resubmit` (heads an earlier backend took from the ring, oldest
+/// first), then every available chain of `vring`, with `handle`, which returns the chain's
+/// used length, or `None` when it completes the chain later itself (a deferred FLUSH). One
 /// lock of the vring and at most one notification per batch. With EVENT_IDX,
 /// re-checks the ring after re-enabling notifications so that a chain added in between is
 /// not left waiting. With `poll`, an empty queue is watched that long before
@@ -25,24 +81,44 @@ pub(crate) fn drain(
     mem: &GuestMemoryMmap,
     event_idx: bool,
     poll: Duration,
-    mut handle: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    tracking: &Tracking,
+    resubmit: Vec<u16>,
+    mut handle: impl FnMut(u16, Descriptors<'_>) -> Option<u32>,
 ) -> io::Result<()> {
     let mut state = vring.get_mut();
+    let mut completed = false;
+    for head in resubmit {
+        let queue = state.get_queue();
+        let descriptors = match chain_at(mem, GuestAddress(queue.desc_table()), queue.size(), head)
+        {
+            Ok(descriptors) => descriptors,
+            Err(e) => {
+                // Released without a status, as a malformed chain from the ring would be.
+                warn!("cannot read request {head} again after a restart: {e}");
+                Vec::new()
+            }
+        };
+        if let Some(used) = handle(head, Descriptors::Again(descriptors.into_iter())) {
+            tracking.publish(&mut state, head, used)?;
+            completed = true;
+        }
+    }
     loop {
         if event_idx {
             state.disable_notification().map_err(io::Error::other)?;
         }
-        let mut completed = false;
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            if let Some(used) = handle(chain) {
-                state.add_used(head, used).map_err(io::Error::other)?;
+            tracking.take(head);
+            if let Some(used) = handle(head, Descriptors::Ring(chain)) {
+                tracking.publish(&mut state, head, used)?;
                 completed = true;
             }
         }
         if completed && state.needs_notification().map_err(io::Error::other)? {
             state.signal_used_queue()?;
         }
+        completed = false;
         if !poll.is_zero() {
             // Poll without the vring's lock, so that deferred completions can land.
             let avail_ring = GuestAddress(state.get_queue().avail_ring());
@@ -61,11 +137,31 @@ pub(crate) fn drain(
 }
 
 /// Completes a chain that [`drain`] left to its handler, from any thread.
-pub(crate) fn complete_later(vring: &VringRwLock, head: u16, used: u32) -> io::Result<()> {
-    vring.add_used(head, used).map_err(io::Error::other)?;
-    if vring.needs_notification().map_err(io::Error::other)? {
-        vring.signal_used_queue()?;
+pub(crate) fn complete_later(
+    vring: &VringRwLock,
+    tracking: &Tracking,
+    head: u16,
+    used: u32,
+) -> io::Result<()> {
+    let mut state = vring.get_mut();
+    tracking.publish(&mut state, head, used)?;
+    if state.needs_notification().map_err(io::Error::other)? {
+        state.signal_used_queue()?;
     }
+    Ok(())
+}
+
+/// Makes the queue's worker look at the ring once, as if the driver had kicked: after a
+/// restart, a driver waiting for requests an earlier backend took does not kick again.
+pub(crate) fn kick(vring: &VringRwLock) -> io::Result<()> {
+    let state = vring.get_ref();
+    let Some(kick) = state.get_kick() else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor belongs to the vring's kick EventConsumer, which the read
+    // lock held in `state` keeps open for as long as the borrow lives.
+    let fd = unsafe { BorrowedFd::borrow_raw(kick.as_raw_fd()) };
+    rustix::io::write(fd, &1u64.to_ne_bytes())?;
     Ok(())
 }
 

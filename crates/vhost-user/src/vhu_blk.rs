@@ -6,19 +6,24 @@ use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 
-use arc_swap::ArcSwap;
+use std::fs::File;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::time::Duration;
 
 use log::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::queue;
+use crate::inflight::{self, InflightArea, Recovery};
+use crate::queue::{self, Tracking};
 use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled, PendingFlush};
 use daxd_region::Layout;
 use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
@@ -47,11 +52,18 @@ pub struct VhostUserBlkBackend {
     /// Where queue workers hand FLUSH requests, so that a queue keeps moving while the
     /// region is flushed.
     flusher: Flusher,
+    /// The frontend's in-flight tracking area (`SET_INFLIGHT_FD`), if it sent one.
+    inflight: ArcSwapOption<InflightArea>,
+    /// Per queue: requests an earlier backend took and never completed, to serve before
+    /// anything else (oldest first), found when the queue started.
+    resubmit: Vec<Mutex<Vec<u16>>>,
 }
 
 /// A FLUSH request waiting for the flusher.
 struct FlushJob {
     vring: VringRwLock,
+    /// The FLUSH stays in flight for a successor until its completion is published.
+    tracking: Tracking,
     head: u16,
     pending: PendingFlush,
 }
@@ -79,7 +91,9 @@ impl Flusher {
                     let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
                     let used = device.complete_flushes(&pending, &*mem.memory());
                     for (job, used) in jobs.iter().zip(used) {
-                        if let Err(e) = queue::complete_later(&job.vring, job.head, used) {
+                        if let Err(e) =
+                            queue::complete_later(&job.vring, &job.tracking, job.head, used)
+                        {
                             warn!("cannot complete a FLUSH request: {e}");
                         }
                     }
@@ -141,31 +155,50 @@ impl VhostUserBlkBackend {
             chain_buffers: (0..workers).map(|_| Mutex::default()).collect(),
             poll,
             flusher,
+            inflight: ArcSwapOption::empty(),
+            resubmit: (0..workers).map(|_| Mutex::default()).collect(),
         }
     }
 
-    /// Serves every available chain of `vring` (see [`queue::drain`]).
-    fn process_queue(&self, vring: &VringRwLock, bufs: &mut ChainBuffers) -> io::Result<()> {
+    /// Serves queue `queue`'s requests left from before a restart, then every available
+    /// chain of `vring` (see [`queue::drain`]).
+    fn process_queue(
+        &self,
+        vring: &VringRwLock,
+        queue: usize,
+        bufs: &mut ChainBuffers,
+    ) -> io::Result<()> {
         let mem = self.mem.memory();
         let limits = self
             .device
             .limits(self.acked_features.load(Ordering::Relaxed));
         let guest_windows = self.guest_windows.load();
+        let tracking = Tracking {
+            area: self.inflight.load_full(),
+            queue,
+        };
+        let resubmit = self
+            .resubmit
+            .get(queue)
+            .map(|list| std::mem::take(&mut *list.lock().unwrap_or_else(|e| e.into_inner())))
+            .unwrap_or_default();
         queue::drain(
             vring,
             &mem,
             self.event_idx.load(Ordering::Relaxed),
             self.poll,
-            |chain| {
-                let head = chain.head_index();
+            &tracking,
+            resubmit,
+            |head, descriptors| {
                 match self
                     .device
-                    .handle(chain, &*mem, &limits, &guest_windows, bufs)
+                    .handle(descriptors, &*mem, &limits, &guest_windows, bufs)
                 {
                     Handled::Done(used) => Some(used),
                     Handled::Flush(pending) => {
                         let job = FlushJob {
                             vring: vring.clone(),
+                            tracking: tracking.clone(),
                             head,
                             pending,
                         };
@@ -305,6 +338,52 @@ impl VhostUserBackend for VhostUserBlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn get_inflight_fd(
+        &self,
+        request: &VhostUserInflight,
+    ) -> io::Result<(VhostUserInflight, File)> {
+        inflight::create(request, self.num_queues(), self.max_queue_size()).map_err(|e| {
+            warn!("GET_INFLIGHT_FD refused: {e}");
+            io::Error::other(e)
+        })
+    }
+
+    fn set_inflight_fd(&self, request: &VhostUserInflight, file: File) -> io::Result<()> {
+        let area = InflightArea::map(request, file, self.num_queues(), self.max_queue_size())
+            .map_err(|e| {
+                warn!("SET_INFLIGHT_FD refused: {e}");
+                io::Error::other(e)
+            })?;
+        self.inflight.store(Some(Arc::new(area)));
+        Ok(())
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+        let queue = queue_index as usize;
+        if let (Some(area), Some(resubmit)) = (self.inflight.load_full(), self.resubmit.get(queue))
+        {
+            let used = vring.queue_used_idx().map_err(io::Error::other)?;
+            match area.recover(queue, used) {
+                Recovery::Fresh => {}
+                Recovery::Resume {
+                    next_avail,
+                    resubmit: heads,
+                } => {
+                    if !heads.is_empty() {
+                        info!(
+                            "queue {queue}: {} requests were in flight when the previous backend stopped; serving them first",
+                            heads.len()
+                        );
+                    }
+                    vring.set_queue_next_avail(next_avail);
+                    *resubmit.lock().unwrap_or_else(|e| e.into_inner()) = heads;
+                }
+            }
+        }
+        queue::kick(vring)
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -359,6 +438,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
             return Err(io::Error::other(format!("no worker {thread_id}")));
         };
         let mut bufs = bufs.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        self.process_queue(vring, &mut bufs)
+        // One worker per queue: the worker's index is its queue's.
+        self.process_queue(vring, thread_id, &mut bufs)
     }
 }

@@ -173,7 +173,9 @@ impl VhostUserPmemBackend {
             &mem,
             self.event_idx.load(Ordering::Relaxed),
             Duration::ZERO,
-            |chain| Some(self.device.handle(chain, &*mem, &mut scratch)),
+            &queue::Tracking::default(),
+            Vec::new(),
+            |_, chain| Some(self.device.handle(chain, &*mem, &mut scratch)),
         )
     }
 }

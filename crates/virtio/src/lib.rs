@@ -3,6 +3,7 @@
 //! without letting a guest flood the host's log ([`RefusalLog`]).
 
 pub mod chain;
+pub mod ring;
 
 use std::fmt::Display;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use log::warn;
 
 pub use chain::{Chain, ChainError, Segment, Stream};
+pub use ring::{chain_at, RingError};
 
 /// Exactly `size` bytes of a config space from `offset`, zero beyond what the device
 /// defines: frontends read their own `sizeof` of the config struct, and vhost-user

@@ -567,6 +567,11 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
+        // daxd patch: one interrupt for a new call eventfd, as libvhost-user sends: a driver
+        // may have missed a completion while the backend was away (reconnect).
+        if let Err(e) = vring.signal_used_queue() {
+            log::warn!("cannot signal vring {index} once at SET_VRING_CALL: {e}");
+        }
 
         if self.vring_needs_init(vring) {
             self.initialize_vring(vring, index)?;
