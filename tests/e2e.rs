@@ -5,6 +5,7 @@
 mod blkio_client;
 mod guest_blk;
 mod guest_pmem;
+mod hostile_frontend;
 mod powercut;
 mod restart;
 mod support;

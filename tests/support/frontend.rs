@@ -14,7 +14,9 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
@@ -154,6 +156,13 @@ impl GuestMem {
             .unwrap();
     }
 
+    /// Sets the available ring's index, whatever it says (a hostile or confused driver).
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.mem
+            .store(idx.to_le(), GuestAddress(AVAIL_RING + 2), Ordering::Release)
+            .unwrap();
+    }
+
     pub fn avail_idx(&self) -> u16 {
         u16::from_le(
             self.mem
@@ -243,7 +252,11 @@ impl Connection {
         let features = frontend.get_features().unwrap();
         assert!(features & VHOST_USER_F_PROTOCOL_FEATURES != 0);
         frontend
-            .set_features((1 << VIRTIO_F_VERSION_1) | VHOST_USER_F_PROTOCOL_FEATURES)
+            .set_features(
+                (1 << VIRTIO_F_VERSION_1)
+                    | (1 << VIRTIO_RING_F_EVENT_IDX)
+                    | VHOST_USER_F_PROTOCOL_FEATURES,
+            )
             .unwrap();
         let offered = frontend.get_protocol_features().unwrap();
         assert!(

@@ -206,6 +206,12 @@ impl BlkDevice {
         &self.registry
     }
 
+    /// What the device refused (malformed requests, rings out of step), counted and
+    /// logged without flooding.
+    pub fn refusals(&self) -> &RefusalLog {
+        &self.refusals
+    }
+
     /// Disk size in bytes.
     pub fn size(&self) -> u64 {
         self.size

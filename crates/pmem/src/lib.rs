@@ -195,6 +195,12 @@ impl PmemDevice {
         self.queue_size
     }
 
+    /// What the device refused (malformed requests, rings out of step), counted and
+    /// logged without flooding.
+    pub fn refusals(&self) -> &RefusalLog {
+        &self.refusals
+    }
+
     pub fn features(&self) -> u64 {
         1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_PMEM_F_SHMEM_REGION
     }

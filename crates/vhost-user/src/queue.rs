@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use daxd_virtio::chain_at;
+use daxd_virtio::{chain_at, RefusalLog};
 use log::warn;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_ring::vring_avail;
@@ -19,6 +19,17 @@ use vmm_sys_util::event::{
 };
 
 use crate::inflight::InflightArea;
+
+/// How a device's queues are drained.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Settings<'a> {
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    pub event_idx: bool,
+    /// How long an empty queue is polled before notifications are re-enabled.
+    pub poll: Duration,
+    /// Where refusals of a ring out of step are counted and logged.
+    pub refusals: &'a RefusalLog,
+}
 
 /// Where a queue's requests are tracked for a successor after a crash (in-flight I/O
 /// tracking), if the frontend gave an area.
@@ -79,12 +90,16 @@ impl Iterator for Descriptors<'_> {
 pub(crate) fn drain(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap,
-    event_idx: bool,
-    poll: Duration,
+    settings: &Settings<'_>,
     tracking: &Tracking,
     resubmit: Vec<u16>,
     mut handle: impl FnMut(u16, Descriptors<'_>) -> Option<u32>,
 ) -> io::Result<()> {
+    let Settings {
+        event_idx,
+        poll,
+        refusals,
+    } = *settings;
     let mut state = vring.get_mut();
     let mut completed = false;
     for head in resubmit {
@@ -106,6 +121,16 @@ pub(crate) fn drain(
     loop {
         if event_idx {
             state.disable_notification().map_err(io::Error::other)?;
+        }
+        if let Some(pending) = impossible_avail(&state, mem)? {
+            // virtio-queue would refuse every pop (logging each time) while the index
+            // keeps saying there is work: the queue would spin. Nothing is served from a
+            // ring in that state; the next kick or queue start looks again.
+            refusals.refused(format_args!(
+                "the driver made {pending} chains available on a ring of {} entries; ignoring the queue until it makes sense",
+                state.get_queue().size()
+            ));
+            return Ok(());
         }
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -134,6 +159,17 @@ pub(crate) fn drain(
             return Ok(());
         }
     }
+}
+
+/// How many chains the available ring claims beyond what was taken, if that is more than
+/// the ring holds (a driver or frontend out of step with the ring).
+fn impossible_avail(state: &VringState, mem: &GuestMemoryMmap) -> io::Result<Option<u16>> {
+    let queue = state.get_queue();
+    let avail = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map_err(io::Error::other)?;
+    let pending = avail.0.wrapping_sub(queue.next_avail());
+    Ok((pending > queue.size()).then_some(pending))
 }
 
 /// Completes a chain that [`drain`] left to its handler, from any thread.

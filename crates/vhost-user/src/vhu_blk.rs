@@ -185,8 +185,11 @@ impl VhostUserBlkBackend {
         queue::drain(
             vring,
             &mem,
-            self.event_idx.load(Ordering::Relaxed),
-            self.poll,
+            &queue::Settings {
+                event_idx: self.event_idx.load(Ordering::Relaxed),
+                poll: self.poll,
+                refusals: self.device.refusals(),
+            },
             &tracking,
             resubmit,
             |head, descriptors| {

@@ -171,8 +171,11 @@ impl VhostUserPmemBackend {
         queue::drain(
             vring,
             &mem,
-            self.event_idx.load(Ordering::Relaxed),
-            Duration::ZERO,
+            &queue::Settings {
+                event_idx: self.event_idx.load(Ordering::Relaxed),
+                poll: Duration::ZERO,
+                refusals: self.device.refusals(),
+            },
             &queue::Tracking::default(),
             Vec::new(),
             |_, chain| Some(self.device.handle(chain, &*mem, &mut scratch)),

@@ -1,0 +1,77 @@
+//! A frontend (or a guest writing its rings) that is out of step with the protocol gets a
+//! refusal and a bounded number of log lines, never a daxd that spins, floods its log or
+//! cannot be stopped.
+
+use std::fs::File;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::frontend::{Connection, GuestMem, QUEUE_SIZE};
+use crate::support::{test_dir, Backend};
+
+fn start(dir: &std::path::Path) -> (Backend, std::path::PathBuf) {
+    let region = dir.join("region.img");
+    File::create(&region).unwrap().set_len(1 << 20).unwrap();
+    let socket = dir.join("blk.sock");
+    let log = dir.join("daxd.log");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_daxd"));
+    command
+        .arg("--region")
+        .arg(&region)
+        .arg("--socket-path")
+        .arg(&socket)
+        .stdin(Stdio::null())
+        .stderr(File::create(&log).unwrap());
+    (Backend::spawn(command, socket, true), log)
+}
+
+/// An available index further ahead than the ring holds (what a frontend that resumes a
+/// ring at the wrong index shows, as QEMU does after a backend without in-flight tracking
+/// died): before, daxd's worker spun on it, logging a line per spin (900,000 lines in a
+/// few seconds) and never stopping on SIGTERM.
+#[test]
+fn an_impossible_available_index_is_refused_without_spinning() {
+    let dir = test_dir("daxd-hostile-");
+    let d = dir.path();
+    let (daxd, log) = start(d);
+    let mem = GuestMem::new();
+    let mut inflight = None;
+    let c = Connection::start(&daxd.socket, &mem, &mut inflight, 0);
+    mem.put_write(0, 0, &[0x11; 512]);
+    mem.make_available(&[0]);
+    c.kick();
+    c.wait_used(&mem, 1);
+
+    // Claim 100 more chains on a ring of 16, and kick now and then.
+    let bogus = mem.avail_idx().wrapping_add(100);
+    mem.set_avail_idx(bogus);
+    let before = daxd.cpu_ticks();
+    for _ in 0..10 {
+        c.kick();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let used = daxd.cpu_ticks() - before;
+    // 100 ticks per second: a spinning worker uses about 100 in this second.
+    assert!(
+        used < 30,
+        "daxd used {used} clock ticks in 1 s of a bogus ring"
+    );
+    assert_eq!(
+        mem.used_idx(),
+        1,
+        "nothing is served from a ring in that state"
+    );
+    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    assert!(lines < 200, "daxd logged {lines} lines");
+
+    // Back in step, the queue works again.
+    mem.set_avail_idx(1);
+    mem.put_write(2, 8, &[0x22; 512]);
+    mem.make_available(&[2]);
+    c.kick();
+    c.wait_used(&mem, 2);
+    assert_eq!(mem.status(2), 0);
+    assert_eq!(QUEUE_SIZE, 16);
+    drop(c);
+    assert!(daxd.terminate().success());
+}
