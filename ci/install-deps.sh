@@ -2,7 +2,8 @@
 # Installs what the test suites need on a fresh Debian bookworm machine (as root):
 # qemu-storage-daemon (peer backend), QEMU 10.0 from bookworm-backports (real guests),
 # fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools), the
-# tools ci/build-guest.sh uses, and mmdebstrap for ci/build-sid-root.sh (QEMU 11.1). Idempotent: installs nothing when all is present.
+# tools ci/build-guest.sh uses, mmdebstrap for ci/build-sid-root.sh (QEMU 11.1), and what
+# ci/qtest.sh needs to build QEMU's qtests. Idempotent: installs nothing when all is present.
 set -euo pipefail
 
 backports=/etc/apt/sources.list.d/daxd-bookworm-backports.sources
@@ -15,10 +16,17 @@ qemu_ok() {
 
 need=()
 for tool in cc:gcc qemu-storage-daemon:qemu-utils fio:fio e2fsck:e2fsprogs debugfs:e2fsprogs \
-    blkdiscard:util-linux depmod:kmod cpio:cpio xz:xz-utils mmdebstrap:mmdebstrap; do
+    blkdiscard:util-linux depmod:kmod cpio:cpio xz:xz-utils mmdebstrap:mmdebstrap \
+    curl:curl bzip2:bzip2 pkg-config:pkg-config ninja:ninja-build flex:flex bison:bison; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 qemu_ok || need+=(qemu-system-x86)
+# ci/qtest.sh builds QEMU's qtest binaries with Debian's python3 (meson >= 1.5 and pycotap
+# come from bookworm-backports).
+pkg-config --exists glib-2.0 2>/dev/null || need+=(libglib2.0-dev)
+for module in mesonbuild:meson pycotap:python3-pycotap; do
+    /usr/bin/python3 -c "import ${module%%:*}" 2>/dev/null || need+=("${module#*:}")
+done
 
 # Kernels for the test guest and QEMU 10.0 come from bookworm-backports.
 if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then

@@ -3,7 +3,8 @@
 # lints and documentation (warnings are errors), runs the unit tests and the blkio
 # end-to-end suite (cargo test --workspace), builds the test guest and a Debian sid root
 # with QEMU 11.1, and runs the real-guest suites: the disk against daxd and
-# qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1.
+# qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1, power cuts and restarts;
+# then QEMU's own vhost-user-blk qtests against daxd (ci/qtest.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,3 +17,4 @@ cargo test --workspace
 ci/build-guest.sh >/dev/null
 ci/build-sid-root.sh >/dev/null
 cargo test -p daxd --test e2e -- --ignored --test-threads=1 --skip soak_
+ci/qtest.sh

@@ -175,12 +175,13 @@ case_read_only() {
 # on each CPU (so each queue) one job with an fdatasync (a FLUSH) every 8 writes next to one
 # without, so that FLUSHes are in flight together with writes on the same queue. Passes
 # when fio finds no verify or I/O error, the kernel logged no I/O error, timeout or ring
-# error, and e2fsck finds the file system clean.
+# error, the disk kept its serial, and e2fsck finds the file system clean.
 case_restart() {
     secs=$1
     host mkfs.ext4 -q -F -E nodiscard /dev/vda || { fail "mkfs.ext4 failed"; return; }
     mount -t ext4 /dev/vda /host/mnt || { fail "mount failed"; return; }
     dmesg -c > /dev/null
+    serial=$(cat /sys/block/vda/serial)
     echo "RESTART-LOAD-START"
     if ! host fio --directory=/mnt --ioengine=libaio --direct=1 --bs=4k --iodepth=8 \
         --rw=randwrite --size=16M --time_based --runtime="$secs" \
@@ -194,6 +195,8 @@ case_restart() {
     fi
     echo "RESTART-LOAD-END"
     grep -E "WRITE:|READ:|err=" /tmp/fio.out
+    # The restarted backends served the same disk: QEMU asks the new one for its config.
+    expect_eq "serial after the restarts" "$(cat /sys/block/vda/serial)" "$serial"
     umount /host/mnt || fail "umount failed"
     if ! host e2fsck -fn /dev/vda > /tmp/fsck.out 2>&1; then
         cat /tmp/fsck.out

@@ -255,9 +255,12 @@ pub fn boot_until(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let mut child = qemu
+    let spawned = qemu
         .spawn()
         .unwrap_or_else(|e| panic!("start {:?} (run ci/install-deps.sh): {e}", vm.qemu));
+    let mut guard = KillOnDrop(Some(spawned));
+    // A host callback that panics must not leave QEMU running.
+    let child = guard.0.as_mut().unwrap();
     let deadline = Instant::now() + timeout;
     let mut answered = 0;
     let mut was_cut = false;
@@ -292,7 +295,7 @@ pub fn boot_until(
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let output = child.wait_with_output().unwrap();
+    let output = guard.0.take().unwrap().wait_with_output().unwrap();
     let console = std::fs::read_to_string(&console_log).unwrap_or_default();
     let mut boot = parse_console(console, console_log);
     if was_cut {
@@ -312,6 +315,18 @@ pub fn boot_until(
         ));
     }
     boot
+}
+
+/// Kills the QEMU it holds when dropped (a test that panics mid-run).
+struct KillOnDrop(Option<std::process::Child>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            child.kill().ok();
+            child.wait().ok();
+        }
+    }
 }
 
 /// A host tool's (success, stdout, stderr), with sbin on PATH.

@@ -24,8 +24,11 @@ use crate::DeviceLimits;
 pub const HEADER_LEN: u64 = std::mem::size_of::<RequestHeader>() as u64;
 /// Size of one discard or write-zeroes range.
 pub const DISCARD_SEGMENT_LEN: u64 = std::mem::size_of::<DiscardWriteZeroes>() as u64;
-/// Most discard or write-zeroes segments accepted in one request (config `max_discard_seg`).
-pub const MAX_DISCARD_SEGMENTS: usize = 16;
+/// Most discard or write-zeroes segments accepted in one request (config `max_discard_seg`
+/// and `max_write_zeroes_seg`). One, as QEMU's virtio-blk, its vhost-user-blk export and
+/// cloud-hypervisor advertise: the same config space whichever of them serves a disk, and
+/// QEMU's own vhost-user-blk qtest expects a request with two segments to be refused.
+pub const MAX_DISCARD_SEGMENTS: usize = 1;
 
 /// A queue worker's scratch space, reused for every request so that serving one
 /// allocates nothing once the vectors have grown: the chain being served and the pins of
