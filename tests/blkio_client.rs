@@ -300,7 +300,6 @@ fn sigterm_flushes_removes_the_socket_and_exits_zero() {
 #[test]
 fn serves_an_inherited_listening_socket() {
     use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let region = new_region(&dir);
     let socket = dir.path().join("inherited.sock");
@@ -315,22 +314,7 @@ fn serves_an_inherited_listening_socket() {
         "--fd",
         "3",
     ]);
-    let place_listener_at_fd_3 = move || {
-        let ret = if fd == 3 {
-            // SAFETY: clears close-on-exec on fd 3, which is the listener; no memory involved.
-            unsafe { libc::fcntl(3, libc::F_SETFD, 0) }
-        } else {
-            // SAFETY: duplicates the listener onto fd 3 (the copy has no close-on-exec).
-            unsafe { libc::dup2(fd, 3) }
-        };
-        if ret < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
-    // functions (fcntl, dup2), allocating nothing.
-    unsafe { command.pre_exec(place_listener_at_fd_3) };
+    crate::support::pass_as_fd_3(&mut command, fd);
     let daxd = Backend::spawn(command, socket.clone(), false);
     drop(listener); // daxd holds the only copy now
     let mut client = Client::connect(&socket, 1, false).unwrap();

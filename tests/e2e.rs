@@ -9,3 +9,4 @@ mod hostile_frontend;
 mod powercut;
 mod restart;
 mod support;
+mod systemd;

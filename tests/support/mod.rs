@@ -400,3 +400,25 @@ impl Drop for SmallFs {
         }
     }
 }
+
+/// Makes `fd` (a listening socket) the child's fd 3, without close-on-exec: where `--fd 3`
+/// and systemd socket activation (`LISTEN_FDS=1`) expect it.
+pub fn pass_as_fd_3(command: &mut Command, fd: std::os::fd::RawFd) {
+    use std::os::unix::process::CommandExt;
+    let place_at_fd_3 = move || {
+        let ret = if fd == 3 {
+            // SAFETY: clears close-on-exec on fd 3, which is the listener; no memory involved.
+            unsafe { libc::fcntl(3, libc::F_SETFD, 0) }
+        } else {
+            // SAFETY: duplicates the listener onto fd 3 (the copy has no close-on-exec).
+            unsafe { libc::dup2(fd, 3) }
+        };
+        if ret < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs between fork and exec and calls only async-signal-safe
+    // functions (fcntl, dup2), allocating nothing.
+    unsafe { command.pre_exec(place_at_fd_3) };
+}

@@ -42,7 +42,7 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Print the QEMU options that attach this configuration's disk and pmem windows
     /// (same options as serving; nothing is opened or created).
-    PrintQemuArgs(PrintArgs),
+    PrintQemuArgs(Box<PrintArgs>),
 }
 
 #[derive(Debug, ClapArgs)]
@@ -113,7 +113,9 @@ pub struct Args {
     pub no_lock: bool,
 
     /// Path of the UNIX socket to create for the blk device (vhost-user server side).
-    #[arg(long, value_name = "PATH", required_unless_present_any = ["fd", "print_capabilities"])]
+    /// Not needed when systemd passes the socket (socket activation: the socket named
+    /// "blk", or the only one).
+    #[arg(long, value_name = "PATH")]
     pub socket_path: Option<PathBuf>,
 
     /// Serve the blk device on this inherited, already bound and listening UNIX socket
@@ -160,13 +162,14 @@ pub struct Args {
 
     /// Also serve a pmem window as a vhost-user virtio-pmem device on this socket (QEMU >=
     /// 11.1: -device vhost-user-test-device-pci,chardev=...,virtio-id=27,num_vqs=1,config_size=16).
+    /// Under systemd socket activation, a socket named "pmem" does the same.
     /// daxd maps the window into the device's shared memory itself. With QEMU 10.0, leave
     /// this out and let QEMU map the window from the file (see print-qemu-args).
     #[arg(long, value_name = "PATH")]
     pub pmem_socket_path: Option<PathBuf>,
 
     /// The window the --pmem-socket-path device serves (default: the only pmem window).
-    #[arg(long, value_name = "NAME", requires = "pmem_socket_path")]
+    #[arg(long, value_name = "NAME")]
     pub pmem_window: Option<String>,
 
     /// UNIX socket on which daxd answers `daxd inspect`.
@@ -176,6 +179,11 @@ pub struct Args {
     /// Print the backend's capabilities as JSON (vhost-user.rst) and exit.
     #[arg(long)]
     pub print_capabilities: bool,
+
+    /// Sockets systemd passed (socket activation), with their names; read from the
+    /// environment, not the command line.
+    #[arg(skip)]
+    pub activated: Vec<(RawFd, String)>,
 }
 
 /// Parses a `--window` option: `name=NAME,offset=SIZE,size=SIZE,serve=blk|pmem|both`.

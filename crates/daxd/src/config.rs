@@ -11,6 +11,7 @@ use daxd_vhost_user::SocketAddr;
 
 use crate::args::Args;
 use crate::error::Error;
+use crate::systemd;
 
 /// Everything `daxd` needs to serve a region.
 #[derive(Debug, Clone)]
@@ -27,7 +28,7 @@ pub struct Config {
     /// `None`: derived from the region file.
     pub serial: Option<Serial>,
     pub poll: Duration,
-    pub pmem_socket: Option<PathBuf>,
+    pub pmem_socket: Option<SocketAddr>,
     pub pmem_window: Option<String>,
     pub control_socket: Option<PathBuf>,
 }
@@ -37,11 +38,29 @@ impl TryFrom<Args> for Config {
 
     fn try_from(args: Args) -> Result<Config, Error> {
         let path = args.region.ok_or(Error::Missing("--region"))?;
-        let socket = match (args.socket_path, args.fd) {
-            (_, Some(fd)) => SocketAddr::Fd(fd),
-            (Some(path), None) => SocketAddr::Path(path),
-            (None, None) => return Err(Error::Missing("--socket-path or --fd")),
+        let socket = match (
+            args.socket_path,
+            args.fd,
+            systemd::find(&args.activated, systemd::BLK),
+        ) {
+            (_, Some(fd), _) => SocketAddr::Fd(fd),
+            (Some(path), None, _) => SocketAddr::Path(path),
+            (None, None, Some(fd)) => SocketAddr::Fd(fd),
+            (None, None, None) => {
+                return Err(Error::Missing(
+                    "--socket-path or --fd (or a socket from systemd socket activation)",
+                ))
+            }
         };
+        let pmem_socket = args
+            .pmem_socket_path
+            .map(SocketAddr::Path)
+            .or_else(|| systemd::find(&args.activated, systemd::PMEM).map(SocketAddr::Fd));
+        if args.pmem_window.is_some() && pmem_socket.is_none() {
+            return Err(Error::Missing(
+                "--pmem-socket-path (or a systemd socket named pmem) for --pmem-window",
+            ));
+        }
         let serial = args
             .serial
             .as_deref()
@@ -66,7 +85,7 @@ impl TryFrom<Args> for Config {
             sync: args.sync,
             serial,
             poll: Duration::from_micros(args.poll_us),
-            pmem_socket: args.pmem_socket_path,
+            pmem_socket,
             pmem_window: args.pmem_window,
             control_socket: args.control_socket,
         })

@@ -10,6 +10,7 @@ mod config;
 mod control;
 mod error;
 mod qemu_args;
+mod systemd;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
@@ -37,12 +38,20 @@ use error::Error;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    // Before any thread starts: it edits the environment.
+    cli.serve.activated = match systemd::activated_sockets() {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            error!("{}", error::chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Some(Command::Inspect(inspect)) => {
             control::inspect(&inspect.control_socket, inspect.json).map(|text| print!("{text}"))
         }
-        Some(Command::PrintQemuArgs(print)) => print_qemu_args(print),
+        Some(Command::PrintQemuArgs(print)) => print_qemu_args(*print),
         None if cli.serve.print_capabilities => {
             println!("{CAPABILITIES}");
             Ok(())
@@ -85,8 +94,22 @@ fn run(config: Config) -> Result<(), Error> {
     // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
     let signals = SignalPipe::new()?;
     let opened = Opened::open(&config)?;
+    let status = format!(
+        "serving {} on {}",
+        opened.region.path().display(),
+        describe(&config.socket)
+    );
     let running = opened.serve(&config)?;
+    systemd::ready(&status);
     running.wait(signals)
+}
+
+/// A socket as log lines name it.
+fn describe(socket: &SocketAddr) -> String {
+    match socket {
+        SocketAddr::Path(path) => path.display().to_string(),
+        SocketAddr::Fd(fd) => format!("inherited fd {fd}"),
+    }
 }
 
 /// The region, its devices and their sockets, before any thread serves them.
@@ -145,23 +168,22 @@ impl Opened {
         }
         let mut sockets = Vec::new();
         let pmem = match &config.pmem_socket {
-            Some(path) => {
+            Some(addr) => {
                 let window = config.pmem_window(&layout)?.clone();
                 let device =
                     PmemDevice::new(region.clone(), registry.clone(), window, config.queue_size)
                         .map_err(Error::Pmem)?;
-                let server =
-                    Server::listen(&SocketAddr::Path(path.clone()), "pmem").map_err(|source| {
-                        Error::Serve {
-                            device: "pmem",
-                            source,
-                        }
-                    })?;
-                sockets.push(path.clone());
+                let server = Server::listen(addr, "pmem").map_err(|source| Error::Serve {
+                    device: "pmem",
+                    source,
+                })?;
+                if let SocketAddr::Path(path) = addr {
+                    sockets.push(path.clone());
+                }
                 info!(
                     "serving pmem window {} as vhost-user virtio-pmem on {}",
                     device.window().name,
-                    path.display()
+                    describe(addr)
                 );
                 Some((Arc::new(device), server))
             }
@@ -195,10 +217,7 @@ impl Opened {
             region.size(),
             if region.is_read_only() { ", read-only" } else { "" },
             if region.is_map_sync() { ", MAP_SYNC" } else { "" },
-            match &config.socket {
-                SocketAddr::Path(path) => path.display().to_string(),
-                SocketAddr::Fd(fd) => format!("inherited fd {fd}"),
-            },
+            describe(&config.socket),
             blk.config().num_queues,
             blk.config().queue_size,
             blk.config().serial,
@@ -317,6 +336,7 @@ impl Running {
     /// every acknowledged write durable and removes the sockets.
     fn shutdown(self) -> Result<(), Error> {
         info!("shutting down");
+        systemd::stopping();
         for server in &self.servers {
             server.stopper.stop();
         }

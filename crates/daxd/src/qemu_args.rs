@@ -27,10 +27,7 @@ pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64)
         max_m = maxmem >> 20,
     );
     if let Some(disk) = layout.blk() {
-        let socket = match &config.socket {
-            daxd_vhost_user::SocketAddr::Path(path) => path.display().to_string(),
-            daxd_vhost_user::SocketAddr::Fd(_) => "SOCKET".to_owned(),
-        };
+        let socket = socket_text(&config.socket);
         let _ = writeln!(
             out,
             "# disk: window {} (region bytes {:#x}+{:#x}), served on {socket}",
@@ -76,8 +73,16 @@ pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64)
             out,
             "-chardev socket,id=daxd-pmem-{name},path={socket} -device vhost-user-test-device-pci,chardev=daxd-pmem-{name},virtio-id=27,num_vqs=1,config_size=16",
             name = w.name,
-            socket = socket.display()
+            socket = socket_text(socket)
         );
     }
     out
+}
+
+/// A socket's path for QEMU's -chardev; an inherited socket's path is the caller's to fill.
+fn socket_text(socket: &daxd_vhost_user::SocketAddr) -> String {
+    match socket {
+        daxd_vhost_user::SocketAddr::Path(path) => path.display().to_string(),
+        daxd_vhost_user::SocketAddr::Fd(_) => "SOCKET".to_owned(),
+    }
 }

@@ -111,9 +111,13 @@ pub struct Stopper {
 
 struct StopState {
     stopped: AtomicBool,
-    /// The listening socket (a second descriptor of it): shutting it down wakes a thread
-    /// blocked in accept.
+    /// The listening socket (a second descriptor of it), to wake a thread blocked in
+    /// accept.
     listener: OwnedFd,
+    /// The path of a socket handed to daxd (`--fd`, systemd socket activation): its owner
+    /// keeps listening on it after daxd stops, so it is not shut down; a connection to the
+    /// path wakes accept instead.
+    inherited: Option<PathBuf>,
     connection: Mutex<Option<ShutdownHandle>>,
 }
 
@@ -128,12 +132,28 @@ impl std::fmt::Debug for Stopper {
 impl Stopper {
     pub fn stop(&self) {
         self.state.stopped.store(true, Ordering::SeqCst);
-        if let Err(e) = rustix::net::shutdown(&self.state.listener, rustix::net::Shutdown::Both) {
-            warn!("cannot shut down a listening socket: {e}");
-        }
         if let Some(connection) = self.lock_connection().take() {
+            // The serving loop ends when this connection does, without another accept.
             connection.shutdown();
+            return;
         }
+        if !self.wake_by_connecting() {
+            // shutdown(2) wakes accept, and ends listening for every holder of the socket.
+            if let Err(e) = rustix::net::shutdown(&self.state.listener, rustix::net::Shutdown::Both)
+            {
+                warn!("cannot shut down a listening socket: {e}");
+            }
+        }
+    }
+
+    /// Wakes accept with a connection of its own to the socket's path, leaving the socket
+    /// listening for its owner (systemd keeps it for the next daxd). False if the socket
+    /// has no path or cannot be reached.
+    fn wake_by_connecting(&self) -> bool {
+        self.state
+            .inherited
+            .as_deref()
+            .is_some_and(|path| UnixStream::connect(path).is_ok())
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -178,9 +198,21 @@ impl std::fmt::Debug for Server {
 impl Server {
     /// Opens the listening socket for device `name` ("blk", "pmem").
     pub fn listen(addr: &SocketAddr, name: &'static str) -> Result<Server, ServeError> {
-        let listener = match addr {
-            SocketAddr::Path(path) => bind_unix(path)?,
-            SocketAddr::Fd(fd) => listen_on_fd(*fd)?,
+        let (listener, inherited) = match addr {
+            SocketAddr::Path(path) => (bind_unix(path)?, None),
+            SocketAddr::Fd(fd) => {
+                let listener = listen_on_fd(*fd)?;
+                let path = listener
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(Path::to_path_buf));
+                if path.is_none() {
+                    warn!(
+                        "socket fd {fd} has no path: stopping will shut it down for its owner too"
+                    );
+                }
+                (listener, path)
+            }
         };
         let second = listener
             .as_fd()
@@ -196,6 +228,7 @@ impl Server {
                 state: Arc::new(StopState {
                     stopped: AtomicBool::new(false),
                     listener: second,
+                    inherited,
                     connection: Mutex::new(None),
                 }),
             },
