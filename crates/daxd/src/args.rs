@@ -258,13 +258,87 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number.checked_mul(1u64 << shift).ok_or_else(invalid)
 }
 
-/// vhost-user.rst: `{"type": "block", "features": [...]}` for vhost-user-blk backends.
+/// vhost-user.rst: `{"type": "block", "features": [...]}` for vhost-user-blk backends; the
+/// description file QEMU's tools find is resources/50-daxd.json.
 pub const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    /// QEMU's docs/interop/vhost-user.json (10.0): the `VhostUserBackend` struct's members
+    /// (`*` optional), the `VHostUserBackendType` values and the block features.
+    const DESCRIPTION_MEMBERS: [&str; 4] = ["description", "type", "binary", "*tags"];
+    const BACKEND_TYPES: [&str; 15] = [
+        "9p",
+        "balloon",
+        "block",
+        "caif",
+        "console",
+        "crypto",
+        "gpu",
+        "input",
+        "net",
+        "rng",
+        "rpmsg",
+        "rproc-serial",
+        "scsi",
+        "vsock",
+        "fs",
+    ];
+    const BLOCK_FEATURES: [&str; 2] = ["read-only", "blk-file"];
+
+    #[test]
+    fn the_description_file_fits_qemus_schema_and_the_capabilities() {
+        let text = include_str!("../../../resources/50-daxd.json");
+        let description: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(text).unwrap();
+        for (key, value) in &description {
+            assert!(
+                DESCRIPTION_MEMBERS.contains(&key.as_str())
+                    || DESCRIPTION_MEMBERS.contains(&format!("*{key}").as_str()),
+                "member {key} is not in QEMU's VhostUserBackend"
+            );
+            match key.as_str() {
+                "tags" => assert!(value.as_array().unwrap().iter().all(|t| t.is_string())),
+                _ => assert!(value.is_string(), "{key} must be a string"),
+            }
+        }
+        for required in DESCRIPTION_MEMBERS.iter().filter(|m| !m.starts_with('*')) {
+            assert!(description.contains_key(*required), "{required} missing");
+        }
+        let kind = description["type"].as_str().unwrap();
+        assert!(BACKEND_TYPES.contains(&kind));
+        // The path the install step puts daxd at, as the systemd unit starts it.
+        assert_eq!(description["binary"], "/usr/local/bin/daxd");
+        assert!(include_str!("../../../resources/systemd/daxd@.service")
+            .contains("ExecStart=/usr/local/bin/daxd "));
+
+        let capabilities: serde_json::Value = serde_json::from_str(CAPABILITIES).unwrap();
+        assert_eq!(capabilities["type"], kind);
+        let features = capabilities["features"].as_array().unwrap();
+        assert!(!features.is_empty());
+        for feature in features {
+            assert!(BLOCK_FEATURES.contains(&feature.as_str().unwrap()));
+        }
+        // What the features promise, the command line takes (vhost-user.rst: --blk-file
+        // and --read-only).
+        let cli = Cli::try_parse_from([
+            "daxd",
+            "--blk-file",
+            "disk.img",
+            "--read-only",
+            "--socket-path",
+            "s.sock",
+        ])
+        .unwrap();
+        assert!(cli.serve.read_only);
+        assert_eq!(
+            cli.serve.region.as_deref(),
+            Some(std::path::Path::new("disk.img"))
+        );
+    }
 
     #[test]
     fn sizes_accept_plain_and_binary_units() {
