@@ -4,7 +4,8 @@
 # end-to-end suite (cargo test --workspace), builds the test guest and a Debian sid root
 # with QEMU 11.1, and runs the real-guest suites: the disk against daxd and
 # qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1, power cuts and restarts;
-# then QEMU's own vhost-user-blk qtests against daxd (ci/qtest.sh).
+# then QEMU's own vhost-user-blk qtests against daxd (ci/qtest.sh). The fuzz targets run
+# briefly after the unit tests (ci/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo build --workspace --all-targets
 cargo test --workspace
+ci/fuzz.sh
 ci/build-guest.sh >/dev/null
 ci/build-sid-root.sh >/dev/null
 cargo test -p daxd --test e2e -- --ignored --test-threads=1 --skip soak_

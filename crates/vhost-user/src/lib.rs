@@ -1,7 +1,7 @@
 //! vhost-user glue: the listening socket, the per-connection daemon loop, and one
 //! `VhostUserBackend` per device type (`vhu_*.rs`). Device logic lives in its own crates.
 
-mod inflight;
+pub mod inflight;
 mod queue;
 pub mod vhu_blk;
 pub mod vhu_pmem;
