@@ -551,3 +551,81 @@ fn a_full_tmpfs_is_an_io_error_not_a_crash() {
 fn a_full_ext4_is_an_io_error_not_a_crash() {
     full_host_file_system(FsKind::Ext4);
 }
+
+/// The counters a user reads with `daxd inspect` (JSON and Prometheus) match what a client
+/// did, per queue.
+#[test]
+fn inspect_counts_what_the_client_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let control = dir.path().join("control.sock");
+    let daxd = Backend::start_daxd(
+        dir.path(),
+        &region,
+        &[
+            "--size",
+            "4M",
+            "--num-queues",
+            "2",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut client = Client::connect(&daxd.socket, 2, false).unwrap();
+    for i in 0..5 {
+        client.queues[1].write(i * 4096, &pattern(i, 4096)).unwrap();
+    }
+    client.queues[1].flush().unwrap();
+    for i in 0..3 {
+        client.queues[0].read(i * 4096, 8192).unwrap();
+    }
+    assert!(client.queues[0].read(4 << 20, 512).is_err());
+    drop(client);
+
+    let inspect = |format: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+            .args(["inspect", "--control-socket", control.to_str().unwrap()])
+            .args(format)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let json: serde_json::Value = serde_json::from_str(&inspect(&["--json"])).unwrap();
+    let blk = &json["blk"];
+    assert_eq!(blk["version"], 1);
+    let count = |queue: usize, kind: &str| {
+        blk["queues"][queue]["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|pair| pair[0] == kind)
+            .unwrap()[1]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!((count(1, "write"), count(1, "flush")), (5, 1));
+    assert_eq!((count(0, "read"), count(0, "invalid")), (3, 1));
+    assert_eq!(blk["queues"][1]["bytes_written"], 5 * 4096);
+    assert_eq!(blk["queues"][0]["bytes_read"], 3 * 8192);
+    assert_eq!(blk["queues"][0]["ioerr"], 1);
+    assert_eq!(blk["queues"][1]["ok"], 6);
+    assert!(blk["region_flushes"].as_u64().unwrap() >= 1);
+
+    let text = inspect(&["--prometheus"]);
+    for line in [
+        "daxd_blk_requests_total{queue=\"1\",type=\"write\"} 5",
+        "daxd_blk_requests_total{queue=\"0\",type=\"read\"} 3",
+        "daxd_blk_bytes_total{queue=\"0\",direction=\"read\"} 24576",
+        "daxd_blk_completions_total{queue=\"0\",status=\"ioerr\"} 1",
+        "daxd_blk_flush_latency_seconds_count{queue=\"1\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in\n{text}");
+    }
+    assert!(inspect(&[]).contains("region flushes:"));
+    assert!(daxd.terminate().success());
+}

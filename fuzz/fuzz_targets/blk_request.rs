@@ -55,7 +55,7 @@ fuzz_target!(|data: &[u8]| {
         .sum();
     let limits = device.limits(device.features());
     let mut bufs = ChainBuffers::new();
-    match device.handle(chain, &w.mem, &limits, &[], &mut bufs) {
+    match device.handle(0, chain, &w.mem, &limits, &[], &mut bufs) {
         Handled::Done(used) => assert!(u64::from(used) <= writable),
         Handled::Flush(pending) => {
             let used = device.complete_flushes(&[pending], &w.mem);

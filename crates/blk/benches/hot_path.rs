@@ -219,7 +219,14 @@ fn run(
                         Descriptor::new(data, 4096, data_flags, 0),
                         Descriptor::new(status, 1, w, 0),
                     ];
-                    let used = device.handle(black_box(chain), &*mem, &limits, windows, &mut bufs);
+                    let used = device.handle(
+                        q as usize,
+                        black_box(chain),
+                        &*mem,
+                        &limits,
+                        windows,
+                        &mut bufs,
+                    );
                     assert_eq!(mem.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
                     assert_eq!(black_box(used), Handled::Done(expected));
                 }

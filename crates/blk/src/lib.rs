@@ -6,11 +6,14 @@
 
 pub mod execute;
 pub mod request;
+pub mod stats;
 pub mod wire;
 
 use std::fmt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
@@ -28,6 +31,7 @@ use daxd_virtio::RefusalLog;
 
 use execute::Executed;
 pub use request::{ChainBuffers, ParsedChain, Request, RequestError};
+use stats::{BlkMetrics, Kind, QueueStats, METRICS_VERSION};
 use wire::VirtioBlkConfig;
 
 /// Bytes of a virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
@@ -139,6 +143,8 @@ pub enum Handled {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingFlush {
     status: vm_memory::GuestAddress,
+    queue: usize,
+    started: Instant,
 }
 
 /// Guest physical memory that is a window of the region (a pmem window the VMM mapped from
@@ -161,6 +167,9 @@ pub struct BlkDevice {
     size: u64,
     config: BlkConfig,
     refusals: RefusalLog,
+    /// Per queue.
+    stats: Box<[QueueStats]>,
+    region_flushes: AtomicU64,
 }
 
 impl BlkDevice {
@@ -189,6 +198,10 @@ impl BlkDevice {
             registry,
             base: window.offset,
             size: window.size,
+            stats: (0..config.num_queues)
+                .map(|_| QueueStats::default())
+                .collect(),
+            region_flushes: AtomicU64::new(0),
             config,
             refusals: RefusalLog::new("virtio-blk"),
         })
@@ -286,37 +299,57 @@ impl BlkDevice {
     /// region pages (usually none).
     pub fn handle<M: GuestMemoryBackend>(
         &self,
+        queue: usize,
         descriptors: impl IntoIterator<Item = Descriptor>,
         mem: &M,
         limits: &DeviceLimits,
         guest_windows: &[GuestWindow],
         bufs: &mut ChainBuffers,
     ) -> Handled {
+        let stats = &self.stats[queue.min(self.stats.len() - 1)];
+        let started = stats.sampled().then(Instant::now);
         let parsed = request::parse(descriptors, mem, limits, &mut bufs.chain);
         let Some(status_addr) = parsed.status else {
             if let Err(e) = parsed.request {
                 self.refusals
                     .refused(format_args!("dropping request without a status byte: {e}"));
             }
+            stats.dropped();
             return Handled::Done(0);
         };
-        let (status, written) = match parsed.request {
-            Ok(request) => match self.execute(&request, bufs, mem, guest_windows) {
-                Ok(Executed::Done(written)) => (VIRTIO_BLK_S_OK as u8, written),
-                Ok(Executed::Flush) => {
-                    return Handled::Flush(PendingFlush {
-                        status: status_addr,
-                    })
+        let (kind, status, written) = match parsed.request {
+            Ok(request) => {
+                let kind = Kind::of(&request);
+                match self.execute(&request, bufs, mem, guest_windows) {
+                    Ok(Executed::Done(written)) => {
+                        let bytes = match request {
+                            Request::Read { .. } => written,
+                            Request::Write { data, .. } => data.len,
+                            _ => 0,
+                        };
+                        stats.request(kind, VIRTIO_BLK_S_OK as u8, bytes);
+                        (kind, VIRTIO_BLK_S_OK as u8, written)
+                    }
+                    Ok(Executed::Flush) => {
+                        stats.flush_started();
+                        return Handled::Flush(PendingFlush {
+                            status: status_addr,
+                            queue,
+                            started: started.unwrap_or_else(Instant::now),
+                        });
+                    }
+                    Err(e) => {
+                        self.refusals
+                            .refused(format_args!("request {request:?} failed: {e}"));
+                        stats.request(kind, e.status(), 0);
+                        (kind, e.status(), 0)
+                    }
                 }
-                Err(e) => {
-                    self.refusals
-                        .refused(format_args!("request {request:?} failed: {e}"));
-                    (e.status(), 0)
-                }
-            },
+            }
             Err(e) => {
                 self.refusals.refused(format_args!("refusing request: {e}"));
-                (e.status(), 0)
+                stats.request(Kind::Invalid, e.status(), 0);
+                (Kind::Invalid, e.status(), 0)
             }
         };
         if let Err(e) = mem.write_obj(status, status_addr) {
@@ -327,8 +360,27 @@ impl BlkDevice {
             ));
             return Handled::Done(0);
         }
+        if let Some(started) = started {
+            if kind != Kind::Invalid {
+                stats.request_took(started.elapsed());
+            }
+        }
         // written <= the writable stream, which is at most 4 GiB by virtio's chain limit.
         Handled::Done((written + 1) as u32)
+    }
+
+    /// The disk's counters, per queue.
+    pub fn metrics(&self) -> BlkMetrics {
+        BlkMetrics {
+            version: METRICS_VERSION,
+            region_flushes: self.region_flushes.load(Ordering::Relaxed),
+            queues: self
+                .stats
+                .iter()
+                .enumerate()
+                .map(|(queue, stats)| stats.snapshot(queue))
+                .collect(),
+        }
     }
 
     /// Completes FLUSH requests: one flush of the region makes every write completed
@@ -346,8 +398,14 @@ impl BlkDevice {
                 e.status()
             }
         };
+        self.region_flushes.fetch_add(1, Ordering::Relaxed);
         pending
             .iter()
+            .inspect(|flush| {
+                if let Some(stats) = self.stats.get(flush.queue) {
+                    stats.flush_completed(status, flush.started.elapsed());
+                }
+            })
             .map(|flush| match mem.write_obj(status, flush.status) {
                 Ok(()) => 1,
                 Err(e) => {

@@ -103,7 +103,7 @@ fn run(f: &mut Fixture, chain: &[Descriptor]) -> (u32, u8) {
 fn run_with(f: &mut Fixture, chain: &[Descriptor], limits: &DeviceLimits) -> (u32, u8) {
     let handled = f
         .device
-        .handle(chain.iter().copied(), &f.mem, limits, &[], &mut f.bufs);
+        .handle(0, chain.iter().copied(), &f.mem, limits, &[], &mut f.bufs);
     (
         complete(f, handled),
         f.mem.read_obj(GuestAddress(STATUS)).unwrap(),
@@ -569,7 +569,7 @@ fn chains_from_a_real_split_queue_including_indirect_tables() {
     let chain = q.iter(&mem).unwrap().next().unwrap();
     let limits = all_features(&f);
     assert_eq!(
-        f.device.handle(chain, &mem, &limits, &[], &mut f.bufs),
+        f.device.handle(0, chain, &mem, &limits, &[], &mut f.bufs),
         Handled::Done(513)
     );
     assert_eq!(guest(&f, DATA, 512), vec![0x77; 512]);
@@ -607,7 +607,7 @@ fn chains_from_a_real_split_queue_including_indirect_tables() {
     let mut q: Queue = queue.create_queue().unwrap();
     let chain = q.iter(&mem).unwrap().next().unwrap();
     assert_eq!(
-        f.device.handle(chain, &mem, &limits, &[], &mut f.bufs),
+        f.device.handle(0, chain, &mem, &limits, &[], &mut f.bufs),
         Handled::Done(513)
     );
     assert_eq!(guest(&f, DATA, 512), vec![0x77; 512]);
@@ -635,7 +635,7 @@ fn looping_chains_terminate() {
     // The loop is cut at the queue size: 15 data buffers of 512 bytes whose last byte is
     // taken as status; 7679 data bytes is not a sector multiple.
     assert_eq!(
-        f.device.handle(chain, &mem, &limits, &[], &mut f.bufs),
+        f.device.handle(0, chain, &mem, &limits, &[], &mut f.bufs),
         Handled::Done(1)
     );
     assert_disk_untouched(&f);
@@ -713,6 +713,7 @@ fn guest_buffers_in_a_visible_window_are_pinned_only_while_in_use() {
     let limits = all_features(&f);
     let chain = [d(HDR, 16, 0), d(DATA + 4096, 512, W), d(STATUS, 1, W)];
     let used = f.device.handle(
+        0,
         chain.iter().copied(),
         &f.mem,
         &limits,
@@ -757,6 +758,7 @@ fn flushes_are_deferred_and_completed_together() {
         .write_obj(STATUS_UNTOUCHED, GuestAddress(STATUS + 1))
         .unwrap();
     let first = f.device.handle(
+        0,
         [d(HDR, 16, 0), d(STATUS, 1, W)],
         &f.mem,
         &limits,
@@ -764,6 +766,7 @@ fn flushes_are_deferred_and_completed_together() {
         &mut f.bufs,
     );
     let second = f.device.handle(
+        0,
         [d(HDR, 16, 0), d(STATUS + 1, 1, W)],
         &f.mem,
         &limits,
@@ -782,4 +785,64 @@ fn flushes_are_deferred_and_completed_together() {
         f.device.registry().snapshot().last_flushed > epoch,
         "one flush epoch completed"
     );
+}
+
+#[test]
+fn every_request_is_counted_by_type_status_and_bytes() {
+    let mut f = fixture();
+    header(&f, HDR, VIRTIO_BLK_T_OUT, 0);
+    assert_eq!(
+        run(&mut f, &[d(HDR, 16, 0), d(DATA, 4096, 0), d(STATUS, 1, W)]),
+        (1, OK)
+    );
+    header(&f, HDR, VIRTIO_BLK_T_IN, 0);
+    for _ in 0..2 {
+        assert_eq!(
+            run(&mut f, &[d(HDR, 16, 0), d(DATA, 1024, W), d(STATUS, 1, W)]),
+            (1025, OK)
+        );
+    }
+    // Past the end of the disk, an unknown type, no status byte.
+    header(&f, HDR, VIRTIO_BLK_T_IN, DISK_SECTORS);
+    assert_eq!(
+        run(&mut f, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)]),
+        (1, IOERR)
+    );
+    header(&f, HDR, 77, 0);
+    assert_eq!(run(&mut f, &[d(HDR, 16, 0), d(STATUS, 1, W)]), (1, UNSUPP));
+    assert_eq!(run(&mut f, &[d(HDR, 16, 0)]).0, 0);
+    // A FLUSH is in flight until the flusher completes it.
+    header(&f, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    let limits = f.device.limits(f.device.features());
+    let handled = f.device.handle(
+        0,
+        [d(HDR, 16, 0), d(STATUS, 1, W)],
+        &f.mem,
+        &limits,
+        &[],
+        &mut f.bufs,
+    );
+    assert_eq!(f.device.metrics().queues[0].flushes_in_flight, 1);
+    assert_eq!(complete(&f, handled), 1);
+
+    let m = f.device.metrics();
+    assert_eq!(m.version, stats::METRICS_VERSION);
+    assert_eq!(m.region_flushes, 1);
+    let q = &m.queues[0];
+    let count = |kind: &str| q.requests.iter().find(|(k, _)| k == kind).unwrap().1;
+    assert_eq!(
+        (
+            count("write"),
+            count("read"),
+            count("flush"),
+            count("invalid")
+        ),
+        (1, 2, 1, 2)
+    );
+    assert_eq!((q.ok, q.ioerr, q.unsupp, q.dropped), (4, 1, 1, 1));
+    assert_eq!((q.bytes_written, q.bytes_read), (4096, 2048));
+    assert_eq!(q.flushes_in_flight, 0);
+    assert_eq!(q.flush_latency.count(), 1);
+    // Request 0 of every 64 is timed: the first write.
+    assert_eq!(q.request_latency.count(), 1);
 }

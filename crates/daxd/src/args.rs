@@ -59,9 +59,14 @@ pub struct InspectArgs {
     /// The --control-socket of the daxd to inspect.
     #[arg(long, value_name = "PATH")]
     pub control_socket: PathBuf,
-    /// Print JSON instead of tables.
-    #[arg(long)]
+    /// Print JSON instead of tables (the `Inspection` type; its `blk` counters carry a
+    /// schema `version`).
+    #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
+    /// Print the counters in Prometheus text exposition format (for a node exporter's
+    /// textfile collector or a scrape wrapper).
+    #[arg(long)]
+    pub prometheus: bool,
 }
 
 /// Options of the daxd that serves a region.

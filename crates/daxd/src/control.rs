@@ -16,6 +16,8 @@ use log::{error, warn};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 
+use daxd_blk::stats::{BlkMetrics, LatencyHistogram};
+use daxd_blk::BlkDevice;
 use daxd_region::{Layout, Region, Serve, PAGE_SIZE};
 use daxd_registry::{FrameRange, Registry, Snapshot, Target};
 
@@ -28,6 +30,8 @@ pub struct Inspection {
     pub region: RegionInfo,
     pub windows: Vec<WindowInfo>,
     pub registry: Snapshot,
+    /// The disk's counters (versioned: `blk.version`).
+    pub blk: BlkMetrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,7 +70,7 @@ impl From<Serve> for ServeKind {
 }
 
 impl Inspection {
-    fn of(region: &Region, layout: &Layout, registry: &Registry) -> Inspection {
+    fn of(region: &Region, layout: &Layout, registry: &Registry, blk: &BlkDevice) -> Inspection {
         Inspection {
             region: RegionInfo {
                 path: region.path().to_owned(),
@@ -85,6 +89,7 @@ impl Inspection {
                 })
                 .collect(),
             registry: registry.snapshot(),
+            blk: blk.metrics(),
         }
     }
 }
@@ -96,6 +101,7 @@ pub struct ControlSocket {
     region: Arc<Region>,
     layout: Arc<Layout>,
     registry: Arc<Registry>,
+    blk: Arc<BlkDevice>,
 }
 
 impl ControlSocket {
@@ -104,6 +110,7 @@ impl ControlSocket {
         region: Arc<Region>,
         layout: Arc<Layout>,
         registry: Arc<Registry>,
+        blk: Arc<BlkDevice>,
     ) -> Result<ControlSocket, Error> {
         let listener = daxd_vhost_user::bind_unix(path).map_err(|source| Error::Control {
             path: path.to_owned(),
@@ -118,6 +125,7 @@ impl ControlSocket {
             region,
             layout,
             registry,
+            blk,
         })
     }
 
@@ -126,7 +134,7 @@ impl ControlSocket {
     }
 
     fn answer(&self, mut stream: UnixStream) {
-        let inspection = Inspection::of(&self.region, &self.layout, &self.registry);
+        let inspection = Inspection::of(&self.region, &self.layout, &self.registry, &self.blk);
         let prepared = stream
             .set_nonblocking(false)
             .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(1))));
@@ -160,19 +168,31 @@ impl MutEventSubscriber for ControlSocket {
     }
 }
 
-/// `daxd inspect`: fetches one inspection and prints it as JSON or tables.
-pub fn inspect(control_socket: &Path, json: bool) -> Result<String, Error> {
+/// How `daxd inspect` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Tables,
+    Json,
+    Prometheus,
+}
+
+/// `daxd inspect`: fetches one inspection and prints it as tables, JSON or Prometheus
+/// text.
+pub fn inspect(control_socket: &Path, format: Format) -> Result<String, Error> {
     let inspection = fetch(control_socket)?;
-    if json {
-        let mut text =
-            serde_json::to_string(&inspection).map_err(|source| Error::BadInspection {
-                path: control_socket.to_owned(),
-                source,
-            })?;
-        text.push('\n');
-        return Ok(text);
-    }
-    Ok(tables(&inspection))
+    Ok(match format {
+        Format::Json => {
+            let mut text =
+                serde_json::to_string(&inspection).map_err(|source| Error::BadInspection {
+                    path: control_socket.to_owned(),
+                    source,
+                })?;
+            text.push('\n');
+            text
+        }
+        Format::Tables => tables(&inspection),
+        Format::Prometheus => prometheus(&inspection),
+    })
 }
 
 /// One inspection from a running daxd.
@@ -277,6 +297,206 @@ fn tables(v: &Inspection) -> String {
             let _ = writeln!(out, "{:<46} {}", frames_text(b.frames), b.what);
         }
     }
+    let blk = &v.blk;
+    let _ = writeln!(
+        out,
+        "\nQUEUE  READ       WRITE      FLUSH      DISCARD    WZEROES    GET_ID     INVALID    OK         IOERR      UNSUPP     READ BYTES       WRITTEN BYTES    FLUSH p50/max"
+    );
+    for q in &blk.queues {
+        let count = |kind: &str| {
+            q.requests
+                .iter()
+                .find(|(k, _)| k == kind)
+                .map_or(0, |(_, n)| *n)
+        };
+        let _ = writeln!(
+            out,
+            "{:<6} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<16} {:<16} {}",
+            q.queue,
+            count("read"),
+            count("write"),
+            count("flush"),
+            count("discard"),
+            count("write_zeroes"),
+            count("get_id"),
+            count("invalid"),
+            q.ok,
+            q.ioerr,
+            q.unsupp,
+            q.bytes_read,
+            q.bytes_written,
+            percentiles(&q.flush_latency),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "region flushes: {}; FLUSHes in flight: {}",
+        blk.region_flushes,
+        blk.queues.iter().map(|q| q.flushes_in_flight).sum::<u64>()
+    );
+    out
+}
+
+/// "p50/max" of a histogram as bucket bounds ("<=64us/<=1ms"), "-" when empty.
+fn percentiles(h: &LatencyHistogram) -> String {
+    let total = h.count();
+    if total == 0 {
+        return "-".to_owned();
+    }
+    let bound = |i: usize| match h.bounds_us.get(i) {
+        Some(us) if *us >= 1000 => format!("<={}ms", us / 1000),
+        Some(us) => format!("<={us}us"),
+        None => format!(">{}ms", h.bounds_us.last().copied().unwrap_or(0) / 1000),
+    };
+    let mut seen = 0;
+    let mut p50 = None;
+    let mut max = 0;
+    for (i, n) in h.counts.iter().enumerate() {
+        seen += n;
+        if p50.is_none() && seen * 2 >= total {
+            p50 = Some(i);
+        }
+        if *n > 0 {
+            max = i;
+        }
+    }
+    format!("{}/{}", bound(p50.unwrap_or(0)), bound(max))
+}
+
+/// A metric family's HELP and TYPE lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Prometheus text exposition (format 0.0.4) of an inspection.
+pub fn prometheus(v: &Inspection) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "daxd_region_bytes",
+        "gauge",
+        "Size of the region file.",
+    );
+    let _ = writeln!(out, "daxd_region_bytes {}", v.region.size);
+    family(
+        &mut out,
+        "daxd_registry_descriptors",
+        "gauge",
+        "Page descriptors for guest-visible pages.",
+    );
+    let _ = writeln!(out, "daxd_registry_descriptors {}", v.registry.descriptors);
+    family(
+        &mut out,
+        "daxd_blk_region_flushes_total",
+        "counter",
+        "fdatasync calls for FLUSH requests.",
+    );
+    let _ = writeln!(
+        out,
+        "daxd_blk_region_flushes_total {}",
+        v.blk.region_flushes
+    );
+    let blk = &v.blk.queues;
+    family(
+        &mut out,
+        "daxd_blk_requests_total",
+        "counter",
+        "Requests by queue and type.",
+    );
+    for q in blk {
+        for (kind, n) in &q.requests {
+            let _ = writeln!(
+                out,
+                "daxd_blk_requests_total{{queue=\"{}\",type=\"{kind}\"}} {n}",
+                q.queue
+            );
+        }
+    }
+    family(
+        &mut out,
+        "daxd_blk_completions_total",
+        "counter",
+        "Completions by queue and status; dropped: chains without a status byte.",
+    );
+    for q in blk {
+        for (status, n) in [
+            ("ok", q.ok),
+            ("ioerr", q.ioerr),
+            ("unsupp", q.unsupp),
+            ("dropped", q.dropped),
+        ] {
+            let _ = writeln!(
+                out,
+                "daxd_blk_completions_total{{queue=\"{}\",status=\"{status}\"}} {n}",
+                q.queue
+            );
+        }
+    }
+    family(
+        &mut out,
+        "daxd_blk_bytes_total",
+        "counter",
+        "Bytes read from and written to the disk, by queue.",
+    );
+    for q in blk {
+        for (direction, n) in [("read", q.bytes_read), ("write", q.bytes_written)] {
+            let _ = writeln!(
+                out,
+                "daxd_blk_bytes_total{{queue=\"{}\",direction=\"{direction}\"}} {n}",
+                q.queue
+            );
+        }
+    }
+    family(
+        &mut out,
+        "daxd_blk_flushes_in_flight",
+        "gauge",
+        "FLUSH requests waiting for the region flush, by queue.",
+    );
+    for q in blk {
+        let _ = writeln!(
+            out,
+            "daxd_blk_flushes_in_flight{{queue=\"{}\"}} {}",
+            q.queue, q.flushes_in_flight
+        );
+    }
+    for (name, help, pick) in [
+        (
+            "daxd_blk_flush_latency_seconds",
+            "FLUSH latency, from parsing to completion, by queue.",
+            (|q| &q.flush_latency) as fn(&daxd_blk::stats::QueueMetrics) -> &LatencyHistogram,
+        ),
+        (
+            "daxd_blk_request_latency_seconds",
+            "Service time of every 64th other request, by queue.",
+            |q| &q.request_latency,
+        ),
+    ] {
+        family(&mut out, name, "histogram", help);
+        for q in blk {
+            let h = pick(q);
+            let mut cumulative = 0;
+            for (i, n) in h.counts.iter().enumerate() {
+                cumulative += n;
+                let le = h
+                    .bounds_us
+                    .get(i)
+                    .map_or("+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{queue=\"{}\",le=\"{le}\"}} {cumulative}",
+                    q.queue
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_sum{{queue=\"{}\"}} {}",
+                q.queue,
+                h.sum_ns as f64 / 1e9
+            );
+            let _ = writeln!(out, "{name}_count{{queue=\"{}\"}} {cumulative}", q.queue);
+        }
+    }
     out
 }
 
@@ -336,10 +556,31 @@ mod tests {
                 },
             )
             .unwrap();
+        let blk = Arc::new(
+            BlkDevice::new(
+                region.clone(),
+                registry.clone(),
+                layout.blk().unwrap(),
+                daxd_blk::BlkConfig {
+                    num_queues: 2,
+                    queue_size: 128,
+                    read_only: false,
+                    sync: false,
+                    serial: daxd_blk::Serial::new("control-test").unwrap(),
+                },
+            )
+            .unwrap(),
+        );
         let path = dir.path().join("control.sock");
-        let socket =
-            ControlSocket::bind(&path, region.clone(), layout.clone(), registry.clone()).unwrap();
-        let expected = Inspection::of(&region, &layout, &registry);
+        let socket = ControlSocket::bind(
+            &path,
+            region.clone(),
+            layout.clone(),
+            registry.clone(),
+            blk.clone(),
+        )
+        .unwrap();
+        let expected = Inspection::of(&region, &layout, &registry, &blk);
         let server = std::thread::spawn(move || {
             let (stream, _) = loop {
                 match socket.listener.accept() {
@@ -361,5 +602,38 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("descriptors: 1024 (16384 bytes)"), "{text}");
+        assert_eq!(fetched.blk.queues.len(), 2);
+        assert!(text.contains("region flushes: 0"), "{text}");
+
+        // Every Prometheus line is a comment or `name{labels} value`, every family is
+        // declared before its samples, and histograms end in +Inf, _sum and _count.
+        let exposition = prometheus(&fetched);
+        let mut declared = std::collections::HashSet::new();
+        for line in exposition.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                declared.insert(rest.split(' ').next().unwrap().to_owned());
+                continue;
+            }
+            if line.starts_with("# HELP ") {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            assert!(value.parse::<f64>().is_ok(), "{line}");
+            let name = series.split('{').next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|f| declared.contains(*f))
+                .unwrap_or(name);
+            assert!(declared.contains(family), "undeclared: {line}");
+            assert!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "{line}"
+            );
+        }
+        assert!(
+            exposition.contains("daxd_blk_flush_latency_seconds_bucket{queue=\"1\",le=\"+Inf\"} 0")
+        );
+        assert!(exposition.contains("daxd_blk_requests_total{queue=\"0\",type=\"read\"} 0"));
     }
 }

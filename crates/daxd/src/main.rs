@@ -49,7 +49,12 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Some(Command::Inspect(inspect)) => {
-            control::inspect(&inspect.control_socket, inspect.json).map(|text| print!("{text}"))
+            let format = match (inspect.json, inspect.prometheus) {
+                (true, _) => control::Format::Json,
+                (_, true) => control::Format::Prometheus,
+                _ => control::Format::Tables,
+            };
+            control::inspect(&inspect.control_socket, format).map(|text| print!("{text}"))
         }
         Some(Command::PrintQemuArgs(print)) => print_qemu_args(*print),
         None if cli.serve.print_capabilities => {
@@ -196,6 +201,7 @@ impl Opened {
                     region.clone(),
                     layout.clone(),
                     registry.clone(),
+                    blk.clone(),
                 )?;
                 sockets.push(path.clone());
                 Some(control)

@@ -195,7 +195,7 @@ impl VhostUserBlkBackend {
             |head, descriptors| {
                 match self
                     .device
-                    .handle(descriptors, &*mem, &limits, &guest_windows, bufs)
+                    .handle(queue, descriptors, &*mem, &limits, &guest_windows, bufs)
                 {
                     Handled::Done(used) => Some(used),
                     Handled::Flush(pending) => {
