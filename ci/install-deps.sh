@@ -3,7 +3,8 @@
 # qemu-storage-daemon (peer backend), QEMU 10.0 from bookworm-backports (real guests),
 # fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools), the
 # tools ci/build-guest.sh uses, mmdebstrap for ci/build-sid-root.sh (QEMU 11.1), and what
-# ci/qtest.sh needs to build QEMU's qtests. Idempotent: installs nothing when all is present.
+# ci/qtest.sh needs to build QEMU's qtests, and libvirt. Idempotent: installs nothing when
+# all is present.
 set -euo pipefail
 
 backports=/etc/apt/sources.list.d/daxd-bookworm-backports.sources
@@ -44,6 +45,14 @@ if ((${#need[@]})) || ! apt-cache search --names-only '^linux-image-6\.12\.[0-9]
 fi
 if ((${#need[@]})); then
     apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends -t bookworm-backports "${need[@]}"
+fi
+# libvirt 11.3 (tests/libvirt.rs) pairs with QEMU 10.0; named package by package, since
+# -t bookworm-backports would also upgrade systemd and udev.
+if ! command -v libvirtd >/dev/null || ! command -v virsh >/dev/null; then
+    apt-get "${apt_opts[@]}" update -qq
+    apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends \
+        libvirt-daemon/bookworm-backports libvirt-daemon-driver-qemu/bookworm-backports \
+        libvirt-clients/bookworm-backports
 fi
 
 # The lint gates in ci/test.sh need clippy and rustfmt next to the toolchain.

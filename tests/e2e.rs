@@ -6,6 +6,7 @@ mod blkio_client;
 mod guest_blk;
 mod guest_pmem;
 mod hostile_frontend;
+mod libvirt;
 mod powercut;
 mod restart;
 mod support;

@@ -195,13 +195,7 @@ pub fn boot_until(
     cut: &mut dyn FnMut(&str) -> bool,
 ) -> Boot {
     let (kernel, initrd) = guest_image();
-    let script_path = dir.join(format!("{name}.sh"));
-    let mut prelude = format!("WAIT_DIR={}\n", dir.display());
-    for lib in ["blk-cases.sh", "pmem-cases.sh", "cut-cases.sh"] {
-        let path = repo_root().join("resources/guest").join(lib);
-        prelude += &format!(". /host{}\n", path.display());
-    }
-    std::fs::write(&script_path, format!("{prelude}{script}")).unwrap();
+    let script_path = guest_script(dir, name, script);
     let console_log = dir.join(format!("{name}.console.log"));
     let mut qemu = Command::new(&vm.qemu[0]);
     qemu.args(&vm.qemu[1..])
@@ -329,6 +323,19 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Writes the guest's script for boot `name` into `dir` (resources/guest/*-cases.sh
+/// sourced first) and returns its path, for the kernel command line's `daxd.script=`.
+pub fn guest_script(dir: &Path, name: &str, script: &str) -> PathBuf {
+    let script_path = dir.join(format!("{name}.sh"));
+    let mut prelude = format!("WAIT_DIR={}\n", dir.display());
+    for lib in ["blk-cases.sh", "pmem-cases.sh", "cut-cases.sh"] {
+        let path = repo_root().join("resources/guest").join(lib);
+        prelude += &format!(". /host{}\n", path.display());
+    }
+    std::fs::write(&script_path, format!("{prelude}{script}")).unwrap();
+    script_path
+}
+
 /// A host tool's (success, stdout, stderr), with sbin on PATH.
 pub fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
     let out = Command::new(program)
@@ -353,7 +360,7 @@ pub fn results(console: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn parse_console(console: String, console_log: PathBuf) -> Boot {
+pub fn parse_console(console: String, console_log: PathBuf) -> Boot {
     let mut cases = BTreeMap::new();
     let mut case_output: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut current: Option<String> = None;
