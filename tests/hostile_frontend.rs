@@ -6,7 +6,7 @@ use std::fs::File;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::frontend::{Connection, GuestMem, QUEUE_SIZE};
+use crate::support::frontend::{handshake, Connection, GuestMem, QUEUE_SIZE};
 use crate::support::{test_dir, Backend};
 
 fn start(dir: &std::path::Path) -> (Backend, std::path::PathBuf) {
@@ -72,6 +72,57 @@ fn an_impossible_available_index_is_refused_without_spinning() {
     c.wait_used(&mem, 2);
     assert_eq!(mem.status(2), 0);
     assert_eq!(QUEUE_SIZE, 16);
+    drop(c);
+    assert!(daxd.terminate().success());
+}
+
+/// A memory table whose region claims more bytes than its file holds, and a buffer in the
+/// missing part: daxd used to map it and die of SIGBUS at the first access there. Now the
+/// table is refused (an error reply), and daxd serves the next frontend.
+#[test]
+fn a_memory_table_larger_than_its_file_is_refused() {
+    use vhost::VhostBackend;
+    use virtio_bindings::virtio_ring::VRING_DESC_F_NEXT;
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let dir = test_dir("daxd-hostile-");
+    let d = dir.path();
+    let (mut daxd, log) = start(d);
+    let mem = GuestMem::new();
+    mem.truncate(1 << 20); // the table still claims 4 MiB
+    let frontend = handshake(&daxd.socket);
+    let refused = frontend.set_mem_table(&[mem.table()]);
+    if refused.is_ok() {
+        // Accepted: make daxd read a buffer at 2 MiB, past the end of the file.
+        let mut inflight = None;
+        let c = Connection::finish(frontend, &mem, &mut inflight, 0);
+        mem.put_write(0, 0, &[0x33; 512]);
+        mem.mem
+            .write_obj(
+                Descriptor::new(0x20_0000, 512, VRING_DESC_F_NEXT as u16, 2),
+                GuestAddress(16),
+            )
+            .unwrap();
+        mem.make_available(&[0]);
+        c.kick();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        daxd.is_running(),
+        "daxd died: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(refused.is_err(), "the memory table was accepted");
+
+    let good = GuestMem::new();
+    let mut inflight = None;
+    let c = Connection::start(&daxd.socket, &good, &mut inflight, 0);
+    good.put_write(0, 0, &[0x44; 512]);
+    good.make_available(&[0]);
+    c.kick();
+    c.wait_used(&good, 1);
+    assert_eq!(good.status(0), 0);
     drop(c);
     assert!(daxd.terminate().success());
 }

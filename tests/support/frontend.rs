@@ -9,7 +9,9 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -54,6 +56,23 @@ impl GuestMem {
             ])
             .unwrap();
         GuestMem { mem, file }
+    }
+
+    /// The memory table entry for this memory, claiming all of it.
+    pub fn table(&self) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: self.user_addr(0),
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
+    /// Shrinks the file behind the memory to `len` bytes (a hostile frontend's memory
+    /// table then claims more than the file holds); the test must not touch the rest.
+    pub fn truncate(&self, len: u64) {
+        self.file.set_len(len).unwrap();
     }
 
     fn user_addr(&self, gpa: u64) -> u64 {
@@ -247,37 +266,18 @@ impl Connection {
         inflight: &mut Option<Inflight>,
         base: u16,
     ) -> Connection {
-        let mut frontend = connect(socket);
-        frontend.set_owner().unwrap();
-        let features = frontend.get_features().unwrap();
-        assert!(features & VHOST_USER_F_PROTOCOL_FEATURES != 0);
-        frontend
-            .set_features(
-                (1 << VIRTIO_F_VERSION_1)
-                    | (1 << VIRTIO_RING_F_EVENT_IDX)
-                    | VHOST_USER_F_PROTOCOL_FEATURES,
-            )
-            .unwrap();
-        let offered = frontend.get_protocol_features().unwrap();
-        assert!(
-            offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
-            "the backend does not offer in-flight tracking: {offered:?}"
-        );
-        frontend
-            .set_protocol_features(
-                VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
-            )
-            .unwrap();
-        let region = VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_SIZE as u64,
-            userspace_addr: mem.user_addr(0),
-            mmap_offset: 0,
-            mmap_handle: mem.file.as_raw_fd(),
-        };
-        frontend.set_mem_table(&[region]).unwrap();
+        let frontend = handshake(socket);
+        frontend.set_mem_table(&[mem.table()]).unwrap();
+        Connection::finish(frontend, mem, inflight, base)
+    }
+
+    /// Starts queue 0 on a connection whose memory table is set.
+    pub fn finish(
+        mut frontend: Frontend,
+        mem: &GuestMem,
+        inflight: &mut Option<Inflight>,
+        base: u16,
+    ) -> Connection {
         if inflight.is_none() {
             let request = VhostUserInflight::new(0, 0, 1, QUEUE_SIZE);
             let (info, file) = frontend.get_inflight_fd(&request).unwrap();
@@ -327,6 +327,39 @@ impl Connection {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+/// Connects and negotiates features and protocol features (in-flight tracking included),
+/// up to the memory table.
+pub fn handshake(socket: &Path) -> Frontend {
+    let mut frontend = connect(socket);
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    assert!(features & VHOST_USER_F_PROTOCOL_FEATURES != 0);
+    frontend
+        .set_features(
+            (1 << VIRTIO_F_VERSION_1)
+                | (1 << VIRTIO_RING_F_EVENT_IDX)
+                | VHOST_USER_F_PROTOCOL_FEATURES,
+        )
+        .unwrap();
+    let offered = frontend.get_protocol_features().unwrap();
+    assert!(
+        offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
+        "the backend does not offer in-flight tracking: {offered:?}"
+    );
+    frontend
+        .set_protocol_features(
+            VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::REPLY_ACK
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+        )
+        .unwrap();
+    // Every request waits for the backend's answer, so that a refusal shows where it
+    // happens.
+    frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    frontend
 }
 
 fn connect(socket: &Path) -> Frontend {

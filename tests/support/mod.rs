@@ -71,6 +71,13 @@ impl Backend {
         );
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
     /// The process's id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()

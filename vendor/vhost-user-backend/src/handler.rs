@@ -79,6 +79,26 @@ impl std::fmt::Display for VhostUserHandlerError {
 
 impl error::Error for VhostUserHandlerError {}
 
+/// daxd patch: a memory region that claims more bytes than its (regular or memfd) file
+/// holds would map fine and then kill the process with SIGBUS at the first access past
+/// the end of the file; such a region is refused when it arrives.
+fn check_backing(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
+    let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
+    if meta.file_type().is_file()
+        && offset.checked_add(size).is_none_or(|end| end > meta.len())
+    {
+        log::warn!(
+            "refusing a memory region of {size} bytes at offset {offset} of a file of {} bytes",
+            meta.len()
+        );
+        return Err(VhostUserError::ReqHandlerError(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "memory region beyond the end of its file",
+        )));
+    }
+    Ok(())
+}
+
 /// Result of vhost-user handler operations.
 pub type VhostUserHandlerResult<T> = std::result::Result<T, VhostUserHandlerError>;
 
@@ -393,6 +413,7 @@ where
         let mut mappings: Vec<AddrMapping> = Vec::new();
 
         for (region, file) in ctx.iter().zip(files) {
+            check_backing(&file, region.mmap_offset, region.memory_size)?;
             let guest_region = GuestRegionMmap::new(
                 region.mmap_region(file)?,
                 GuestAddress(region.guest_phys_addr),
@@ -709,6 +730,7 @@ where
             return Err(VhostUserError::InvalidOperation("postcopy not enabled"));
         }
 
+        check_backing(&file, region.mmap_offset, region.memory_size)?;
         let guest_region = Arc::new(
             GuestRegionMmap::new(
                 region.mmap_region(file)?,
