@@ -126,3 +126,84 @@ fn a_memory_table_larger_than_its_file_is_refused() {
     drop(c);
     assert!(daxd.terminate().success());
 }
+
+/// Messages out of range in each way the protocol allows: queue numbers past the device's
+/// queues, queue sizes of 0 and above the maximum, ring addresses outside the memory table,
+/// inflight areas that are not the device's shape, config reads past the config space.
+/// Each is refused (an error reply or a closed connection), and after each daxd is still
+/// running and serves the next frontend.
+#[test]
+fn out_of_range_messages_are_refused_and_daxd_serves_on() {
+    use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserInflight};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VringConfigData};
+    use vmm_sys_util::eventfd::EventFd;
+
+    let dir = test_dir("daxd-hostile-");
+    let d = dir.path();
+    let (mut daxd, log) = start(d);
+    let mem = GuestMem::new();
+    type Attack = fn(&mut Frontend, &GuestMem) -> bool;
+    let attacks: [(&str, Attack); 8] = [
+        ("SET_VRING_NUM of queue 9", |f, _| {
+            f.set_vring_num(9, 16).is_err()
+        }),
+        ("SET_VRING_NUM 0", |f, _| f.set_vring_num(0, 0).is_err()),
+        ("SET_VRING_NUM 65535", |f, _| {
+            f.set_vring_num(0, 65535).is_err()
+        }),
+        ("SET_VRING_BASE of queue 9", |f, _| {
+            f.set_vring_base(9, 0).is_err()
+        }),
+        ("SET_VRING_ADDR outside the memory table", |f, _| {
+            f.set_vring_num(0, QUEUE_SIZE).unwrap();
+            let bogus = VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: 0x7fff_0000_0000,
+                used_ring_addr: 0x7fff_0000_2000,
+                avail_ring_addr: 0x7fff_0000_1000,
+                log_addr: None,
+            };
+            f.set_vring_addr(0, &bogus).is_err()
+        }),
+        ("SET_VRING_KICK of queue 9", |f, _| {
+            f.set_vring_kick(9, &EventFd::new(0).unwrap()).is_err()
+        }),
+        ("GET_INFLIGHT_FD for 1000 queues", |f, _| {
+            f.get_inflight_fd(&VhostUserInflight::new(0, 0, 1000, QUEUE_SIZE))
+                .is_err()
+        }),
+        ("GET_CONFIG past the config space", |f, _| {
+            let buf = [0u8; 64];
+            f.get_config(4096, 64, VhostUserConfigFlags::WRITABLE, &buf)
+                .map_or(true, |(_, payload)| payload.iter().all(|&b| b == 0))
+        }),
+    ];
+    for (what, attack) in attacks {
+        let mut frontend = handshake(&daxd.socket);
+        frontend.set_mem_table(&[mem.table()]).unwrap();
+        assert!(attack(&mut frontend, &mem), "{what}: accepted");
+        drop(frontend);
+        assert!(
+            daxd.is_running(),
+            "{what}: daxd died: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        // The next frontend is served.
+        let good = GuestMem::new();
+        let mut inflight = None;
+        let c = Connection::start(&daxd.socket, &good, &mut inflight, 0);
+        good.put_read(0, 0, 512);
+        good.make_available(&[0]);
+        c.kick();
+        c.wait_used(&good, 1);
+        assert_eq!(
+            good.status(0),
+            0,
+            "{what}: the next frontend was not served"
+        );
+    }
+    assert!(daxd.terminate().success());
+}
