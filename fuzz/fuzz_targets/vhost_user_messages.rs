@@ -1,0 +1,81 @@
+//! Any bytes a frontend can send on the disk's vhost-user socket (messages without file
+//! descriptors): daxd's server, running in this process, must neither crash nor hang, and
+//! must still accept the next connection. Each input is one connection; its bytes are
+//! written whole, then the connection is closed.
+#![no_main]
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+
+use daxd_blk::{BlkConfig, BlkDevice, Serial};
+use daxd_region::{Layout, Serve, Window};
+use daxd_vhost_user::{Server, SocketAddr};
+
+#[path = "common.rs"]
+mod common;
+
+fn socket() -> &'static PathBuf {
+    static SOCKET: OnceLock<PathBuf> = OnceLock::new();
+    SOCKET.get_or_init(|| {
+        let w = common::world();
+        let layout = Arc::new(
+            Layout::new(
+                w.region.size(),
+                vec![Window {
+                    name: "disk".into(),
+                    offset: 0,
+                    size: w.region.size(),
+                    serve: Serve::Blk,
+                }],
+                false,
+            )
+            .unwrap(),
+        );
+        let device = Arc::new(
+            BlkDevice::new(
+                w.region.clone(),
+                w.registry.clone(),
+                layout.blk().unwrap(),
+                BlkConfig {
+                    num_queues: 2,
+                    queue_size: 256,
+                    read_only: false,
+                    sync: false,
+                    serial: Serial::new("fuzz").unwrap(),
+                },
+            )
+            .unwrap(),
+        );
+        let path = w._dir.path().join("blk.sock");
+        let server = Server::listen(&SocketAddr::Path(path.clone()), "blk").unwrap();
+        std::thread::spawn(move || {
+            server
+                .serve_blk(device, layout, Duration::ZERO)
+                .expect("the server stopped");
+        });
+        path
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let path = socket();
+    let mut stream = UnixStream::connect(path).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // The server may close the connection at any message: a failed write ends the input.
+    let _ = stream.write_all(data);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    // Drain replies until the server closes its side; a server that never does would hang
+    // the next connection, which libFuzzer's timeout reports.
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+});
