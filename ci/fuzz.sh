@@ -14,12 +14,13 @@ for target in $(cargo +nightly fuzz list); do
     mkdir -p "$scratch/$target"
     echo "fuzz: $target for ${seconds}s"
     log=$scratch/$target.log
-    options=()
-    # Its server threads keep allocations from one input to the next, which LeakSanitizer
-    # would report as leaks.
-    [ "$target" = vhost_user_messages ] && options+=(-detect_leaks=0)
-    if ! cargo +nightly fuzz run "$target" "$scratch/$target" "corpus/$target" -- \
-        -max_total_time="$seconds" -timeout=10 -print_final_stats=1 "${options[@]}" > "$log" 2>&1; then
+    leaks=1
+    # Its server threads keep allocations from one input to the next and at exit, which
+    # LeakSanitizer would report as leaks.
+    [ "$target" = vhost_user_messages ] && leaks=0
+    if ! ASAN_OPTIONS="detect_leaks=$leaks" cargo +nightly fuzz run "$target" "$scratch/$target" \
+        "corpus/$target" -- -max_total_time="$seconds" -timeout=10 -print_final_stats=1 \
+        -detect_leaks="$leaks" > "$log" 2>&1; then
         tail -40 "$log"
         echo "fuzz: $target failed" >&2
         exit 1
