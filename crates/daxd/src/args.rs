@@ -138,11 +138,12 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
 
-    /// Busy-poll each queue for up to this many microseconds after it runs empty, before
-    /// waiting for the guest's next notification. Lowers latency (no kick, no wake-up on
-    /// either side while polling) at the cost of CPU: a queue that stays busy keeps its
-    /// worker spinning on one core. 0 turns polling off.
-    #[arg(long, value_name = "MICROSECONDS", default_value_t = 0)]
+    /// Upper bound of each queue's adaptive polling, in microseconds. After a queue runs
+    /// empty its worker keeps watching it for a window that grows while the guest keeps
+    /// coming back within the bound and shrinks to nothing when it does not (as QEMU's
+    /// iothreads poll): a busy queue is served without notifications on either side, an
+    /// idle one costs at most one window after its last request. 0 turns polling off.
+    #[arg(long, value_name = "MICROSECONDS", default_value_t = 50)]
     pub poll_us: u64,
 
     /// Serial number the guest reads (at most 20 bytes, /sys/block/vdX/serial). Default:

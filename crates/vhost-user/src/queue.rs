@@ -1,7 +1,7 @@
 //! Draining a virtqueue, shared by every device's backend.
 
 use std::io;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -25,10 +25,76 @@ use crate::inflight::InflightArea;
 pub(crate) struct Settings<'a> {
     /// VIRTIO_RING_F_EVENT_IDX was negotiated.
     pub event_idx: bool,
-    /// How long an empty queue is polled before notifications are re-enabled.
-    pub poll: Duration,
+    /// How long an empty queue is polled before notifications are re-enabled (none: not
+    /// at all).
+    pub poll: Option<&'a AdaptivePoll>,
     /// Where refusals of a ring out of step are counted and logged.
     pub refusals: &'a RefusalLog,
+}
+
+/// A queue's polling window, adapted as QEMU's event loop adapts its own: a queue whose
+/// driver comes back within the bound is polled for longer (from 4 us, doubling), one
+/// that stays idle for longer than the bound is polled for less (halving, down to not at
+/// all). A busy queue then never sleeps, an idle one costs one window after its last
+/// request and nothing after.
+#[derive(Debug)]
+pub(crate) struct AdaptivePoll {
+    max_ns: u64,
+    window_ns: AtomicU64,
+    /// When the worker last went to sleep, in ns since `epoch` (0: not since the start).
+    slept_at_ns: AtomicU64,
+    epoch: Instant,
+}
+
+/// The first window a queue that polling would have served gets.
+const POLL_GROW_FROM_NS: u64 = 4_000;
+
+impl AdaptivePoll {
+    /// Polling up to `max` (zero: never).
+    pub(crate) fn new(max: Duration) -> AdaptivePoll {
+        AdaptivePoll {
+            max_ns: max.as_nanos().min(u128::from(u64::MAX)) as u64,
+            window_ns: AtomicU64::new(0),
+            slept_at_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        (self.epoch.elapsed().as_nanos() as u64).max(1)
+    }
+
+    /// The current window.
+    pub(crate) fn window(&self) -> Duration {
+        Duration::from_nanos(self.window_ns.load(Ordering::Relaxed))
+    }
+
+    /// The worker goes to sleep until the driver's next notification.
+    fn sleeping(&self) {
+        self.slept_at_ns.store(self.now_ns(), Ordering::Relaxed);
+    }
+
+    /// The worker woke up for a notification: had it polled for as long as it slept,
+    /// would it have caught the work?
+    fn woke(&self) {
+        let slept_at = self.slept_at_ns.swap(0, Ordering::Relaxed);
+        if slept_at == 0 || self.max_ns == 0 {
+            return;
+        }
+        let slept = self.now_ns().saturating_sub(slept_at);
+        let window = self.window_ns.load(Ordering::Relaxed);
+        let next = if slept <= self.max_ns {
+            window
+                .saturating_mul(2)
+                .max(POLL_GROW_FROM_NS)
+                .min(self.max_ns)
+        } else if window / 2 < POLL_GROW_FROM_NS / 4 {
+            0
+        } else {
+            window / 2
+        };
+        self.window_ns.store(next, Ordering::Relaxed);
+    }
 }
 
 /// Where a queue's requests are tracked for a successor after a crash (in-flight I/O
@@ -100,6 +166,9 @@ pub(crate) fn drain(
         poll,
         refusals,
     } = *settings;
+    if let Some(poll) = poll {
+        poll.woke();
+    }
     let mut state = vring.get_mut();
     let mut completed = false;
     for head in resubmit {
@@ -144,18 +213,22 @@ pub(crate) fn drain(
             state.signal_used_queue()?;
         }
         completed = false;
-        if !poll.is_zero() {
+        let window = poll.map_or(Duration::ZERO, AdaptivePoll::window);
+        if !window.is_zero() {
             // Poll without the vring's lock, so that deferred completions can land.
             let avail_ring = GuestAddress(state.get_queue().avail_ring());
             let next_avail = state.get_queue().next_avail();
             drop(state);
-            let found = poll_for_work(avail_ring, next_avail, mem, poll)?;
+            let found = poll_for_work(avail_ring, next_avail, mem, window)?;
             state = vring.get_mut();
             if found {
                 continue;
             }
         }
         if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+            if let Some(poll) = poll {
+                poll.sleeping();
+            }
             return Ok(());
         }
     }
@@ -233,4 +306,45 @@ pub(crate) fn exit_event() -> Option<(EventConsumer, EventNotifier)> {
     new_event_consumer_and_notifier(EventFlag::NONBLOCK)
         .map_err(|e| warn!("cannot create a worker exit event: {e}"))
         .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slept(poll: &AdaptivePoll, for_: Duration) {
+        poll.slept_at_ns.store(
+            poll.now_ns().saturating_sub(for_.as_nanos() as u64).max(1),
+            Ordering::Relaxed,
+        );
+        poll.woke();
+    }
+
+    #[test]
+    fn polling_grows_while_the_guest_comes_back_in_time_and_stops_when_idle() {
+        let poll = AdaptivePoll::new(Duration::from_micros(50));
+        assert_eq!(poll.window(), Duration::ZERO);
+        // Woken without having slept: nothing to learn.
+        poll.woke();
+        assert_eq!(poll.window(), Duration::ZERO);
+        let mut windows = Vec::new();
+        for _ in 0..6 {
+            slept(&poll, Duration::from_micros(20));
+            windows.push(poll.window().as_micros());
+        }
+        assert_eq!(windows, [4, 8, 16, 32, 50, 50]);
+        // Idle for longer than the bound (a real sleep): halving down to nothing.
+        let mut windows = Vec::new();
+        for _ in 0..8 {
+            poll.sleeping();
+            std::thread::sleep(Duration::from_micros(200));
+            poll.woke();
+            windows.push(poll.window().as_nanos());
+        }
+        assert_eq!(windows, [25_000u128, 12_500, 6_250, 3_125, 1_562, 0, 0, 0]);
+        // Off: never polls.
+        let off = AdaptivePoll::new(Duration::ZERO);
+        slept(&off, Duration::from_micros(1));
+        assert_eq!(off.window(), Duration::ZERO);
+    }
 }

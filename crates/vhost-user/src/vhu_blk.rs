@@ -47,8 +47,8 @@ pub struct VhostUserBlkBackend {
     acked_features: AtomicU64,
     /// Scratch space for parsing, one per worker thread (uncontended).
     chain_buffers: Vec<Mutex<ChainBuffers>>,
-    /// How long a worker keeps polling its queue after it ran empty (0: not at all).
-    poll: Duration,
+    /// Per queue: how long its worker keeps polling after the queue ran empty.
+    poll: Vec<queue::AdaptivePoll>,
     /// Where queue workers hand FLUSH requests, so that a queue keeps moving while the
     /// region is flushed.
     flusher: Flusher,
@@ -153,7 +153,9 @@ impl VhostUserBlkBackend {
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             chain_buffers: (0..workers).map(|_| Mutex::default()).collect(),
-            poll,
+            poll: (0..workers)
+                .map(|_| queue::AdaptivePoll::new(poll))
+                .collect(),
             flusher,
             inflight: ArcSwapOption::empty(),
             resubmit: (0..workers).map(|_| Mutex::default()).collect(),
@@ -187,7 +189,7 @@ impl VhostUserBlkBackend {
             &mem,
             &queue::Settings {
                 event_idx: self.event_idx.load(Ordering::Relaxed),
-                poll: self.poll,
+                poll: self.poll.get(queue),
                 refusals: self.device.refusals(),
             },
             &tracking,

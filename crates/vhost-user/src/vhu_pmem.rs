@@ -14,7 +14,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use log::{error, info};
 use vhost::vhost_user::message::{
@@ -173,7 +173,7 @@ impl VhostUserPmemBackend {
             &mem,
             &queue::Settings {
                 event_idx: self.event_idx.load(Ordering::Relaxed),
-                poll: Duration::ZERO,
+                poll: None,
                 refusals: self.device.refusals(),
             },
             &queue::Tracking::default(),
