@@ -25,6 +25,18 @@ fn start(dir: &std::path::Path) -> (Backend, std::path::PathBuf) {
     (Backend::spawn(command, socket, true), log)
 }
 
+/// A well-behaved frontend connects to `daxd` and gets a 512-byte read served.
+fn serves_a_frontend(daxd: &Backend) -> bool {
+    let good = GuestMem::new();
+    let mut inflight = None;
+    let c = Connection::start(&daxd.socket, &good, &mut inflight, 0);
+    good.put_read(0, 0, 512);
+    good.make_available(&[0]);
+    c.kick();
+    c.wait_used(&good, 1);
+    good.status(0) == 0
+}
+
 /// An available index further ahead than the ring holds (what a frontend that resumes a
 /// ring at the wrong index shows, as QEMU does after a backend without in-flight tracking
 /// died): before, daxd's worker spun on it, logging a line per spin (900,000 lines in a
@@ -71,7 +83,6 @@ fn an_impossible_available_index_is_refused_without_spinning() {
     c.kick();
     c.wait_used(&mem, 2);
     assert_eq!(mem.status(2), 0);
-    assert_eq!(QUEUE_SIZE, 16);
     drop(c);
     assert!(daxd.terminate().success());
 }
@@ -115,15 +126,7 @@ fn a_memory_table_larger_than_its_file_is_refused() {
     );
     assert!(refused.is_err(), "the memory table was accepted");
 
-    let good = GuestMem::new();
-    let mut inflight = None;
-    let c = Connection::start(&daxd.socket, &good, &mut inflight, 0);
-    good.put_write(0, 0, &[0x44; 512]);
-    good.make_available(&[0]);
-    c.kick();
-    c.wait_used(&good, 1);
-    assert_eq!(good.status(0), 0);
-    drop(c);
+    assert!(serves_a_frontend(&daxd));
     assert!(daxd.terminate().success());
 }
 
@@ -143,19 +146,19 @@ fn out_of_range_messages_are_refused_and_daxd_serves_on() {
     let d = dir.path();
     let (mut daxd, log) = start(d);
     let mem = GuestMem::new();
-    type Attack = fn(&mut Frontend, &GuestMem) -> bool;
+    type Attack = fn(&mut Frontend) -> bool;
     let attacks: [(&str, Attack); 8] = [
-        ("SET_VRING_NUM of queue 9", |f, _| {
+        ("SET_VRING_NUM of queue 9", |f| {
             f.set_vring_num(9, 16).is_err()
         }),
-        ("SET_VRING_NUM 0", |f, _| f.set_vring_num(0, 0).is_err()),
-        ("SET_VRING_NUM 65535", |f, _| {
+        ("SET_VRING_NUM 0", |f| f.set_vring_num(0, 0).is_err()),
+        ("SET_VRING_NUM 65535", |f| {
             f.set_vring_num(0, 65535).is_err()
         }),
-        ("SET_VRING_BASE of queue 9", |f, _| {
+        ("SET_VRING_BASE of queue 9", |f| {
             f.set_vring_base(9, 0).is_err()
         }),
-        ("SET_VRING_ADDR outside the memory table", |f, _| {
+        ("SET_VRING_ADDR outside the memory table", |f| {
             f.set_vring_num(0, QUEUE_SIZE).unwrap();
             let bogus = VringConfigData {
                 queue_max_size: QUEUE_SIZE,
@@ -168,14 +171,14 @@ fn out_of_range_messages_are_refused_and_daxd_serves_on() {
             };
             f.set_vring_addr(0, &bogus).is_err()
         }),
-        ("SET_VRING_KICK of queue 9", |f, _| {
+        ("SET_VRING_KICK of queue 9", |f| {
             f.set_vring_kick(9, &EventFd::new(0).unwrap()).is_err()
         }),
-        ("GET_INFLIGHT_FD for 1000 queues", |f, _| {
+        ("GET_INFLIGHT_FD for 1000 queues", |f| {
             f.get_inflight_fd(&VhostUserInflight::new(0, 0, 1000, QUEUE_SIZE))
                 .is_err()
         }),
-        ("GET_CONFIG past the config space", |f, _| {
+        ("GET_CONFIG past the config space", |f| {
             let buf = [0u8; 64];
             f.get_config(4096, 64, VhostUserConfigFlags::WRITABLE, &buf)
                 .map_or(true, |(_, payload)| payload.iter().all(|&b| b == 0))
@@ -184,24 +187,15 @@ fn out_of_range_messages_are_refused_and_daxd_serves_on() {
     for (what, attack) in attacks {
         let mut frontend = handshake(&daxd.socket);
         frontend.set_mem_table(&[mem.table()]).unwrap();
-        assert!(attack(&mut frontend, &mem), "{what}: accepted");
+        assert!(attack(&mut frontend), "{what}: accepted");
         drop(frontend);
         assert!(
             daxd.is_running(),
             "{what}: daxd died: {}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        // The next frontend is served.
-        let good = GuestMem::new();
-        let mut inflight = None;
-        let c = Connection::start(&daxd.socket, &good, &mut inflight, 0);
-        good.put_read(0, 0, 512);
-        good.make_available(&[0]);
-        c.kick();
-        c.wait_used(&good, 1);
-        assert_eq!(
-            good.status(0),
-            0,
+        assert!(
+            serves_a_frontend(&daxd),
             "{what}: the next frontend was not served"
         );
     }

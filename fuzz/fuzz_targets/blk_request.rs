@@ -7,41 +7,16 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 
-use daxd_blk::{BlkConfig, BlkDevice, ChainBuffers, Handled, Serial};
-use daxd_region::{Layout, Serve, Window};
+use daxd_blk::{BlkDevice, ChainBuffers, Handled};
 
+#[path = "blk.rs"]
+mod blk;
 #[path = "common.rs"]
 mod common;
 
 fn device() -> &'static BlkDevice {
     static DEVICE: OnceLock<BlkDevice> = OnceLock::new();
-    DEVICE.get_or_init(|| {
-        let w = common::world();
-        let layout = Layout::new(
-            w.region.size(),
-            vec![Window {
-                name: "disk".into(),
-                offset: 0,
-                size: w.region.size(),
-                serve: Serve::Blk,
-            }],
-            false,
-        )
-        .unwrap();
-        BlkDevice::new(
-            w.region.clone(),
-            w.registry.clone(),
-            layout.blk().unwrap(),
-            BlkConfig {
-                num_queues: 1,
-                queue_size: 256,
-                read_only: false,
-                sync: false,
-                serial: Serial::new("fuzz").unwrap(),
-            },
-        )
-        .unwrap()
-    })
+    DEVICE.get_or_init(|| blk::device(&blk::layout(), 1))
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -12,10 +12,12 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 
-use daxd_blk::{BlkConfig, BlkDevice, Serial};
-use daxd_region::{Layout, Serve, Window};
 use daxd_vhost_user::{Server, SocketAddr};
 
+#[path = "blk.rs"]
+mod blk;
+// Only the world (region, registry) is used here, not the chain builder.
+#[allow(dead_code)]
 #[path = "common.rs"]
 mod common;
 
@@ -23,34 +25,8 @@ fn socket() -> &'static PathBuf {
     static SOCKET: OnceLock<PathBuf> = OnceLock::new();
     SOCKET.get_or_init(|| {
         let w = common::world();
-        let layout = Arc::new(
-            Layout::new(
-                w.region.size(),
-                vec![Window {
-                    name: "disk".into(),
-                    offset: 0,
-                    size: w.region.size(),
-                    serve: Serve::Blk,
-                }],
-                false,
-            )
-            .unwrap(),
-        );
-        let device = Arc::new(
-            BlkDevice::new(
-                w.region.clone(),
-                w.registry.clone(),
-                layout.blk().unwrap(),
-                BlkConfig {
-                    num_queues: 2,
-                    queue_size: 256,
-                    read_only: false,
-                    sync: false,
-                    serial: Serial::new("fuzz").unwrap(),
-                },
-            )
-            .unwrap(),
-        );
+        let layout = Arc::new(blk::layout());
+        let device = Arc::new(blk::device(&layout, 2));
         let path = w._dir.path().join("blk.sock");
         let server = Server::listen(&SocketAddr::Path(path.clone()), "blk").unwrap();
         std::thread::spawn(move || {
