@@ -204,6 +204,21 @@ fn requests_in_flight_at_a_crash_complete_once_after_the_restart() {
     c.kick();
     c.wait_used(&mem, 1);
     assert_eq!(mem.status(0), 0);
+    mem.put_write(13, 40, &[0xbb; 512]);
+    mem.make_available(&[13]);
+    c.kick();
+    c.wait_used(&mem, 2);
+    assert_eq!(mem.status(13), 0);
+    // What daxd itself recorded: each request counted when taken (the second one is
+    // number 1), cleared once its used entry was published, the last publication noted.
+    let area = inflight.as_ref().unwrap();
+    let entry = |head: u64| 16 + 16 * head;
+    assert_eq!(u16::from_le_bytes(area.read(8)), 1, "version");
+    assert_eq!(u16::from_le_bytes(area.read(12)), 13, "last_batch_head");
+    assert_eq!(u16::from_le_bytes(area.read(14)), 2, "used_idx");
+    assert_eq!(area.read::<1>(entry(0)), [0], "head 0 still in flight");
+    assert_eq!(area.read::<1>(entry(13)), [0], "head 13 still in flight");
+    assert_eq!(u64::from_le_bytes(area.read(entry(13) + 8)), 1, "counter");
     drop(c);
     drop(first); // SIGKILL
 
@@ -216,20 +231,18 @@ fn requests_in_flight_at_a_crash_complete_once_after_the_restart() {
     mem.put_write(9, 24, &[0xdd; 512]);
     mem.make_available(&[6, 3, 9]);
     mem.push_used(9, 1);
-    let area = inflight.as_ref().unwrap();
-    let entry = |head: u64| 16 + 16 * head;
     for (head, counter) in [(6u64, 10u64), (3, 11), (9, 12)] {
         area.write(entry(head) + 8, &counter.to_le_bytes());
         area.write(entry(head), &[1]);
     }
     area.write(12, &9u16.to_le_bytes()); // last_batch_head
-    area.write(14, &1u16.to_le_bytes()); // used_idx before D's publication
+    area.write(14, &2u16.to_le_bytes()); // used_idx before D's publication
 
     let second = start(Peer::Daxd, d, &region, 1);
     let c = Connection::start(&socket, &mem, &mut inflight, mem.used_idx());
-    c.wait_used(&mem, 4);
+    c.wait_used(&mem, 5);
     assert_eq!(
-        mem.used(2, 4),
+        mem.used(3, 5),
         [(6, 1), (3, 1)],
         "the requests in flight, oldest first, each once"
     );
@@ -238,16 +251,17 @@ fn requests_in_flight_at_a_crash_complete_once_after_the_restart() {
     mem.put_read(12, 16, 512);
     mem.make_available(&[12]);
     c.kick();
-    c.wait_used(&mem, 5);
+    c.wait_used(&mem, 6);
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(mem.used_idx(), 5, "nothing completed twice");
-    assert_eq!(mem.used(4, 5), [(12, 513)]);
+    assert_eq!(mem.used_idx(), 6, "nothing completed twice");
+    assert_eq!(mem.used(5, 6), [(12, 513)]);
     assert_eq!(mem.read_data(12, 512), [0xcc; 512]);
     drop(c);
     assert!(second.terminate().success());
     let bytes = std::fs::read(&region).unwrap();
     let sector = |s: usize| &bytes[s * 512..(s + 1) * 512];
     assert_eq!(sector(0), [0xaa; 512]);
+    assert_eq!(sector(40), [0xbb; 512]);
     assert_eq!(sector(16), [0xcc; 512]);
     assert_eq!(
         sector(24),

@@ -254,6 +254,13 @@ impl Inflight {
     pub fn write(&self, at: u64, bytes: &[u8]) {
         rustix::io::pwrite(&self.file, bytes, self.info.mmap_offset + at).unwrap();
     }
+
+    /// `N` bytes of the area from `at`.
+    pub fn read<const N: usize>(&self, at: u64) -> [u8; N] {
+        let mut buf = [0u8; N];
+        rustix::io::pread(&self.file, &mut buf, self.info.mmap_offset + at).unwrap();
+        buf
+    }
 }
 
 impl Connection {
