@@ -29,7 +29,8 @@ pub fn fill(buf: &mut [u8], seed: u64, block: u64, seq: u64) {
 
 /// The requests the client makes, in order: the same seed, first sequence number, disk
 /// size and discard rate give the same requests, so the checker knows the request that
-/// was in flight when the power went, which the client could not report.
+/// was in flight when the power went, which the client could not report, and every
+/// request before the last acknowledged one.
 #[derive(Debug, Clone)]
 pub struct Plan {
     rng: u64,
@@ -50,18 +51,6 @@ impl Plan {
             discard_every,
             last_written: None,
         }
-    }
-
-    /// The request with sequence number `seq` of the plan starting at `first_seq`.
-    pub fn request(
-        seed: u64,
-        first_seq: u64,
-        blocks: u64,
-        discard_every: u64,
-        seq: u64,
-    ) -> Option<Ack> {
-        let skip = seq.checked_sub(first_seq)?;
-        Plan::new(seed, first_seq, blocks, discard_every).nth(usize::try_from(skip).ok()?)
     }
 
     fn next_random(&mut self) -> u64 {
@@ -135,6 +124,24 @@ pub struct Ack {
     pub write: bool,
 }
 
+/// The check word the client appends to each line it prints: the serial console that
+/// carries the lines also carries the guest kernel's messages, which can land in the middle
+/// of a line and split it into two that still look like lines ("ACK 66 W 38" + "51" once
+/// made a write to block 3851 look like one to block 38). A line whose word does not match
+/// its text is not the client's.
+pub fn line_check(text: &str) -> String {
+    // FNV-1a, 32 bits: enough to tell a whole line from a torn one.
+    let hash = text.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!("{hash:08x}")
+}
+
+/// One line as the client prints it: `text` and its check word.
+pub fn checked_line(text: &str) -> String {
+    format!("{text} {}", line_check(text))
+}
+
 /// What the client printed before the cut.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Log {
@@ -143,15 +150,28 @@ pub struct Log {
     pub flushed: u64,
     /// The client finished its requests.
     pub done: bool,
+    /// Lines that began like the client's but whose check word did not match (torn by
+    /// other console output, or cut short by the power cut).
+    pub torn: usize,
 }
 
 impl Log {
-    /// Parses the client's lines out of a console log (other lines are ignored; a line cut
-    /// short by the power cut does not parse and is ignored too).
+    /// Parses the client's lines out of a console log; other lines are ignored, and so are
+    /// lines of the client's that arrived torn (counted in `torn`).
     pub fn parse(console: &str) -> Log {
         let mut log = Log::default();
         for line in console.lines().map(|l| l.trim_end_matches('\r')) {
-            let words: Vec<&str> = line.split(' ').collect();
+            let Some((text, check)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let words: Vec<&str> = text.split(' ').collect();
+            if !matches!(words.first(), Some(&("ACK" | "FLUSHED" | "CLIENT-DONE"))) {
+                continue;
+            }
+            if check != line_check(text) {
+                log.torn += 1;
+                continue;
+            }
             match words.as_slice() {
                 ["ACK", seq, kind @ ("W" | "Z"), block] => {
                     if let (Ok(seq), Ok(block)) = (seq.parse(), block.parse()) {
@@ -177,6 +197,25 @@ impl Log {
     /// The highest acknowledged sequence number.
     pub fn last_ack(&self) -> u64 {
         self.acks.iter().map(|a| a.seq).max().unwrap_or(0)
+    }
+
+    /// Puts the client's plan in place of the acknowledgements read from the console: the
+    /// client makes one request at a time, in the plan's order, so every request up to the
+    /// last acknowledged one completed, including those whose line the console lost. Fails
+    /// if a line read disagrees with the plan (the client and the checker disagree about
+    /// what was written, and nothing checked after that would mean anything).
+    pub fn complete_from(&mut self, plan: Plan) -> Result<(), String> {
+        let last = self.last_ack();
+        let planned: Vec<Ack> = plan.take_while(|r| r.seq <= last).collect();
+        for ack in &self.acks {
+            if !planned.contains(ack) {
+                return Err(format!(
+                    "the client acknowledged {ack:?}, which is not in its plan"
+                ));
+            }
+        }
+        self.acks = planned;
+        Ok(())
     }
 }
 
@@ -246,6 +285,16 @@ pub fn check(
 mod tests {
     use super::*;
 
+    /// A console log with the client's `lines` among the kernel's.
+    fn console(lines: &[&str]) -> String {
+        let mut out = "boot noise\n".to_owned();
+        for line in lines {
+            out += &checked_line(line);
+            out.push('\n');
+        }
+        out
+    }
+
     fn region_with(versions: &[(u64, Option<u64>)], blocks: u64) -> Vec<u8> {
         let mut region = vec![0u8; blocks as usize * BLOCK];
         for &(block, seq) in versions {
@@ -275,9 +324,15 @@ mod tests {
 
     #[test]
     fn durable_requests_must_be_there_later_ones_may_be() {
-        let log = Log::parse(
-            "boot noise\nACK 1 W 0\nACK 2 W 1\nFLUSHED 2\nACK 3 W 0\nACK 4 Z 1\nACK 5 W 2\nACK 6 W",
-        );
+        let log = console(&[
+            "ACK 1 W 0",
+            "ACK 2 W 1",
+            "FLUSHED 2",
+            "ACK 3 W 0",
+            "ACK 4 Z 1",
+            "ACK 5 W 2",
+        ]) + "ACK 6 W";
+        let log = Log::parse(&log);
         assert_eq!(log.flushed, 2);
         assert_eq!(log.last_ack(), 5);
         // Everything flushed is there, later requests partly.
@@ -302,7 +357,12 @@ mod tests {
 
     #[test]
     fn a_discard_under_way_at_the_cut_may_have_taken_effect() {
-        let log = Log::parse("ACK 1 W 0\nACK 2 W 1\nFLUSHED 2\nACK 3 W 1");
+        let log = Log::parse(&console(&[
+            "ACK 1 W 0",
+            "ACK 2 W 1",
+            "FLUSHED 2",
+            "ACK 3 W 1",
+        ]));
         let discard_of_1 = Ack {
             seq: 4,
             block: 1,
@@ -319,7 +379,7 @@ mod tests {
         };
         assert_eq!(check(&zeroed, &log, 7, 2, Some(discard_of_0)).len(), 1);
         // A discard before the durable write does not excuse its loss.
-        let log = Log::parse("ACK 1 Z 1\nACK 2 W 1\nFLUSHED 2");
+        let log = Log::parse(&console(&["ACK 1 Z 1", "ACK 2 W 1", "FLUSHED 2"]));
         assert_eq!(check(&zeroed, &log, 7, 2, None).len(), 1);
     }
 
@@ -336,7 +396,46 @@ mod tests {
             }
         }
         assert!(plan.iter().all(|r| r.block < 64));
-        assert_eq!(Plan::request(42, 100, 64, 3, 150), Some(plan[50]));
-        assert_eq!(Plan::request(42, 100, 64, 3, 99), None);
+        // The same plan again: the checker's copy is the client's.
+        assert!(Plan::new(42, 100, 64, 3).take(200).eq(plan.iter().copied()));
+    }
+
+    #[test]
+    fn a_line_torn_by_kernel_output_is_not_an_acknowledgement() {
+        // What failed a CI run: the line for a write to block 3851, split after "38".
+        let whole = checked_line("ACK 66 W 3851");
+        let (head, tail) = whole.split_at("ACK 66 W 38".len());
+        let torn = format!("{head}\n[ 12.3] some kernel message\n{tail}\n");
+        let log = Log::parse(&torn);
+        assert!(log.acks.is_empty());
+        assert_eq!(log.torn, 1);
+        // A line without its check word (an old client, or cut short) is not taken either.
+        assert_eq!(Log::parse("ACK 66 W 38\n").acks, []);
+        assert_eq!(Log::parse(&(whole + "\n")).acks.len(), 1);
+    }
+
+    #[test]
+    fn the_plan_fills_in_acknowledgements_the_console_lost() {
+        let plan = || Plan::new(42, 100, 64, 3);
+        let requests: Vec<Ack> = plan().take(10).collect();
+        let line = |r: &Ack| {
+            checked_line(&format!(
+                "ACK {} {} {}",
+                r.seq,
+                if r.write { 'W' } else { 'Z' },
+                r.block
+            ))
+        };
+        // Only the 3rd and the 10th line arrived.
+        let mut log = Log::parse(&format!("{}\n{}\n", line(&requests[2]), line(&requests[9])));
+        log.complete_from(plan()).unwrap();
+        assert_eq!(log.acks, requests);
+        // A line that is not the plan's request (another block) is refused.
+        let wrong = Ack {
+            block: (requests[4].block + 1) % 64,
+            ..requests[4]
+        };
+        let mut log = Log::parse(&(line(&wrong) + "\n"));
+        assert!(log.complete_from(plan()).is_err());
     }
 }

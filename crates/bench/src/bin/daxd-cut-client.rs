@@ -9,6 +9,9 @@
 //! - `ACK <seq> W <block>` / `ACK <seq> Z <block>`: the write / zeroing completed;
 //! - `FLUSHED <seq>`: a FLUSH submitted after the completion of `<seq>` completed;
 //! - `CLIENT-DONE <seq>`: `--ops` requests were made.
+//!
+//! Each of these lines ends with a check word ([`daxd_bench::cut::line_check`]), so that a line split by
+//! the guest kernel's console output is not read as a different promise.
 
 use std::io::Write;
 use std::mem::MaybeUninit;
@@ -17,7 +20,7 @@ use std::time::Duration;
 use blkio::{Blkio, Completion, ReqFlags};
 use clap::Parser;
 
-use daxd_bench::cut::{fill, Plan, BLOCK};
+use daxd_bench::cut::{checked_line, fill, Plan, BLOCK};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -99,7 +102,12 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         if ret != 0 {
             return Err(format!("request {seq} failed: {ret}").into());
         }
-        writeln!(out, "ACK {seq} {} {block}", if discard { 'Z' } else { 'W' })?;
+        let kind = if discard { 'Z' } else { 'W' };
+        writeln!(
+            out,
+            "{}",
+            checked_line(&format!("ACK {seq} {kind} {block}"))
+        )?;
         out.flush()?;
         if args.flush_every != 0 && seq % args.flush_every == 0 {
             q.flush(0, ReqFlags::empty());
@@ -107,11 +115,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             if ret != 0 {
                 return Err(format!("flush after {seq} failed: {ret}").into());
             }
-            writeln!(out, "FLUSHED {seq}")?;
+            writeln!(out, "{}", checked_line(&format!("FLUSHED {seq}")))?;
             out.flush()?;
         }
     }
-    writeln!(out, "CLIENT-DONE {seq}")?;
+    writeln!(out, "{}", checked_line(&format!("CLIENT-DONE {seq}")))?;
     out.flush()?;
     Ok(())
 }
