@@ -43,6 +43,28 @@ pub enum Command {
     /// Print the QEMU options that attach this configuration's disk and pmem windows
     /// (same options as serving; nothing is opened or created).
     PrintQemuArgs(Box<PrintArgs>),
+    /// Print the system calls each kind of daxd thread may make under --seccomp.
+    PrintSeccomp,
+}
+
+/// `--seccomp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompArg {
+    Kill,
+    Trap,
+    Log,
+    None,
+}
+
+impl From<SeccompArg> for daxd_confine::Mode {
+    fn from(arg: SeccompArg) -> daxd_confine::Mode {
+        match arg {
+            SeccompArg::Kill => daxd_confine::Mode::Kill,
+            SeccompArg::Trap => daxd_confine::Mode::Trap,
+            SeccompArg::Log => daxd_confine::Mode::Log,
+            SeccompArg::None => daxd_confine::Mode::None,
+        }
+    }
 }
 
 #[derive(Debug, ClapArgs)]
@@ -177,6 +199,15 @@ pub struct Args {
     /// The window the --pmem-socket-path device serves (default: the only pmem window).
     #[arg(long, value_name = "NAME")]
     pub pmem_window: Option<String>,
+
+    /// What a thread's system call outside its seccomp allow-list does: kill (end the
+    /// process), trap (print the call's number and thread, then end the process), log
+    /// (let it through; the kernel logs it: "audit: type=1326 ... syscall=N" in dmesg or
+    /// journalctl -k), none (no filters). Each kind of thread (main, server, vhost-user
+    /// handler, queue worker, flusher, pmem mapper) installs its own list before it
+    /// handles anything a frontend or guest sent; `daxd print-seccomp` prints the lists.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = SeccompArg::Kill)]
+    pub seccomp: SeccompArg,
 
     /// UNIX socket on which daxd answers `daxd inspect`.
     #[arg(long, value_name = "PATH")]

@@ -31,6 +31,7 @@ pub struct Config {
     pub pmem_socket: Option<SocketAddr>,
     pub pmem_window: Option<String>,
     pub control_socket: Option<PathBuf>,
+    pub seccomp: daxd_confine::Mode,
 }
 
 impl TryFrom<Args> for Config {
@@ -88,6 +89,7 @@ impl TryFrom<Args> for Config {
             pmem_socket,
             pmem_window: args.pmem_window,
             control_socket: args.control_socket,
+            seccomp: args.seccomp.into(),
         })
     }
 }

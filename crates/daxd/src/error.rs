@@ -71,6 +71,8 @@ pub enum Error {
     EventLoop(#[source] event_manager::Error),
     #[error("flushing the region failed; recent writes may not be durable")]
     Flush(#[source] RegionError),
+    #[error("cannot confine daxd's threads (--seccomp none runs without filters)")]
+    Confine(#[source] daxd_confine::ConfineError),
     #[error("cannot {what}")]
     Io {
         what: &'static str,

@@ -57,6 +57,10 @@ fn main() -> ExitCode {
             control::inspect(&inspect.control_socket, format).map(|text| print!("{text}"))
         }
         Some(Command::PrintQemuArgs(print)) => print_qemu_args(*print),
+        Some(Command::PrintSeccomp) => {
+            print!("{}", seccomp_lists());
+            Ok(())
+        }
         None if cli.serve.print_capabilities => {
             println!("{CAPABILITIES}");
             Ok(())
@@ -94,19 +98,60 @@ fn print_qemu_args(print: PrintArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// `daxd print-seccomp`: each kind of thread and the calls its filter allows.
+fn seccomp_lists() -> String {
+    let mut out = String::new();
+    for kind in daxd_confine::ThreadKind::ALL {
+        let names: Vec<&str> = kind
+            .allowed()
+            .into_iter()
+            .map(|nr| daxd_confine::syscall_name(nr).unwrap_or("?"))
+            .collect();
+        out += &format!("{}: {}\n", kind.name(), names.join(" "));
+    }
+    out
+}
+
 /// Serves until SIGINT/SIGTERM or until a server fails.
 fn run(config: Config) -> Result<(), Error> {
     // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
     let signals = SignalPipe::new()?;
+    daxd_confine::init(config.seccomp).map_err(Error::Confine)?;
     let opened = Opened::open(&config)?;
     let status = format!(
         "serving {} on {}",
         opened.region.path().display(),
         describe(&config.socket)
     );
-    let running = opened.serve(&config)?;
+    // The signal pipe's handler runs on whichever thread takes the signal, and only the
+    // main thread's filter allows its send: every other thread blocks SIGINT and SIGTERM,
+    // as it inherits the mask the main thread has while it starts them.
+    let termination = termination_signals();
+    termination
+        .thread_block()
+        .map_err(|e| Error::io("block SIGINT and SIGTERM")(e.into()))?;
+    let running = opened.serve(&config);
+    termination
+        .thread_unblock()
+        .map_err(|e| Error::io("unblock SIGINT and SIGTERM")(e.into()))?;
+    let running = running?;
+    if let Err(e) = daxd_confine::enter(daxd_confine::ThreadKind::Main) {
+        // Stopped as on SIGTERM (everything acknowledged made durable): an unconfined
+        // daemon does not serve.
+        if let Err(stopped) = running.shutdown() {
+            error!("{}", error::chain(&stopped));
+        }
+        return Err(Error::Confine(e));
+    }
     systemd::ready(&status);
     running.wait(signals)
+}
+
+fn termination_signals() -> nix::sys::signal::SigSet {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set
 }
 
 /// A socket as log lines name it.

@@ -52,6 +52,17 @@ pub enum ServeError {
     Daemon(vhost_user_backend::Error),
     #[error("cannot accept a vhost-user connection: {0}")]
     Accept(vhost_user_backend::Error),
+    #[error("cannot confine the server thread")]
+    Confine(#[source] daxd_confine::ConfineError),
+}
+
+/// Confines a thread vhost-user-backend started for a backend, before it handles a
+/// message (the handler) or a request (a queue worker).
+fn confine_daemon_thread(thread: vhost_user_backend::DaemonThread) {
+    daxd_confine::enter_or_exit(match thread {
+        vhost_user_backend::DaemonThread::Handler => daxd_confine::ThreadKind::Handler,
+        vhost_user_backend::DaemonThread::Worker(_) => daxd_confine::ThreadKind::QueueWorker,
+    });
 }
 
 /// Where the frontend connects.
@@ -274,6 +285,9 @@ impl Server {
         B: VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + 'static,
     {
         let name = self.name;
+        // Before the first frontend: everything a connection's threads do is bounded by
+        // this thread's list, since they inherit it.
+        daxd_confine::enter(daxd_confine::ThreadKind::Server).map_err(ServeError::Confine)?;
         for connection in 1u64.. {
             if self.stopper.is_stopped() {
                 break;

@@ -15,7 +15,7 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{DaemonThread, VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -85,6 +85,7 @@ impl Flusher {
         let spawned = std::thread::Builder::new()
             .name("daxd-blk-flush".into())
             .spawn(move || {
+                daxd_confine::enter_or_exit(daxd_confine::ThreadKind::Flusher);
                 while let Ok(first) = receiver.recv() {
                     let mut jobs = vec![first];
                     jobs.extend(receiver.try_iter());
@@ -417,6 +418,10 @@ impl VhostUserBackend for VhostUserBlkBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         (0..self.num_queues()).map(|queue| 1u64 << queue).collect()
+    }
+
+    fn thread_started(&self, thread: DaemonThread) {
+        crate::confine_daemon_thread(thread);
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

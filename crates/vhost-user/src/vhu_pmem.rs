@@ -22,7 +22,7 @@ use vhost::vhost_user::message::{
     VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{DaemonThread, VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
@@ -94,6 +94,7 @@ impl VhostUserPmemBackend {
         let spawned = std::thread::Builder::new()
             .name("daxd-pmem-map".into())
             .spawn(move || {
+                daxd_confine::enter_or_exit(daxd_confine::ThreadKind::PmemMapper);
                 let window = device.window();
                 // Filled at start; a discard through the disk (serve=both) may have
                 // punched holes since, and a guest's store into one must not fault in QEMU.
@@ -230,6 +231,10 @@ impl VhostUserBackend for VhostUserPmemBackend {
 
     fn get_shmem_config(&self) -> io::Result<VhostUserShMemConfig> {
         Ok(VhostUserShMemConfig::new(1, &[self.device.window().size]))
+    }
+
+    fn thread_started(&self, thread: DaemonThread) {
+        crate::confine_daemon_thread(thread);
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -37,6 +37,15 @@ use vhost::vhost_user::GpuBackend;
 use super::vring::VringT;
 use super::GM;
 
+/// A thread the daemon runs for a backend. (daxd patch.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DaemonThread {
+    /// The thread that handles the frontend's vhost-user messages.
+    Handler,
+    /// The vring worker with this thread index (see `queues_per_thread`).
+    Worker(usize),
+}
+
 /// Trait with interior mutability for vhost user backend servers to implement concrete services.
 ///
 /// To support multi-threading and asynchronous IO, we enforce `Send + Sync` bound.
@@ -215,6 +224,11 @@ pub trait VhostUserBackend: Send + Sync {
     fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
         Ok(())
     }
+
+    /// Called first thing on a thread the daemon starts for this backend, before it
+    /// handles anything a frontend or guest sent: the place to confine the thread
+    /// (a seccomp filter of its own). (daxd patch.)
+    fn thread_started(&self, _thread: DaemonThread) {}
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
@@ -452,6 +466,10 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
         self.deref().start_vring(queue_index, vring)
+    }
+
+    fn thread_started(&self, thread: DaemonThread) {
+        self.deref().thread_started(thread)
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

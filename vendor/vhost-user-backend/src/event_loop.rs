@@ -215,6 +215,8 @@ where
     /// The event loop will be terminated once an event is received from the `exit event fd`
     /// associated with the backend.
     pub(crate) fn run(&self) -> VringEpollResult<()> {
+        self.backend
+            .thread_started(crate::DaemonThread::Worker(self.thread_id));
         const EPOLL_EVENTS_LEN: usize = 100;
         let mut events = vec![EpollEvent::new(EventSet::empty(), 0); EPOLL_EVENTS_LEN];
 

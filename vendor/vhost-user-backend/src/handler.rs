@@ -139,6 +139,11 @@ where
     T::Vring: Clone + Send + Sync + 'static,
     T::Bitmap: Clone + Send + Sync + 'static,
 {
+    /// The backend, for the daemon's threads. (daxd patch.)
+    pub(crate) fn backend(&self) -> &T {
+        &self.backend
+    }
+
     pub(crate) fn new(backend: T, atomic_mem: GM<T::Bitmap>) -> VhostUserHandlerResult<Self> {
         let num_queues = backend.num_queues();
         let max_queue_size = backend.max_queue_size();

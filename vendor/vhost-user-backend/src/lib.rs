@@ -23,7 +23,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use self::handler::VhostUserHandler;
 
 mod backend;
-pub use self::backend::{VhostUserBackend, VhostUserBackendMut};
+pub use self::backend::{DaemonThread, VhostUserBackend, VhostUserBackendMut};
 
 mod event_loop;
 pub use self::event_loop::VringEpollHandler;
@@ -174,9 +174,11 @@ where
         });
 
         let thread_state = state.clone();
+        let backend = self.handler.lock().unwrap().backend().clone();
         let handle = thread::Builder::new()
             .name(self.name.clone())
             .spawn(move || {
+                backend.thread_started(DaemonThread::Handler);
                 let result = loop {
                     if let Err(e) = handler.handle_request().map_err(Error::HandleRequest) {
                         break Err(e);

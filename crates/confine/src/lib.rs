@@ -1,0 +1,493 @@
+//! What each daxd thread may ask of the kernel: a seccomp allow-list per kind of thread,
+//! installed by the thread itself before it handles anything a frontend or a guest sent.
+//!
+//! Filters stack: a thread keeps the filters of the thread that created it and adds its
+//! own, and a system call must pass all of them. So the list a thread installs is what it
+//! does itself plus everything the threads it creates will do ([`ThreadKind::children`]),
+//! and each of those narrows itself again when it starts. The threads and who creates
+//! them:
+//! - `main`: the daemon's event loop (signals, the control socket, shutdown and the final
+//!   flush); it creates the server threads, then confines itself.
+//! - `server`: one per socket; accepts frontends and creates, per connection, the vhost-user
+//!   message handler, the queue workers and the flusher.
+//! - `handler`: the frontend's vhost-user messages (memory tables, rings, in-flight areas);
+//!   it creates the pmem mapper.
+//! - `queue-worker`: one per queue; guest requests.
+//! - `flusher`: FLUSH requests (group commit).
+//! - `pmem-mapper`: asks the frontend to map a pmem window (shared memory).
+//!
+//! Mode `kill` ends the process at the first system call outside its thread's list,
+//! `trap` does the same after printing the call's number, `log` lets it through and has the
+//! kernel log it (`journalctl -k`, `dmesg`: "audit: type=1326 ... syscall=N").
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// What to do with a system call outside the calling thread's list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// End the process (`SECCOMP_RET_KILL_PROCESS`).
+    Kill,
+    /// Let it through and have the kernel log it (`SECCOMP_RET_LOG`).
+    Log,
+    /// Print the call's number and thread on standard error, then end the process.
+    Trap,
+    /// No filters.
+    None,
+}
+
+/// A kind of daxd thread (see the crate documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ThreadKind {
+    Main,
+    Server,
+    Handler,
+    QueueWorker,
+    Flusher,
+    PmemMapper,
+}
+
+/// Errors setting up or installing filters.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfineError {
+    #[error("cannot build the seccomp filter of the {kind} threads")]
+    Build {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("cannot compile the seccomp filter of the {kind} threads")]
+    Compile {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::BackendError,
+    },
+    #[error("seccomp does not know this architecture ({0})")]
+    Arch(&'static str),
+    #[error("cannot handle SIGSYS for --seccomp trap")]
+    Handler(#[source] nix::Error),
+    #[error("cannot install the seccomp filter of a {kind} thread (a kernel without CONFIG_SECCOMP_FILTER?)")]
+    Install {
+        kind: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("the seccomp filters were set up twice")]
+    Twice,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Main,
+        ThreadKind::Server,
+        ThreadKind::Handler,
+        ThreadKind::QueueWorker,
+        ThreadKind::Flusher,
+        ThreadKind::PmemMapper,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Main => "main",
+            ThreadKind::Server => "server",
+            ThreadKind::Handler => "handler",
+            ThreadKind::QueueWorker => "queue-worker",
+            ThreadKind::Flusher => "flusher",
+            ThreadKind::PmemMapper => "pmem-mapper",
+        }
+    }
+
+    /// The kinds of thread this kind creates (after its own filter is in place, so they
+    /// start under it). `main` creates the servers before it confines itself.
+    pub fn children(self) -> &'static [ThreadKind] {
+        match self {
+            ThreadKind::Main => &[],
+            ThreadKind::Server => &[
+                ThreadKind::Handler,
+                ThreadKind::QueueWorker,
+                ThreadKind::Flusher,
+            ],
+            ThreadKind::Handler => &[ThreadKind::PmemMapper],
+            ThreadKind::QueueWorker | ThreadKind::Flusher | ThreadKind::PmemMapper => &[],
+        }
+    }
+
+    /// The system calls this kind of thread makes itself.
+    fn own(self) -> Vec<libc::c_long> {
+        use libc::*;
+        let mut calls = vec![
+            // Memory: the allocator, thread stacks, mappings of guest memory dropped.
+            SYS_brk,
+            SYS_mmap,
+            SYS_munmap,
+            SYS_mremap,
+            SYS_madvise,
+            SYS_mprotect,
+            // Locks, channels, time, and what std does around every thread.
+            SYS_futex,
+            SYS_clock_gettime,
+            SYS_clock_nanosleep,
+            SYS_nanosleep,
+            SYS_sched_yield,
+            SYS_sched_getaffinity,
+            SYS_getrandom,
+            SYS_gettid,
+            SYS_getpid,
+            SYS_rseq,
+            SYS_set_robust_list,
+            SYS_rt_sigprocmask,
+            SYS_rt_sigreturn,
+            SYS_sigaltstack,
+            SYS_restart_syscall,
+            SYS_exit,
+            SYS_exit_group,
+            // Log lines (standard error), eventfd notifications, dropped descriptors;
+            // tgkill: abort() after a failed check.
+            SYS_write,
+            SYS_writev,
+            SYS_close,
+            SYS_tgkill,
+        ];
+        if !self.children().is_empty() {
+            // Starting threads that then install their own filters.
+            calls.extend([SYS_clone, SYS_clone3, SYS_prctl, SYS_seccomp]);
+        }
+        calls.extend_from_slice(match self {
+            ThreadKind::Main => &[
+                // The event loop.
+                SYS_epoll_create1,
+                SYS_epoll_wait,
+                SYS_epoll_pwait,
+                SYS_epoll_ctl,
+                SYS_read,
+                // The control socket (`daxd inspect`).
+                SYS_accept4,
+                SYS_recvfrom,
+                SYS_sendto,
+                SYS_setsockopt,
+                SYS_ioctl,
+                SYS_fcntl,
+                // Shutdown: waking an inherited socket's accept by connecting to it, the
+                // systemd notification, the final fdatasync, removing socket files.
+                SYS_socket,
+                SYS_connect,
+                SYS_sendmsg,
+                SYS_shutdown,
+                SYS_fdatasync,
+                SYS_unlink,
+                SYS_unlinkat,
+            ],
+            ThreadKind::Server => &[
+                SYS_accept4,
+                SYS_epoll_create1,
+                SYS_epoll_ctl,
+                SYS_eventfd2,
+                SYS_fcntl,
+                SYS_ioctl,
+                SYS_read,
+                SYS_shutdown,
+            ],
+            ThreadKind::Handler => &[
+                SYS_recvmsg,
+                SYS_sendmsg,
+                SYS_read,
+                SYS_shutdown,
+                SYS_epoll_ctl,
+                SYS_fcntl,
+                // Memory tables and in-flight areas: their size checked, mapped.
+                SYS_fstat,
+                SYS_newfstatat,
+                SYS_statx,
+                SYS_lseek,
+                SYS_memfd_create,
+                SYS_ftruncate,
+            ],
+            ThreadKind::QueueWorker => &[
+                SYS_epoll_wait,
+                SYS_epoll_pwait,
+                SYS_read,
+                // Discard and write-zeroes; --sync and FLUSH without a flusher thread.
+                SYS_fallocate,
+                SYS_lseek,
+                SYS_pwrite64,
+                SYS_fdatasync,
+            ],
+            ThreadKind::Flusher => &[SYS_fdatasync],
+            ThreadKind::PmemMapper => &[
+                // Filling the window's holes, then the map request and its reply.
+                SYS_lseek,
+                SYS_fallocate,
+                SYS_pwrite64,
+                SYS_fstat,
+                SYS_statx,
+                SYS_sendmsg,
+                SYS_recvmsg,
+            ],
+        });
+        calls
+    }
+
+    /// The system calls a thread of this kind may make: its own and those of every thread
+    /// it creates, which inherit its filter.
+    pub fn allowed(self) -> BTreeSet<libc::c_long> {
+        let mut calls: BTreeSet<_> = self.own().into_iter().collect();
+        for child in self.children() {
+            calls.extend(child.allowed());
+        }
+        calls
+    }
+
+    fn program(self, mode: Mode) -> Result<BpfProgram, ConfineError> {
+        let mismatch = match mode {
+            Mode::Kill => SeccompAction::KillProcess,
+            Mode::Log => SeccompAction::Log,
+            Mode::Trap | Mode::None => SeccompAction::Trap,
+        };
+        let arch = TargetArch::try_from(std::env::consts::ARCH)
+            .map_err(|_| ConfineError::Arch(std::env::consts::ARCH))?;
+        let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = self
+            .allowed()
+            .into_iter()
+            .map(|call| (call, Vec::new()))
+            .collect();
+        let filter =
+            SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch).map_err(|source| {
+                ConfineError::Build {
+                    kind: self.name(),
+                    source,
+                }
+            })?;
+        filter.try_into().map_err(|source| ConfineError::Compile {
+            kind: self.name(),
+            source,
+        })
+    }
+}
+
+struct Policy {
+    mode: Mode,
+    programs: BTreeMap<ThreadKind, BpfProgram>,
+}
+
+static POLICY: OnceLock<Policy> = OnceLock::new();
+
+/// Builds every kind's filter (so that a list that does not compile fails at start, not in
+/// a thread) and, for `trap`, the SIGSYS handler. Threads confine themselves with [`enter`].
+pub fn init(mode: Mode) -> Result<(), ConfineError> {
+    let mut programs = BTreeMap::new();
+    if mode != Mode::None {
+        for kind in ThreadKind::ALL {
+            programs.insert(kind, kind.program(mode)?);
+        }
+    }
+    if mode == Mode::Trap {
+        trap::install()?;
+    }
+    POLICY
+        .set(Policy { mode, programs })
+        .map_err(|_| ConfineError::Twice)
+}
+
+/// Confines the calling thread to its kind's list. Nothing happens before [`init`] (in
+/// tests and fuzz targets, which run the same code) or in mode `none`.
+pub fn enter(kind: ThreadKind) -> Result<(), ConfineError> {
+    let Some(policy) = POLICY.get() else {
+        return Ok(());
+    };
+    let Some(program) = policy.programs.get(&kind) else {
+        return Ok(());
+    };
+    seccompiler::apply_filter(program).map_err(|source| ConfineError::Install {
+        kind: kind.name(),
+        source,
+    })?;
+    log::debug!("{} thread confined ({:?})", kind.name(), policy.mode);
+    Ok(())
+}
+
+/// [`enter`] for threads that cannot return an error: a thread that should be confined and
+/// is not must not go on serving, so the process ends.
+pub fn enter_or_exit(kind: ThreadKind) {
+    if let Err(e) = enter(kind) {
+        log::error!("{e}; exiting");
+        std::process::exit(1);
+    }
+}
+
+/// The name of system call `nr` on this architecture, for trap mode's message and the
+/// lists printed by `daxd --print-seccomp`. Only calls in some list are named.
+pub fn syscall_name(nr: libc::c_long) -> Option<&'static str> {
+    NAMES
+        .iter()
+        .find(|(n, _)| *n == nr)
+        .map(|(_, name)| name.trim_start_matches("SYS_"))
+}
+
+macro_rules! names {
+    ($($sys:ident),* $(,)?) => {
+        &[$((libc::$sys, stringify!($sys))),*]
+    };
+}
+
+/// Every call in some list, with its name.
+const NAMES: &[(libc::c_long, &str)] = names![
+    SYS_accept4,
+    SYS_brk,
+    SYS_clock_gettime,
+    SYS_clock_nanosleep,
+    SYS_clone,
+    SYS_clone3,
+    SYS_close,
+    SYS_connect,
+    SYS_epoll_create1,
+    SYS_epoll_ctl,
+    SYS_epoll_pwait,
+    SYS_epoll_wait,
+    SYS_eventfd2,
+    SYS_exit,
+    SYS_exit_group,
+    SYS_fallocate,
+    SYS_fcntl,
+    SYS_fdatasync,
+    SYS_fstat,
+    SYS_ftruncate,
+    SYS_futex,
+    SYS_getpid,
+    SYS_getrandom,
+    SYS_gettid,
+    SYS_ioctl,
+    SYS_lseek,
+    SYS_madvise,
+    SYS_memfd_create,
+    SYS_mmap,
+    SYS_mprotect,
+    SYS_mremap,
+    SYS_munmap,
+    SYS_nanosleep,
+    SYS_newfstatat,
+    SYS_prctl,
+    SYS_pwrite64,
+    SYS_read,
+    SYS_recvfrom,
+    SYS_recvmsg,
+    SYS_restart_syscall,
+    SYS_rseq,
+    SYS_rt_sigprocmask,
+    SYS_rt_sigreturn,
+    SYS_sched_getaffinity,
+    SYS_sched_yield,
+    SYS_seccomp,
+    SYS_sendmsg,
+    SYS_sendto,
+    SYS_set_robust_list,
+    SYS_setsockopt,
+    SYS_shutdown,
+    SYS_sigaltstack,
+    SYS_socket,
+    SYS_statx,
+    SYS_tgkill,
+    SYS_unlink,
+    SYS_unlinkat,
+    SYS_write,
+    SYS_writev,
+];
+
+/// `--seccomp trap`: a forbidden call raises SIGSYS on the thread that made it; the handler
+/// says which call it was and ends the process.
+mod trap {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+    use super::ConfineError;
+
+    pub(super) fn install() -> Result<(), ConfineError> {
+        let action = SigAction::new(
+            SigHandler::SigAction(forbidden),
+            SaFlags::SA_SIGINFO,
+            SigSet::empty(),
+        );
+        // SAFETY: `forbidden` only makes async-signal-safe calls (write, _exit) on memory of
+        // its own stack.
+        unsafe { sigaction(Signal::SIGSYS, &action) }
+            .map(drop)
+            .map_err(ConfineError::Handler)
+    }
+
+    /// Where `siginfo_t` keeps the number of the call that raised SIGSYS on 64-bit Linux
+    /// (`_sigsys._syscall`: after si_signo, si_errno, si_code and padding, and the 8-byte
+    /// `_call_addr`).
+    const SI_SYSCALL_OFFSET: usize = 24;
+
+    extern "C" fn forbidden(
+        _signal: libc::c_int,
+        info: *mut libc::siginfo_t,
+        _context: *mut libc::c_void,
+    ) {
+        let at = info.cast::<u8>().wrapping_add(SI_SYSCALL_OFFSET);
+        // SAFETY: the kernel passes a valid siginfo_t, whose union holds `_sigsys` for a
+        // SIGSYS raised by seccomp; the field is an int at this offset.
+        let nr = unsafe { at.cast::<i32>().read_unaligned() };
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+        let mut line = Line::default();
+        line.push(b"daxd: seccomp: thread ");
+        line.number(tid);
+        line.push(b" made system call ");
+        line.number(libc::c_long::from(nr));
+        if let Some(name) = super::syscall_name(libc::c_long::from(nr)) {
+            line.push(b" (");
+            line.push(name.as_bytes());
+            line.push(b")");
+        }
+        line.push(b", which its list does not allow; exiting (--seccomp)\n");
+        // SAFETY: writes bytes of a live stack buffer to standard error.
+        unsafe { libc::write(2, line.buf.as_ptr().cast(), line.len) };
+        // SAFETY: ends the process at once, as SECCOMP_RET_KILL_PROCESS would.
+        unsafe { libc::_exit(128 + libc::SIGSYS) };
+    }
+
+    /// A line formatted without allocating (inside a signal handler).
+    struct Line {
+        buf: [u8; 256],
+        len: usize,
+    }
+
+    impl Default for Line {
+        fn default() -> Line {
+            Line {
+                buf: [0; 256],
+                len: 0,
+            }
+        }
+    }
+
+    impl Line {
+        fn push(&mut self, bytes: &[u8]) {
+            let n = bytes.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+            self.len += n;
+        }
+
+        fn number(&mut self, mut n: libc::c_long) {
+            let mut digits = [0u8; 20];
+            let mut i = digits.len();
+            let negative = n < 0;
+            loop {
+                i -= 1;
+                digits[i] = b'0' + (n % 10).unsigned_abs() as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            if negative {
+                self.push(b"-");
+            }
+            self.push(&digits[i..]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
