@@ -1,5 +1,7 @@
-//! What each daxd thread may ask of the kernel: a seccomp allow-list per kind of thread,
-//! installed by the thread itself before it handles anything a frontend or a guest sent.
+//! How daxd confines itself before it serves: the process's view of the host
+//! ([`sandbox`]), and what each thread may ask of the kernel: a seccomp allow-list per kind
+//! of thread, installed by the thread itself before it handles anything a frontend or a
+//! guest sent.
 //!
 //! Filters stack: a thread keeps the filters of the thread that created it and adds its
 //! own, and a system call must pass all of them. So the list a thread installs is what it
@@ -19,6 +21,8 @@
 //! Mode `kill` ends the process at the first system call outside its thread's list,
 //! `trap` does the same after printing the call's number, `log` lets it through and has the
 //! kernel log it (`journalctl -k`, `dmesg`: "audit: type=1326 ... syscall=N").
+
+pub mod sandbox;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::OnceLock;
@@ -190,6 +194,9 @@ impl ThreadKind {
                 SYS_shutdown,
             ],
             ThreadKind::Handler => &[
+                // The backend request channel (virtio-pmem's shared memory map) is checked
+                // with getsockopt.
+                SYS_getsockopt,
                 SYS_recvmsg,
                 SYS_sendmsg,
                 SYS_read,
@@ -208,6 +215,8 @@ impl ThreadKind {
                 SYS_epoll_wait,
                 SYS_epoll_pwait,
                 SYS_read,
+                // Reads of a sparse region's holes (read(2) gives zeroes without allocating).
+                SYS_pread64,
                 // Discard and write-zeroes; --sync and FLUSH without a flusher thread.
                 SYS_fallocate,
                 SYS_lseek,
@@ -218,6 +227,7 @@ impl ThreadKind {
             ThreadKind::PmemMapper => &[
                 // Filling the window's holes, then the map request and its reply.
                 SYS_lseek,
+                SYS_pread64,
                 SYS_fallocate,
                 SYS_pwrite64,
                 SYS_fstat,
@@ -266,6 +276,12 @@ impl ThreadKind {
     }
 }
 
+thread_local! {
+    /// The list the thread installed last, for trap mode's message (a plain thread-local
+    /// cell, readable in a signal handler).
+    static CONFINED_AS: std::cell::Cell<Option<ThreadKind>> = const { std::cell::Cell::new(None) };
+}
+
 struct Policy {
     mode: Mode,
     programs: BTreeMap<ThreadKind, BpfProgram>,
@@ -276,6 +292,7 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 /// Builds every kind's filter (so that a list that does not compile fails at start, not in
 /// a thread) and, for `trap`, the SIGSYS handler. Threads confine themselves with [`enter`].
 pub fn init(mode: Mode) -> Result<(), ConfineError> {
+    bound_malloc_arenas();
     let mut programs = BTreeMap::new();
     if mode != Mode::None {
         for kind in ThreadKind::ALL {
@@ -288,6 +305,18 @@ pub fn init(mode: Mode) -> Result<(), ConfineError> {
     POLICY
         .set(Policy { mode, programs })
         .map_err(|_| ConfineError::Twice)
+}
+
+/// glibc's malloc gives new threads arenas of their own, and once it has made 8 it reads
+/// /sys/devices/system/cpu/online to decide how many more it may make: an openat(2) at a
+/// thread's first allocation, whenever that comes, which no list allows. A fixed bound
+/// settles the number without reading anything.
+fn bound_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets a malloc parameter; M_ARENA_MAX takes any positive int.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+    }
 }
 
 /// Confines the calling thread to its kind's list. Nothing happens before [`init`] (in
@@ -303,6 +332,7 @@ pub fn enter(kind: ThreadKind) -> Result<(), ConfineError> {
         kind: kind.name(),
         source,
     })?;
+    CONFINED_AS.with(|confined| confined.set(Some(kind)));
     log::debug!("{} thread confined ({:?})", kind.name(), policy.mode);
     Ok(())
 }
@@ -331,7 +361,8 @@ macro_rules! names {
     };
 }
 
-/// Every call in some list, with its name.
+/// Every call in some list, with its name (and openat, the call a thread most likely
+/// makes when it should not, for trap mode's message).
 const NAMES: &[(libc::c_long, &str)] = names![
     SYS_accept4,
     SYS_brk,
@@ -356,6 +387,7 @@ const NAMES: &[(libc::c_long, &str)] = names![
     SYS_futex,
     SYS_getpid,
     SYS_getrandom,
+    SYS_getsockopt,
     SYS_gettid,
     SYS_ioctl,
     SYS_lseek,
@@ -366,8 +398,10 @@ const NAMES: &[(libc::c_long, &str)] = names![
     SYS_mremap,
     SYS_munmap,
     SYS_nanosleep,
+    SYS_openat,
     SYS_newfstatat,
     SYS_prctl,
+    SYS_pread64,
     SYS_pwrite64,
     SYS_read,
     SYS_recvfrom,
@@ -431,7 +465,14 @@ mod trap {
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::syscall(libc::SYS_gettid) };
         let mut line = Line::default();
-        line.push(b"daxd: seccomp: thread ");
+        line.push(b"daxd: seccomp: ");
+        let kind = super::CONFINED_AS
+            .try_with(std::cell::Cell::get)
+            .ok()
+            .flatten();
+        // A thread that has not installed its own list yet runs under its creator's.
+        line.push(kind.map_or("starting", super::ThreadKind::name).as_bytes());
+        line.push(b" thread ");
         line.number(tid);
         line.push(b" made system call ");
         line.number(libc::c_long::from(nr));

@@ -47,6 +47,24 @@ pub enum Command {
     PrintSeccomp,
 }
 
+/// `--sandbox`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxArg {
+    Auto,
+    Namespace,
+    None,
+}
+
+impl From<SandboxArg> for daxd_confine::sandbox::SandboxMode {
+    fn from(arg: SandboxArg) -> daxd_confine::sandbox::SandboxMode {
+        match arg {
+            SandboxArg::Auto => daxd_confine::sandbox::SandboxMode::Auto,
+            SandboxArg::Namespace => daxd_confine::sandbox::SandboxMode::Namespace,
+            SandboxArg::None => daxd_confine::sandbox::SandboxMode::None,
+        }
+    }
+}
+
 /// `--seccomp`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SeccompArg {
@@ -199,6 +217,15 @@ pub struct Args {
     /// The window the --pmem-socket-path device serves (default: the only pmem window).
     #[arg(long, value_name = "NAME")]
     pub pmem_window: Option<String>,
+
+    /// How daxd confines itself once the region and its sockets are open: namespace (a
+    /// mount namespace whose read-only root holds only the directories of daxd's sockets
+    /// and systemd's notification socket, a network and an IPC namespace of its own, every
+    /// capability dropped, at most 4096 open files; as root, or as another user where
+    /// unprivileged user namespaces are allowed), none, or auto (namespace where the host
+    /// allows it, otherwise a warning and none).
+    #[arg(long, value_name = "MODE", value_enum, default_value_t = SandboxArg::Auto)]
+    pub sandbox: SandboxArg,
 
     /// What a thread's system call outside its seccomp allow-list does: kill (end the
     /// process), trap (print the call's number and thread, then end the process), log

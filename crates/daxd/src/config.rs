@@ -32,6 +32,7 @@ pub struct Config {
     pub pmem_window: Option<String>,
     pub control_socket: Option<PathBuf>,
     pub seccomp: daxd_confine::Mode,
+    pub sandbox: daxd_confine::sandbox::SandboxMode,
 }
 
 impl TryFrom<Args> for Config {
@@ -90,6 +91,7 @@ impl TryFrom<Args> for Config {
             pmem_window: args.pmem_window,
             control_socket: args.control_socket,
             seccomp: args.seccomp.into(),
+            sandbox: args.sandbox.into(),
         })
     }
 }

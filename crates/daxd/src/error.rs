@@ -71,6 +71,10 @@ pub enum Error {
     EventLoop(#[source] event_manager::Error),
     #[error("flushing the region failed; recent writes may not be durable")]
     Flush(#[source] RegionError),
+    #[error("cannot put daxd in its sandbox (--sandbox none runs without)")]
+    Sandbox(#[source] daxd_confine::sandbox::SandboxError),
+    #[error("daxd runs {0} threads before its sandbox, which needs one; this is a bug")]
+    ThreadsBeforeSandbox(usize),
     #[error("cannot confine daxd's threads (--seccomp none runs without filters)")]
     Confine(#[source] daxd_confine::ConfineError),
     #[error("cannot {what}")]

@@ -14,13 +14,14 @@ mod systemd;
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use clap::Parser;
+use daxd_confine::sandbox::SandboxMode;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
@@ -118,6 +119,7 @@ fn run(config: Config) -> Result<(), Error> {
     let signals = SignalPipe::new()?;
     daxd_confine::init(config.seccomp).map_err(Error::Confine)?;
     let opened = Opened::open(&config)?;
+    sandbox(config.sandbox, &opened)?;
     let status = format!(
         "serving {} on {}",
         opened.region.path().display(),
@@ -147,11 +149,69 @@ fn run(config: Config) -> Result<(), Error> {
     running.wait(signals)
 }
 
+/// Enters the sandbox (after everything daxd serves is open, before any thread starts),
+/// keeping reachable the paths daxd still uses: its sockets' directories (removed or
+/// connected to at shutdown) and systemd's notification socket.
+fn sandbox(mode: SandboxMode, opened: &Opened) -> Result<(), Error> {
+    if mode == SandboxMode::None {
+        return Ok(());
+    }
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |tasks| tasks.count());
+    if threads != 1 {
+        return Err(Error::ThreadsBeforeSandbox(threads));
+    }
+    let mut keep: Vec<PathBuf> = opened
+        .sockets
+        .iter()
+        .map(PathBuf::as_path)
+        .chain(opened.blk_server.inherited_path())
+        .chain(opened.pmem.as_ref().and_then(|(_, s)| s.inherited_path()))
+        .filter_map(|socket| {
+            std::path::absolute(socket)
+                .ok()?
+                .parent()
+                .map(Path::to_owned)
+        })
+        .collect();
+    if let Some(notify) = std::env::var_os("NOTIFY_SOCKET") {
+        if !notify.as_encoded_bytes().starts_with(b"@") {
+            keep.push(PathBuf::from(notify));
+        }
+    }
+    match daxd_confine::sandbox::enter(&keep) {
+        Ok(()) => {
+            info!(
+                "sandbox: only {} reachable, no capabilities, at most {} open files",
+                keep.iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                daxd_confine::sandbox::MAX_OPEN_FILES
+            );
+            Ok(())
+        }
+        Err(e) if mode == SandboxMode::Auto && e.is_unsupported() => {
+            warn!(
+                "running without a sandbox: {}; --sandbox none silences this",
+                error::chain(&e)
+            );
+            Ok(())
+        }
+        Err(e) => Err(Error::Sandbox(e)),
+    }
+}
+
 fn termination_signals() -> nix::sys::signal::SigSet {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGINT);
     set.add(nix::sys::signal::Signal::SIGTERM);
     set
+}
+
+/// `path` made absolute: the sandbox changes the working directory to its own root, and
+/// shutdown removes the socket files by these paths.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// A socket as log lines name it.
@@ -228,7 +288,7 @@ impl Opened {
                     source,
                 })?;
                 if let SocketAddr::Path(path) = addr {
-                    sockets.push(path.clone());
+                    sockets.push(absolute(path));
                 }
                 info!(
                     "serving pmem window {} as vhost-user virtio-pmem on {}",
@@ -248,7 +308,7 @@ impl Opened {
                     registry.clone(),
                     blk.clone(),
                 )?;
-                sockets.push(path.clone());
+                sockets.push(absolute(path));
                 Some(control)
             }
             None => None,
@@ -258,7 +318,7 @@ impl Opened {
             source,
         })?;
         if let SocketAddr::Path(path) = &config.socket {
-            sockets.push(path.clone());
+            sockets.push(absolute(path));
         }
         info!(
             "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",

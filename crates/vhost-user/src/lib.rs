@@ -250,6 +250,12 @@ impl Server {
         self.stopper.clone()
     }
 
+    /// The path of an inherited socket, which stopping connects to (so it must stay
+    /// reachable); `None` for a socket daxd created.
+    pub fn inherited_path(&self) -> Option<&Path> {
+        self.stopper.state.inherited.as_deref()
+    }
+
     /// Serves the blk device until stopped. The device and its region carry over between
     /// connections, so a reconnecting frontend (QEMU, cloud-hypervisor) finds its data.
     /// `poll`: how long each queue worker keeps polling after its queue ran empty.
