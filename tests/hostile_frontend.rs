@@ -346,6 +346,19 @@ fn malformed_and_out_of_order_messages_leave_daxd_serving() {
             }),
         ),
         (
+            "a queue size that is not a power of two, then the ring started",
+            Box::new(|f| {
+                let _ = f.set_mem_table(&[mem.table()]);
+                let _ = f.set_vring_num(0, 12);
+                let _ = f.set_vring_addr(0, &ring);
+                let kick = EventFd::new(0).unwrap();
+                let _ = f.set_vring_kick(0, &kick);
+                let _ = f.set_vring_enable(0, true);
+                let _ = kick.write(1);
+                std::thread::sleep(Duration::from_millis(100));
+            }),
+        ),
+        (
             "SET_VRING_BASE past the ring, then the ring started",
             Box::new(|f| {
                 let _ = f.set_mem_table(&[mem.table()]);
@@ -387,6 +400,21 @@ fn malformed_and_out_of_order_messages_leave_daxd_serving() {
         drop(frontend);
         survived(what, &mut daxd, before);
     }
+    // A ring started before any feature was negotiated (no SET_FEATURES, no protocol
+    // features), its kick written.
+    let before = lines();
+    {
+        let f = Frontend::connect(&daxd.socket, 1).unwrap();
+        let _ = f.set_owner();
+        let _ = f.set_mem_table(&[mem.table()]);
+        let _ = f.set_vring_num(0, QUEUE_SIZE);
+        let _ = f.set_vring_addr(0, &ring);
+        let kick = EventFd::new(0).unwrap();
+        let _ = f.set_vring_kick(0, &kick);
+        let _ = kick.write(1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    survived("a ring started before features", &mut daxd, before);
     // The same on the wire, below what the vhost crate would send.
     let raw: [(&str, Vec<u8>); 5] = [
         ("a header cut short", header(1, 0)[..5].to_vec()),
@@ -426,4 +454,61 @@ fn malformed_and_out_of_order_messages_leave_daxd_serving() {
         std::fs::read(&region).unwrap() == contents,
         "the region changed"
     );
+}
+
+/// Descriptor chains a guest can write: one whose `next` loops back to its head, one whose
+/// data buffer lies outside guest memory. Each is completed (released without data, or
+/// with an error status) rather than followed forever or copied into, the region keeps its
+/// bytes, and the queue goes on serving the next request.
+#[test]
+fn looping_and_out_of_memory_chains_are_completed_without_touching_the_region() {
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+    use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let dir = test_dir("daxd-hostile-");
+    let (daxd, _log) = start(dir.path());
+    let region = dir.path().join("region.img");
+    let before = std::fs::read(&region).unwrap();
+    let mem = GuestMem::new();
+    let mut inflight = None;
+    let c = Connection::start(&daxd.socket, &mem, &mut inflight, 0);
+    let next = VRING_DESC_F_NEXT as u16;
+    let write = VRING_DESC_F_WRITE as u16;
+    let desc = |index: u64, d: Descriptor| mem.mem.write_obj(d, GuestAddress(index * 16)).unwrap();
+
+    // Head 0: a write request whose header's `next` is itself.
+    mem.put_write(0, 0, &[0xaa; 512]);
+    desc(0, Descriptor::new(0x10000, 16, next, 0));
+    // Head 4: a write whose data descriptor points far outside guest memory.
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    mem.mem.write_slice(&hdr, GuestAddress(0x50000)).unwrap();
+    mem.mem.write_obj(0xffu8, GuestAddress(0x50100)).unwrap();
+    desc(4, Descriptor::new(0x50000, 16, next, 5));
+    desc(5, Descriptor::new(0x7fff_0000_0000, 512, next, 6));
+    desc(6, Descriptor::new(0x50100, 1, write, 0));
+    mem.make_available(&[0, 4]);
+    c.kick();
+    c.wait_used(&mem, 2);
+    let status: u8 = mem.mem.read_obj(GuestAddress(0x50100)).unwrap();
+    assert_ne!(
+        u32::from(status),
+        VIRTIO_BLK_S_OK,
+        "the out-of-memory write succeeded"
+    );
+    // Nothing of either request reached the region.
+    assert!(
+        std::fs::read(&region).unwrap() == before,
+        "the region changed"
+    );
+    // The queue still serves: a good read on the same connection.
+    mem.put_read(8, 0, 512);
+    mem.make_available(&[8]);
+    c.kick();
+    c.wait_used(&mem, 3);
+    assert_eq!(mem.status(8), 0);
+    drop(c);
+    assert!(daxd.terminate().success());
 }
