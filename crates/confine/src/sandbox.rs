@@ -203,7 +203,11 @@ fn build_root(keep: &[PathBuf]) -> Result<(), SandboxError> {
     std::fs::remove_dir(&old).map_err(io_failed("remove", &old))?;
     rustix::mount::mount_remount(
         "/",
-        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
+        MountFlags::BIND
+            | MountFlags::RDONLY
+            | MountFlags::NOSUID
+            | MountFlags::NODEV
+            | MountFlags::NOEXEC,
         c"",
     )
     .map_err(failed("make read-only", Path::new("/")))

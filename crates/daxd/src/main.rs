@@ -178,6 +178,8 @@ fn sandbox(mode: SandboxMode, opened: &Opened) -> Result<(), Error> {
             keep.push(PathBuf::from(notify));
         }
     }
+    keep.sort();
+    keep.dedup();
     match daxd_confine::sandbox::enter(&keep) {
         Ok(()) => {
             info!(
