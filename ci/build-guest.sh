@@ -19,8 +19,11 @@ kver=${kernel_pkg#linux-image-}
 busybox_ver=$(apt-cache policy busybox-static | awk '/Candidate:/ {print $2}')
 
 modules=(virtio_blk crc32c_generic ext4 9pnet_virtio 9p libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem nfit dax_pmem)
+# Loaded only by the cloud-hypervisor case (resources/guest/ch-cases.sh): KVM on the
+# emulated SVM of `-cpu max`.
+kvm_modules=(kvm_amd)
 
-key=$( { echo "$kernel_pkg $busybox_ver ${modules[*]}"; cat "$0" "$root/resources/guest/init"; } \
+key=$( { echo "$kernel_pkg $busybox_ver ${modules[*]} ${kvm_modules[*]}"; cat "$0" "$root/resources/guest/init"; } \
     | sha256sum | cut -c1-16)
 out=$cache/$key
 if [ -s "$out/vmlinuz" ] && [ -s "$out/initramfs.img" ]; then
@@ -47,15 +50,22 @@ cp "$work/busybox/bin/busybox" "$initrd/bin/busybox"
 cp "$root/resources/guest/init" "$initrd/init"
 chmod +x "$initrd/init"
 
-# Modules in dependency order, decompressed so busybox's insmod can load them.
-: > "$initrd/lib/modules/load-order"
-for m in "${modules[@]}"; do
-    modprobe -d "$work/kernel" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
-done | awk '!seen[$0]++' | while read -r ko; do
-    name=$(basename "$ko" .xz)
-    xz -dc "$ko" > "$initrd/lib/modules/$name"
-    echo "$name" >> "$initrd/lib/modules/load-order"
-done
+# Modules in dependency order, decompressed so busybox's insmod can load them; LIST names
+# the order file.
+add_modules() {
+    list=$1
+    shift
+    : > "$initrd/lib/modules/$list"
+    for m in "$@"; do
+        modprobe -d "$work/kernel" -S "$kver" --show-depends "$m" | awk '$1 == "insmod" {print $2}'
+    done | awk '!seen[$0]++' | while read -r ko; do
+        name=$(basename "$ko" .xz)
+        xz -dc "$ko" > "$initrd/lib/modules/$name"
+        echo "$name" >> "$initrd/lib/modules/$list"
+    done
+}
+add_modules load-order "${modules[@]}"
+add_modules load-order-kvm "${kvm_modules[@]}"
 
 mkdir -p "$out"
 cp "$work/kernel/boot/vmlinuz-$kver" "$out/vmlinuz"

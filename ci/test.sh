@@ -3,7 +3,9 @@
 # lints and documentation (warnings are errors), runs the unit tests and the blkio
 # end-to-end suite (cargo test --workspace), builds the test guest and a Debian sid root
 # with QEMU 11.1, and runs the real-guest suites: the disk against daxd and
-# qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1, power cuts and restarts;
+# qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1, power cuts and restarts,
+# libvirt, and cloud-hypervisor nested in the test guest (built by
+# ci/build-cloud-hypervisor.sh);
 # then QEMU's own vhost-user-blk qtests against daxd (ci/qtest.sh). The fuzz targets run
 # briefly after the unit tests (ci/fuzz.sh).
 set -euo pipefail
@@ -18,5 +20,6 @@ cargo test --workspace
 ci/fuzz.sh
 ci/build-guest.sh >/dev/null
 ci/build-sid-root.sh >/dev/null
+ci/build-cloud-hypervisor.sh >/dev/null
 cargo test -p daxd --test e2e -- --ignored --test-threads=1 --skip soak_
 ci/qtest.sh

@@ -328,7 +328,12 @@ impl Drop for KillOnDrop {
 pub fn guest_script(dir: &Path, name: &str, script: &str) -> PathBuf {
     let script_path = dir.join(format!("{name}.sh"));
     let mut prelude = format!("WAIT_DIR={}\n", dir.display());
-    for lib in ["blk-cases.sh", "pmem-cases.sh", "cut-cases.sh"] {
+    for lib in [
+        "blk-cases.sh",
+        "pmem-cases.sh",
+        "cut-cases.sh",
+        "ch-cases.sh",
+    ] {
         let path = repo_root().join("resources/guest").join(lib);
         prelude += &format!(". /host{}\n", path.display());
     }
