@@ -254,6 +254,30 @@ fn send_raw(socket: &std::path::Path, bytes: &[u8]) {
     let _ = stream.read_to_end(&mut answer);
 }
 
+/// Sends the memory table and a ring of `size` entries (from `base`, if given), then its
+/// kick, enables and kicks it, whatever the frontend negotiated before; refusals ignored.
+fn start_ring(
+    f: &mut vhost::vhost_user::Frontend,
+    mem: &GuestMem,
+    ring: &vhost::VringConfigData,
+    size: u16,
+    base: Option<u16>,
+) {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    let _ = f.set_mem_table(&[mem.table()]);
+    let _ = f.set_vring_num(0, size);
+    if let Some(base) = base {
+        let _ = f.set_vring_base(0, base);
+    }
+    let _ = f.set_vring_addr(0, ring);
+    let kick = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let _ = f.set_vring_kick(0, &kick);
+    let _ = f.set_vring_enable(0, true);
+    let _ = kick.write(1);
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 /// A vhost-user message header: request, flags (version 1), payload size.
 fn header(request: u32, size: u32) -> Vec<u8> {
     [request, 0x1, size]
@@ -268,7 +292,7 @@ fn header(request: u32, size: u32) -> Vec<u8> {
 /// served.
 #[test]
 fn malformed_and_out_of_order_messages_leave_daxd_serving() {
-    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::vhost_user::Frontend;
     use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
     use vmm_sys_util::eventfd::EventFd;
 
@@ -347,30 +371,11 @@ fn malformed_and_out_of_order_messages_leave_daxd_serving() {
         ),
         (
             "a queue size that is not a power of two, then the ring started",
-            Box::new(|f| {
-                let _ = f.set_mem_table(&[mem.table()]);
-                let _ = f.set_vring_num(0, 12);
-                let _ = f.set_vring_addr(0, &ring);
-                let kick = EventFd::new(0).unwrap();
-                let _ = f.set_vring_kick(0, &kick);
-                let _ = f.set_vring_enable(0, true);
-                let _ = kick.write(1);
-                std::thread::sleep(Duration::from_millis(100));
-            }),
+            Box::new(|f| start_ring(f, &mem, &ring, 12, None)),
         ),
         (
             "SET_VRING_BASE past the ring, then the ring started",
-            Box::new(|f| {
-                let _ = f.set_mem_table(&[mem.table()]);
-                let _ = f.set_vring_num(0, QUEUE_SIZE);
-                let _ = f.set_vring_base(0, 60_000);
-                let _ = f.set_vring_addr(0, &ring);
-                let kick = EventFd::new(0).unwrap();
-                let _ = f.set_vring_kick(0, &kick);
-                let _ = f.set_vring_enable(0, true);
-                let _ = kick.write(1);
-                std::thread::sleep(Duration::from_millis(100));
-            }),
+            Box::new(|f| start_ring(f, &mem, &ring, QUEUE_SIZE, Some(60_000))),
         ),
     ];
     let lines = || {
@@ -404,15 +409,9 @@ fn malformed_and_out_of_order_messages_leave_daxd_serving() {
     // features), its kick written.
     let before = lines();
     {
-        let f = Frontend::connect(&daxd.socket, 1).unwrap();
+        let mut f = Frontend::connect(&daxd.socket, 1).unwrap();
         let _ = f.set_owner();
-        let _ = f.set_mem_table(&[mem.table()]);
-        let _ = f.set_vring_num(0, QUEUE_SIZE);
-        let _ = f.set_vring_addr(0, &ring);
-        let kick = EventFd::new(0).unwrap();
-        let _ = f.set_vring_kick(0, &kick);
-        let _ = kick.write(1);
-        std::thread::sleep(Duration::from_millis(100));
+        start_ring(&mut f, &mem, &ring, QUEUE_SIZE, None);
     }
     survived("a ring started before features", &mut daxd, before);
     // The same on the wire, below what the vhost crate would send.
