@@ -249,12 +249,9 @@ impl ThreadKind {
         calls
     }
 
-    fn program(self, mode: Mode) -> Result<BpfProgram, ConfineError> {
-        let mismatch = match mode {
-            Mode::Kill => SeccompAction::KillProcess,
-            Mode::Log => SeccompAction::Log,
-            Mode::Trap | Mode::None => SeccompAction::Trap,
-        };
+    /// The filter that lets this kind's calls through and meets any other with
+    /// `mismatch`.
+    fn program(self, mismatch: SeccompAction) -> Result<BpfProgram, ConfineError> {
         let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|_| ConfineError::Arch(std::env::consts::ARCH))?;
         let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = self
@@ -293,10 +290,16 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 /// a thread) and, for `trap`, the SIGSYS handler. Threads confine themselves with [`enter`].
 pub fn init(mode: Mode) -> Result<(), ConfineError> {
     bound_malloc_arenas();
+    let mismatch = match mode {
+        Mode::Kill => Some(SeccompAction::KillProcess),
+        Mode::Log => Some(SeccompAction::Log),
+        Mode::Trap => Some(SeccompAction::Trap),
+        Mode::None => None,
+    };
     let mut programs = BTreeMap::new();
-    if mode != Mode::None {
+    if let Some(mismatch) = mismatch {
         for kind in ThreadKind::ALL {
-            programs.insert(kind, kind.program(mode)?);
+            programs.insert(kind, kind.program(mismatch.clone())?);
         }
     }
     if mode == Mode::Trap {

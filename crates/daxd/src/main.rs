@@ -166,12 +166,7 @@ fn sandbox(mode: SandboxMode, opened: &Opened) -> Result<(), Error> {
         .map(PathBuf::as_path)
         .chain(opened.blk_server.inherited_path())
         .chain(opened.pmem.as_ref().and_then(|(_, s)| s.inherited_path()))
-        .filter_map(|socket| {
-            std::path::absolute(socket)
-                .ok()?
-                .parent()
-                .map(Path::to_owned)
-        })
+        .filter_map(|socket| absolute(socket).parent().map(Path::to_owned))
         .collect();
     if let Some(notify) = std::env::var_os("NOTIFY_SOCKET") {
         if !notify.as_encoded_bytes().starts_with(b"@") {
