@@ -6,9 +6,17 @@
 # names another tarball.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-tarball=${CLOUD_HYPERVISOR_TARBALL:-$(ls "$root"/../shared/cloud-hypervisor/cloud-hypervisor-*.tar.xz 2>/dev/null | sort | tail -n 1)}
+# The shared folder next to this checkout, or next to the local repository it was cloned
+# from (a CI run in a fresh clone).
+find_tarball() {
+    origin=$(git -C "$root" config --get remote.origin.url 2>/dev/null || true)
+    for shared in "$root/../shared" ${origin:+"$origin/../shared"}; do
+        ls "$shared"/cloud-hypervisor/cloud-hypervisor-*.tar.xz 2>/dev/null | sort | tail -n 1
+    done | head -n 1
+}
+tarball=${CLOUD_HYPERVISOR_TARBALL:-$(find_tarball)}
 [ -n "$tarball" ] && [ -r "$tarball" ] || {
-    echo "no cloud-hypervisor source tarball in $root/../shared/cloud-hypervisor: set CLOUD_HYPERVISOR_TARBALL" >&2
+    echo "no cloud-hypervisor source tarball in ../shared/cloud-hypervisor: set CLOUD_HYPERVISOR_TARBALL" >&2
     exit 1
 }
 cache=$root/.cache/cloud-hypervisor
