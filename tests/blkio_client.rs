@@ -582,19 +582,7 @@ fn inspect_counts_what_the_client_did() {
     assert!(client.queues[0].read(4 << 20, 512).is_err());
     drop(client);
 
-    let inspect = |format: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
-            .args(["inspect", "--control-socket", control.to_str().unwrap()])
-            .args(format)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let inspect = |format: &[&str]| crate::support::daxd_inspect(&control, format);
     let json: serde_json::Value = serde_json::from_str(&inspect(&["--json"])).unwrap();
     let blk = &json["blk"];
     assert_eq!(blk["version"], 1);

@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use crate::support::{pattern, test_dir, Backend, Client};
+use crate::support::{daxd_inspect, pattern, test_dir, Backend, Client};
 
 /// Thread name -> the seccomp filter counts of the threads of that name.
 fn filters_by_thread(pid: u32) -> BTreeMap<String, Vec<u32>> {
@@ -67,16 +66,7 @@ fn threads_of_a_serving_daxd(
     assert_eq!(client.queues[0].read(8192, 4096).unwrap(), pattern(3, 4096));
     let threads = filters_by_thread(daxd.pid());
     // The main thread's control socket, under its filter.
-    let inspect = Command::new(env!("CARGO_BIN_EXE_daxd"))
-        .args(["inspect", "--json", "--control-socket"])
-        .arg(&control)
-        .output()
-        .unwrap();
-    assert!(
-        inspect.status.success(),
-        "{}",
-        String::from_utf8_lossy(&inspect.stderr)
-    );
+    daxd_inspect(&control, &["--json"]);
     drop(client);
     (threads, daxd, dir)
 }
@@ -207,12 +197,7 @@ fn the_sandbox_leaves_daxd_its_socket_directory_and_nothing_else() {
     // socket files removed through the kept directory.
     assert_eq!(client.q().read(0, 4096).unwrap(), pattern(9, 4096));
     drop(client);
-    let inspect = Command::new(env!("CARGO_BIN_EXE_daxd"))
-        .args(["inspect", "--control-socket"])
-        .arg(&control)
-        .output()
-        .unwrap();
-    assert!(inspect.status.success());
+    daxd_inspect(&control, &[]);
     assert!(daxd.terminate().success());
     assert!(!sockets.path().join("blk.sock").exists());
     assert!(!control.exists());

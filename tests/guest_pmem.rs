@@ -63,22 +63,9 @@ fn daxd_args(region: &Path, control: &Path, pmem_socket: Option<&Path>) -> Vec<S
 
 /// The registry as `daxd inspect --json` reports it, read as the registry's own type.
 fn inspect(control: &Path) -> Snapshot {
-    let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
-        .args([
-            "inspect",
-            "--json",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "daxd inspect: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let mut inspection: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("inspect --json prints JSON");
+        serde_json::from_str(&crate::support::daxd_inspect(control, &["--json"]))
+            .expect("inspect --json prints JSON");
     serde_json::from_value(inspection["registry"].take()).expect("the registry is a Snapshot")
 }
 

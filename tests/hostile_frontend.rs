@@ -37,6 +37,20 @@ fn serves_a_frontend(daxd: &Backend) -> bool {
     good.status(0) == 0
 }
 
+/// Asserts, naming `what` daxd just went through, that daxd is still running (else quotes
+/// its log) and serves the next frontend.
+fn assert_still_serving(what: &str, daxd: &mut Backend, log: &std::path::Path) {
+    assert!(
+        daxd.is_running(),
+        "{what}: daxd died: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    assert!(
+        serves_a_frontend(daxd),
+        "{what}: the next frontend was not served"
+    );
+}
+
 /// An available index further ahead than the ring holds (what a frontend that resumes a
 /// ring at the wrong index shows, as QEMU does after a backend without in-flight tracking
 /// died): before, daxd's worker spun on it, logging a line per spin (900,000 lines in a
@@ -189,15 +203,7 @@ fn out_of_range_messages_are_refused_and_daxd_serves_on() {
         frontend.set_mem_table(&[mem.table()]).unwrap();
         assert!(attack(&mut frontend), "{what}: accepted");
         drop(frontend);
-        assert!(
-            daxd.is_running(),
-            "{what}: daxd died: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(
-            serves_a_frontend(&daxd),
-            "{what}: the next frontend was not served"
-        );
+        assert_still_serving(what, &mut daxd, &log);
     }
     assert!(daxd.terminate().success());
 }
@@ -385,15 +391,7 @@ fn malformed_and_out_of_order_messages_leave_daxd_serving() {
             .count()
     };
     let survived = |what: &str, daxd: &mut Backend, before: usize| {
-        assert!(
-            daxd.is_running(),
-            "{what}: daxd died: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        assert!(
-            serves_a_frontend(daxd),
-            "{what}: the next frontend was not served"
-        );
+        assert_still_serving(what, daxd, &log);
         let grown = lines() - before;
         assert!(grown <= 20, "{what}: {grown} log lines");
     };

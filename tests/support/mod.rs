@@ -299,6 +299,24 @@ pub fn refused_start(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `daxd inspect --control-socket CONTROL FORMAT...` of a running daxd; asserts that it
+/// answered and returns what it printed.
+pub fn daxd_inspect(control: &Path, format: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .arg("inspect")
+        .arg("--control-socket")
+        .arg(control)
+        .args(format)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "daxd inspect: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A temporary directory for one test; kept (and its path printed) when the environment
 /// sets DAXD_KEEP_TEST_DIR, to read console logs after a run.
 pub fn test_dir(prefix: &str) -> tempfile::TempDir {
