@@ -13,6 +13,35 @@ fail() {
     CASE_FAILED=1
 }
 
+# start_backend BACKEND DAXD_OPTIONS QSD_EXPORT_OPTIONS: starts BACKEND (daxd's path, or
+# qemu-storage-daemon) chrooted into /host on /mnt/region.img with its socket at
+# /mnt/blk.sock and its log in /tmp/backend.log, and waits for the socket. Not through the
+# host function: backend_pid must be the backend itself, for the signals cases send it.
+start_backend() {
+    rm -f /host/mnt/blk.sock
+    if [ "$1" = qemu-storage-daemon ]; then
+        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin qemu-storage-daemon \
+            --blockdev driver=file,node-name=f,filename=/mnt/region.img,discard=unmap \
+            --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/mnt/blk.sock,$3 \
+            2>> /tmp/backend.log &
+    else
+        # DAXD_OPTIONS split into words on purpose.
+        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$1" \
+            --region /mnt/region.img --socket-path /mnt/blk.sock $2 2>> /tmp/backend.log &
+    fi
+    backend_pid=$!
+    i=0
+    while [ ! -S /host/mnt/blk.sock ]; do
+        i=$((i + 1))
+        if [ "$i" -gt 300 ]; then
+            tail -5 /tmp/backend.log
+            fail "the backend did not start"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
 run_case() {
     CASE=$1
     shift

@@ -7,30 +7,10 @@
 # ch_backend BACKEND [--read-only]: starts BACKEND (daxd's path, or qemu-storage-daemon)
 # on /mnt/region.img (64 MiB) with 2 queues, socket /mnt/blk.sock.
 ch_backend() {
-    rm -f /host/mnt/blk.sock
-    # Not through the host function: $! must be the backend itself, for the kills below.
-    if [ "$1" = qemu-storage-daemon ]; then
-        writable=on
-        [ "$2" = --read-only ] && writable=off
-        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin qemu-storage-daemon \
-            --blockdev driver=file,node-name=f,filename=/mnt/region.img,discard=unmap \
-            --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/mnt/blk.sock,writable=$writable,num-queues=2 \
-            2>> /tmp/backend.log &
-    else
-        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$1" --region /mnt/region.img --size 64M --socket-path /mnt/blk.sock \
-            --num-queues 2 --serial ch-inner $2 2>> /tmp/backend.log &
-    fi
-    backend_pid=$!
-    i=0
-    while [ ! -S /host/mnt/blk.sock ]; do
-        i=$((i + 1))
-        if [ "$i" -gt 300 ]; then
-            tail -5 /tmp/backend.log
-            fail "the backend did not start"
-            return 1
-        fi
-        sleep 0.1
-    done
+    writable=on
+    [ "$2" = --read-only ] && writable=off
+    start_backend "$1" "--size 64M --num-queues 2 --serial ch-inner $2" \
+        "writable=$writable,num-queues=2"
 }
 
 # ch_stop_backend NAME: SIGTERM, and its exit status as RESULT backend_exit_NAME.

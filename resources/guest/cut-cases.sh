@@ -17,33 +17,14 @@ case_powercut() {
     echo 8640000 > /proc/sys/vm/dirty_expire_centisecs
     echo 80 > /proc/sys/vm/dirty_background_ratio
     echo 90 > /proc/sys/vm/dirty_ratio
-    rm -f /host/mnt/blk.sock
     sync_arg=
-    [ "$mode" = sync ] && sync_arg=--sync
-    # Not through the host function: $! must be the backend itself, for the SIGTERM below.
-    if [ "$daxd" = qemu-storage-daemon ]; then
-        # The peer: QEMU's own export of the same file, write-through for sync.
-        writethrough=off
-        [ "$mode" = sync ] && writethrough=on
-        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin qemu-storage-daemon \
-            --blockdev driver=file,node-name=f,filename=/mnt/region.img,discard=unmap \
-            --export type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path=/mnt/blk.sock,writable=on,writethrough=$writethrough \
-            2> /tmp/daxd.log &
-    else
-        chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-            "$daxd" --region /mnt/region.img --socket-path /mnt/blk.sock $sync_arg 2> /tmp/daxd.log &
+    writethrough=off
+    if [ "$mode" = sync ]; then
+        # qemu-storage-daemon, the peer, writes through for sync too.
+        sync_arg=--sync
+        writethrough=on
     fi
-    daxd_pid=$!
-    i=0
-    while [ ! -S /host/mnt/blk.sock ]; do
-        i=$((i + 1))
-        if [ "$i" -gt 300 ]; then
-            cat /tmp/daxd.log
-            fail "daxd did not start"
-            return
-        fi
-        sleep 0.1
-    done
+    start_backend "$daxd" "$sync_arg" "writable=on,writethrough=$writethrough" || return
     case $mode in
         flush)
             host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 8 \
@@ -56,12 +37,12 @@ case_powercut() {
         term)
             host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 \
                 --discard-every "$discards" --ops 300
-            kill -TERM "$daxd_pid"
-            wait "$daxd_pid"
+            kill -TERM "$backend_pid"
+            wait "$backend_pid"
             echo "DAXD-EXIT $?"
             echo "CUT-NOW"
             sleep 3600
             ;;
     esac
-    fail "the client ended before the cut: $(tail -3 /tmp/daxd.log)"
+    fail "the client ended before the cut: $(tail -3 /tmp/backend.log)"
 }
