@@ -6,6 +6,7 @@
 # ci/qtest.sh needs to build QEMU's qtests, and libvirt. Idempotent: installs nothing when
 # all is present.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 backports=/etc/apt/sources.list.d/daxd-bookworm-backports.sources
 apt_opts=(-o Acquire::Check-Valid-Until=false -o Dpkg::Use-Pty=0)
@@ -29,11 +30,14 @@ for module in mesonbuild:meson pycotap:python3-pycotap; do
     /usr/bin/python3 -c "import ${module%%:*}" 2>/dev/null || need+=("${module#*:}")
 done
 
-# Kernels for the test guest and QEMU 10.0 come from bookworm-backports.
+# Kernels for the test guest and QEMU 10.0 come from bookworm-backports, on the mirror the
+# machine's apt sources already use.
 if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    cat > "$backports" <<'SOURCES'
+    mirror=$(ci/debian-mirror.sh)
+    echo "ci/install-deps.sh: adding bookworm-backports from $mirror ($backports)" >&2
+    cat > "$backports" <<SOURCES
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

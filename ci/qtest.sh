@@ -2,8 +2,9 @@
 # QEMU's own vhost-user-blk qtest cases (tests/qtest/vhost-user-blk-test.c: basic, indirect,
 # idx, nxvirtq, hotplug, multiqueue) against daxd. Debian's QEMU has no qtest accelerator,
 # so QEMU 10.0.2 (the version ci/install-deps.sh installs) is built from Debian's source
-# tarball, x86_64 only, with vhost-user and little else: the emulator and the qos-test
-# binary, cached under .cache/qemu-qtest/ (cold: a few minutes on 2 cores; warm: seconds).
+# tarball (fetched from the mirror apt already uses), x86_64 only, with vhost-user and
+# little else: the emulator and the qos-test binary, cached under .cache/qemu-qtest/
+# (cold: a few minutes on 2 cores; warm: seconds).
 # The test's qemu-storage-daemon is replaced by
 # resources/qtest/daxd-as-qemu-storage-daemon.
 set -euo pipefail
@@ -18,8 +19,8 @@ if [ ! -x "$build/tests/qtest/qos-test" ] || [ ! -x "$build/qemu-system-x86_64" 
     mkdir -p "$cache"
     tarball=$cache/qemu_$version+ds.orig.tar.xz
     if [ ! -f "$tarball" ]; then
-        curl -fsSL -o "$tarball.part" \
-            "http://deb.debian.org/debian/pool/main/q/qemu/qemu_$version+ds.orig.tar.xz"
+        mirror=$(ci/debian-mirror.sh)
+        curl -fsSL -o "$tarball.part" "$mirror/pool/main/q/qemu/qemu_$version+ds.orig.tar.xz"
         mv "$tarball.part" "$tarball"
     fi
     rm -rf "$src"
