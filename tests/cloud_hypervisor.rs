@@ -2,15 +2,16 @@
 //! guest (QEMU, TCG, `-cpu max`, whose emulated SVM with nested paging lets kvm_amd load),
 //! with daxd, in the same test guest, serving their vhost-user-blk disk with 2 queues. One
 //! boot per step of resources/guest/inner-init: O_DIRECT patterns found in the region file
-//! and a discard; a second boot on the same daxd; daxd killed and restarted under a
-//! running guest; a file system that e2fsck finds clean; a read-only disk. Each boot checks
-//! size, queues and serial. cloud-hypervisor is built by ci/build-cloud-hypervisor.sh.
+//! and a discard; a second boot on the same daxd; fio verify over both queues; daxd killed
+//! and restarted under a running guest; an ext4 file system that e2fsck finds clean inside
+//! and outside; a read-only disk; a pmem window of the region that cloud-hypervisor maps
+//! for the guest's DAX, next to daxd's disk. Each boot checks size, queues and serial.
+//! cloud-hypervisor is built by ci/build-cloud-hypervisor.sh.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use crate::support::guest::{boot, guest_image, repo_root, Vm};
+use crate::support::guest::{boot, guest_image, inner_initramfs, repo_root, tools_disk, Vm};
 use crate::support::test_dir;
 
 /// The cloud-hypervisor binary ci/build-cloud-hypervisor.sh made.
@@ -22,31 +23,6 @@ fn cloud_hypervisor() -> PathBuf {
         binary.display()
     );
     binary
-}
-
-/// The test guest's initramfs with resources/guest/inner-init as its /init (a second
-/// archive appended: the kernel unpacks both, the later file wins).
-fn inner_initramfs(dir: &Path) -> PathBuf {
-    let (_, initrd) = guest_image();
-    let tree = dir.join("inner");
-    std::fs::create_dir_all(&tree).unwrap();
-    std::fs::copy(
-        repo_root().join("resources/guest/inner-init"),
-        tree.join("init"),
-    )
-    .unwrap();
-    let archive = Command::new("sh")
-        .arg("-c")
-        .arg("chmod 755 init && echo init | cpio -o -H newc --quiet | gzip -1")
-        .current_dir(&tree)
-        .output()
-        .unwrap();
-    assert!(archive.status.success(), "cpio: {:?}", archive);
-    let mut image = std::fs::read(initrd).unwrap();
-    image.extend_from_slice(&archive.stdout);
-    let path = dir.join("inner-initramfs.img");
-    std::fs::write(&path, image).unwrap();
-    path
 }
 
 /// What one run of the cloud-hypervisor case printed: the outer guest's `RESULT` lines
@@ -78,15 +54,27 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
     let d = dir.path();
     let (kernel, _) = guest_image();
     let initramfs = inner_initramfs(d);
+    let tools = tools_disk(
+        d,
+        &[
+            Path::new("/usr/bin/fio"),
+            Path::new("/sbin/mke2fs"),
+            Path::new("/sbin/e2fsck"),
+        ],
+    );
     let boot = boot(
         d,
         "ch",
         &Vm::diskless(),
         &format!(
-            "run_case cloud_hypervisor case_cloud_hypervisor {backend} {} {} {}\n",
+            "run_case cloud_hypervisor case_cloud_hypervisor {backend} {} {} {} {} {}\n",
             ch.display(),
             kernel.display(),
-            initramfs.display()
+            initramfs.display(),
+            tools.display(),
+            repo_root()
+                .join("resources/cloud-hypervisor/vhost_user_block")
+                .display()
         ),
         Duration::from_secs(600),
         &mut |_, _| {},
@@ -96,7 +84,21 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
     let report = format!("console log: {}", run.boot.console_log.display());
     let some = |v: &str| Some(v.to_owned());
     assert_eq!(run.outer("kvm_amd_nested"), some("1"), "{report}");
-    for step in ["write", "again", "restart", "fs", "read-only"] {
+    let daxd = serial.is_some();
+    let steps: &[&str] = if daxd {
+        &[
+            "write",
+            "again",
+            "fio",
+            "restart",
+            "fs",
+            "read-only",
+            "pmem",
+        ]
+    } else {
+        &["write", "again", "fio", "restart", "fs", "read-only"]
+    };
+    for &step in steps {
         assert_eq!(
             run.outer(&format!("ch_exit_{step}")),
             some("0"),
@@ -105,10 +107,12 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
         assert_eq!(run.inner(step, "done"), some(step), "{step}: {report}");
         assert_eq!(run.inner(step, "sectors"), some("131072"), "{report}");
         assert_eq!(run.inner(step, "queues"), some("2"), "{report}");
-        if let Some(serial) = serial {
+        // The fio step's daxd was started as vhost_user_block, which has no serial option.
+        if let Some(serial) = serial.filter(|_| step != "fio") {
             assert_eq!(run.inner(step, "serial"), some(serial), "{report}");
         }
         for failure in [
+            "tools_missing",
             "write_failed",
             "readback_differs",
             "discard_failed",
@@ -145,6 +149,16 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
         run.outer("zero_1m"),
         "{report}"
     );
+    // fio verified every block it wrote, and both queues carried requests.
+    assert_eq!(run.inner("fio", "fio_exit"), some("0"), "{report}");
+    for queue in ["req.0", "req.1"] {
+        let interrupts: u64 = run
+            .inner("fio", &format!("interrupts_{queue}"))
+            .unwrap_or_else(|| panic!("no interrupt count of {queue}; {report}"))
+            .parse()
+            .unwrap();
+        assert!(interrupts > 0, "{queue} completed nothing; {report}");
+    }
     // Killed and started again under the running guest: every block read back as written.
     assert_eq!(run.outer("restarted"), some("1"), "{report}");
     // Killed while the guest was at it (progress is printed every 20 blocks of 400).
@@ -159,7 +173,9 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
         "{report}"
     );
     assert_eq!(run.inner("restart", "restart_bad"), some("0"), "{report}");
-    // The guest's file system, clean and with its files, as e2fsck and debugfs see it.
+    // The guest's file system, clean and with its files, as e2fsck in the guest and
+    // e2fsck and debugfs outside see it.
+    assert_eq!(run.inner("fs", "e2fsck_exit"), some("0"), "{report}");
     assert_eq!(run.outer("e2fsck_exit"), some("0"), "{report}");
     for n in 1..=3 {
         let file = run.inner("fs", &format!("file{n}"));
@@ -178,8 +194,28 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
         run.outer("region_0_now"),
         "{report}"
     );
-    assert_eq!(run.outer("backend_exit_fs"), some("0"), "{report}");
+    for step in ["again", "fio", "fs"] {
+        assert_eq!(
+            run.outer(&format!("backend_exit_{step}")),
+            some("0"),
+            "{step}: {report}"
+        );
+    }
     assert_eq!(run.outer("backend_exit_read-only"), some("0"), "{report}");
+    if daxd {
+        // DAX on daxd's pmem window (32 MiB at offset 0): the guest's file is in the region
+        // file where the window is, and the disk's first block 32 MiB after it.
+        assert_eq!(run.inner("pmem", "pmem_sectors"), some("65536"), "{report}");
+        assert_eq!(run.inner("pmem", "pmem_dax"), some("1"), "{report}");
+        assert_eq!(run.inner("pmem", "pmem_mount"), some("1"), "{report}");
+        let file = run.inner("pmem", "pmem_file");
+        assert!(file.is_some(), "{report}");
+        assert_eq!(run.outer("pmem_region_file"), file, "{report}");
+        let wrote = run.inner("pmem", "wrote_0");
+        assert!(wrote.is_some(), "{report}");
+        assert_eq!(run.outer("pmem_region_disk_0"), wrote, "{report}");
+        assert_eq!(run.outer("backend_exit_pmem"), some("0"), "{report}");
+    }
     let inner_lines = run
         .boot
         .console

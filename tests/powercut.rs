@@ -6,7 +6,10 @@
 //! really made durable. Checked against the client's acknowledgements:
 //! - default mode: every request acknowledged before a completed FLUSH is there;
 //! - `--sync`: every acknowledged write and discard is there;
-//! - after SIGTERM (daxd exited 0): every acknowledged request is there.
+//! - after SIGTERM (daxd exited 0): every acknowledged request is there;
+//! - pmem: the region is persistent memory that daxd maps through vhost-user shared
+//!   memory into a QEMU 11.1 guest (nested in the test guest, under KVM); every store
+//!   that guest made before a completed virtio-pmem FLUSH is there.
 //!
 //! The guest writes nothing back on its own (periodic writeback is off), so only daxd's
 //! `fdatasync` calls can save data: remove one and its mode fails. `DAXD_POWER_CUTS`
@@ -29,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use daxd_bench::cut::{check, Log, Plan, BLOCK};
 
-use crate::support::guest::{boot_until, host_tool, Vm};
+use crate::support::guest::{
+    boot_until, guest_image, host_tool, inner_initramfs, sid_root, tools_disk, Vm,
+};
 
 const REGION_SIZE: u64 = 16 << 20;
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -41,6 +46,9 @@ enum Mode {
     Flush,
     Sync,
     Term,
+    /// The region as persistent memory of a QEMU 11.1 guest (vhost-user shared memory),
+    /// written by the client in that guest and flushed with virtio-pmem FLUSH.
+    Pmem,
 }
 
 impl Mode {
@@ -49,6 +57,7 @@ impl Mode {
             Mode::Flush => "flush",
             Mode::Sync => "sync",
             Mode::Term => "term",
+            Mode::Pmem => "pmem",
         }
     }
 }
@@ -112,6 +121,16 @@ fn region_after_cut(dir: &Path, image: &Path) -> Vec<u8> {
     region
 }
 
+/// What the pmem mode's nested guest boots from, in `dir` (which the test guest binds
+/// into the QEMU 11.1 root as /srv): the test guest's kernel, its initramfs with
+/// resources/guest/inner-init, and a tools disk with the client.
+fn pmem_guest_files(dir: &Path, client: &Path) {
+    let (kernel, _) = guest_image();
+    std::fs::copy(kernel, dir.join("vmlinuz")).unwrap();
+    inner_initramfs(dir);
+    tools_disk(dir, &[client]);
+}
+
 /// xorshift, for cut delays that differ between cuts but repeat between runs.
 fn delay(seed: u64, max: Duration) -> Duration {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -143,6 +162,9 @@ fn cuts_against(mode: Mode, count: usize, discard_every: u32, backend: &Path) {
         "{} is missing: build the workspace first (cargo build --workspace)",
         client.display()
     );
+    if mode == Mode::Pmem {
+        pmem_guest_files(d, &client);
+    }
     let mut vm = Vm::diskless();
     vm.extra = vec![
         "-drive".into(),
@@ -168,17 +190,25 @@ fn cuts_against(mode: Mode, count: usize, discard_every: u32, backend: &Path) {
             d,
             &format!("cut{cut}"),
             &vm,
-            &format!(
-                "run_case powercut case_powercut {} {} {seed} {first_seq} {} {discard_every}\n",
-                daxd.display(),
-                client.display(),
-                mode.name()
-            ),
+            &match mode {
+                Mode::Pmem => format!(
+                    "run_case powercut case_powercut_pmem {} {} {} {seed} {first_seq}\n",
+                    daxd.display(),
+                    sid_root().display(),
+                    d.display()
+                ),
+                _ => format!(
+                    "run_case powercut case_powercut {} {} {seed} {first_seq} {} {discard_every}\n",
+                    daxd.display(),
+                    client.display(),
+                    mode.name()
+                ),
+            },
             RUN_TIMEOUT,
             &mut |_, _| {},
             &mut |console| {
                 let trigger = match mode {
-                    Mode::Flush => console.contains("\nFLUSHED "),
+                    Mode::Flush | Mode::Pmem => console.contains("\nFLUSHED "),
                     Mode::Sync => console.contains("\nACK "),
                     Mode::Term => console.contains("CUT-NOW"),
                 };
@@ -216,7 +246,7 @@ fn cuts_against(mode: Mode, count: usize, discard_every: u32, backend: &Path) {
             panic!("cut {cut}: {e}\nconsole log: {}", run.console_log.display());
         }
         let durable = match mode {
-            Mode::Flush => log.flushed,
+            Mode::Flush | Mode::Pmem => log.flushed,
             Mode::Sync => log.last_ack(),
             Mode::Term => {
                 assert!(
@@ -288,6 +318,15 @@ fn power_cuts_keep_every_acknowledged_request_with_sync() {
 #[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
 fn power_cuts_after_sigterm_keep_every_acknowledged_request() {
     cuts(Mode::Term, 3, 10);
+}
+
+/// Persistent memory on QEMU 11.1's vhost-user shared-memory path: every store the guest
+/// made before a completed virtio-pmem FLUSH is in the region. QEMU 11.1 runs in the test
+/// guest under KVM (nested, as cloud-hypervisor does), since TCG in TCG would be too slow.
+#[test]
+#[ignore = "needs QEMU 11.1 (ci/build-sid-root.sh) and the test guest; run by ci/test.sh"]
+fn power_cuts_keep_every_pmem_store_a_completed_virtio_pmem_flush_covered() {
+    cuts(Mode::Pmem, 3, 0);
 }
 
 /// The peer's run of the write-through checks with discards, for comparison.

@@ -30,8 +30,14 @@ start_backend() {
             --region /mnt/region.img --socket-path /mnt/blk.sock $2 2>> /tmp/backend.log &
     fi
     backend_pid=$!
+    wait_backend_socket
+}
+
+# wait_backend_socket [SOCKET]: waits until the backend just started as backend_pid
+# listens on SOCKET (default /host/mnt/blk.sock).
+wait_backend_socket() {
     i=0
-    while [ ! -S /host/mnt/blk.sock ]; do
+    while [ ! -S "${1:-/host/mnt/blk.sock}" ]; do
         i=$((i + 1))
         if [ "$i" -gt 300 ]; then
             tail -5 /tmp/backend.log

@@ -4,6 +4,16 @@
 # serves their disk from a tmpfs of the test guest (a shared mapping of a file on the 9p
 # share would not be coherent). The inner guest's steps are in resources/guest/inner-init.
 
+# load_kvm: loads kvm_amd, which runs guests here on the nested SVM that QEMU's TCG
+# emulates for `-cpu max`.
+load_kvm() {
+    while read -r module; do
+        insmod "/lib/modules/$module" || { fail "insmod $module"; return 1; }
+    done < /lib/modules/load-order-kvm
+    [ -c /dev/kvm ] || { fail "no /dev/kvm after loading kvm_amd"; return 1; }
+    echo "RESULT kvm_amd_nested $(cat /sys/module/kvm_amd/parameters/nested)"
+}
+
 # ch_backend BACKEND [--read-only]: starts BACKEND (daxd's path, or qemu-storage-daemon)
 # on /mnt/region.img (64 MiB) with 2 queues, socket /mnt/blk.sock.
 ch_backend() {
@@ -13,6 +23,23 @@ ch_backend() {
         "writable=$writable,num-queues=2"
 }
 
+# ch_backend_as_vhost_user_block BACKEND: starts daxd through
+# resources/cloud-hypervisor/vhost_user_block, with the options cloud-hypervisor's
+# integration tests give their backend (prepare_vubd); qemu-storage-daemon as ch_backend
+# does.
+ch_backend_as_vhost_user_block() {
+    if [ "$1" = qemu-storage-daemon ]; then
+        ch_backend "$1"
+        return
+    fi
+    rm -f /host/mnt/blk.sock
+    chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin DAXD="$1" "$vubd" \
+        --block-backend path=/mnt/region.img,socket=/mnt/blk.sock,num_queues=2,readonly=false,direct=false \
+        2>> /tmp/backend.log &
+    backend_pid=$!
+    wait_backend_socket
+}
+
 # ch_stop_backend NAME: SIGTERM, and its exit status as RESULT backend_exit_NAME.
 ch_stop_backend() {
     kill -TERM "$backend_pid"
@@ -20,15 +47,19 @@ ch_stop_backend() {
     echo "RESULT backend_exit_$1 $?"
 }
 
-# ch_boot STEP: boots the inner guest for STEP (its init's daxd.inner=); its console goes
-# to /tmp/ch-STEP.out, then to ours as "INNER STEP: ..." lines.
+# ch_boot STEP [OPTION...]: boots the inner guest for STEP (its init's daxd.inner=) with
+# the backend's disk as /dev/vda, the tools disk as /dev/vdb and cloud-hypervisor OPTIONs
+# besides; its console goes to /tmp/ch-STEP.out, then to ours as "INNER STEP: ..." lines.
 ch_boot() {
+    step=$1
+    shift
     host timeout 180 "$ch" --kernel "$kernel" --initramfs "$initramfs" \
-        --cmdline "console=ttyS0 quiet daxd.inner=$1" --cpus boot=2 \
+        --cmdline "console=ttyS0 quiet daxd.inner=$step" --cpus boot=2 \
         --memory size=256M,shared=on --serial tty --console off \
-        --disk vhost_user=true,socket=/mnt/blk.sock,num_queues=2 > "/tmp/ch-$1.out" 2>&1
-    echo "RESULT ch_exit_$1 $?"
-    sed "s/^/INNER $1: /" "/tmp/ch-$1.out"
+        --disk vhost_user=true,socket=/mnt/blk.sock,num_queues=2,queue_size=128 "path=$tools,readonly=on" \
+        "$@" > "/tmp/ch-$step.out" 2>&1
+    echo "RESULT ch_exit_$step $?"
+    sed "s/^/INNER $step: /" "/tmp/ch-$step.out"
 }
 
 # sha256 of 64 KiB of the region at KIB.
@@ -37,17 +68,16 @@ region_sha() {
         | sha256sum | cut -d' ' -f1
 }
 
-# cloud_hypervisor BACKEND CLOUD_HYPERVISOR KERNEL INITRAMFS: the inner guest's steps
-# against BACKEND (daxd's path or qemu-storage-daemon): O_DIRECT patterns and a discard,
-# a second boot on the same backend, the backend killed and restarted under a running
-# guest, a file system checked by e2fsck, and a read-only disk.
+# cloud_hypervisor BACKEND CLOUD_HYPERVISOR KERNEL INITRAMFS TOOLS VHOST_USER_BLOCK: the
+# inner guest's steps against BACKEND (daxd's path or qemu-storage-daemon): O_DIRECT
+# patterns and a discard, a second boot on the same backend, fio verify over both queues
+# (daxd started as cloud-hypervisor's vhost_user_block, VHOST_USER_BLOCK), the backend
+# killed and restarted under a running guest, an ext4 file system checked by e2fsck, a
+# read-only disk; and, with daxd, a pmem window of the region that cloud-hypervisor maps
+# for the guest's DAX next to daxd's disk. TOOLS is the inner guest's tools disk.
 case_cloud_hypervisor() {
-    backend=$1 ch=$2 kernel=$3 initramfs=$4
-    while read -r module; do
-        insmod "/lib/modules/$module" || { fail "insmod $module"; return; }
-    done < /lib/modules/load-order-kvm
-    [ -c /dev/kvm ] || { fail "no /dev/kvm after loading kvm_amd"; return; }
-    echo "RESULT kvm_amd_nested $(cat /sys/module/kvm_amd/parameters/nested)"
+    backend=$1 ch=$2 kernel=$3 initramfs=$4 tools=$5 vubd=$6
+    load_kvm || return
     mount -t tmpfs -o size=256M tmpfs /host/mnt
     mount -t tmpfs tmpfs /host/run
     mkdir -p /host/dev/shm
@@ -64,6 +94,11 @@ case_cloud_hypervisor() {
     echo "RESULT zero_1m $(dd if=/dev/zero bs=64k count=16 2>/dev/null | sha256sum | cut -d' ' -f1)"
 
     ch_boot again
+    ch_stop_backend again
+    ch_backend_as_vhost_user_block "$backend" || return
+    ch_boot fio
+    ch_stop_backend fio
+    ch_backend "$backend" || return
 
     # Killed (SIGKILL) and started again once the guest is writing: cloud-hypervisor
     # reconnects to the socket by itself.
@@ -96,5 +131,20 @@ case_cloud_hypervisor() {
     ch_boot read-only
     echo "RESULT region_0_now $(region_sha 0)"
     ch_stop_backend read-only
+    [ "$backend" = qemu-storage-daemon ] || ch_pmem
     tail -5 /tmp/backend.log | sed 's/^/BACKEND: /'
+}
+
+# A region laid out as a 32 MiB pmem window at offset 0 and a 64 MiB disk after it.
+# cloud-hypervisor's --pmem maps a file from its first byte (it has no offset option) and
+# serves virtio-pmem itself; it does not put that mapping in a vhost-user backend's memory
+# table, so daxd cannot see or guard it, and the windows must not overlap.
+ch_pmem() {
+    rm -f /host/mnt/region.img
+    start_backend "$backend" "--size 96M --num-queues 2 --serial ch-inner \
+        --window name=pm0,offset=0,size=32M,serve=pmem --window name=disk,offset=32M,size=64M,serve=blk" || return
+    ch_boot pmem --pmem file=/mnt/region.img,size=32M
+    echo "RESULT pmem_region_file $(host debugfs -R "cat /dax-file" /mnt/region.img 2>/dev/null | sha256sum | cut -d' ' -f1)"
+    echo "RESULT pmem_region_disk_0 $(region_sha 32768)"
+    ch_stop_backend pmem
 }

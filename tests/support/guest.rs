@@ -28,6 +28,86 @@ pub fn guest_image() -> (PathBuf, PathBuf) {
     (kernel, initrd)
 }
 
+/// For a guest started inside the test guest (by cloud-hypervisor or a nested QEMU): the
+/// test guest's initramfs with resources/guest/inner-init as its /init (a second
+/// archive appended: the kernel unpacks both, the later file wins).
+pub fn inner_initramfs(dir: &Path) -> PathBuf {
+    let (_, initrd) = guest_image();
+    let tree = dir.join("inner");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::fs::copy(
+        repo_root().join("resources/guest/inner-init"),
+        tree.join("init"),
+    )
+    .unwrap();
+    let archive = Command::new("sh")
+        .arg("-c")
+        .arg("chmod 755 init && echo init | cpio -o -H newc --quiet | gzip -1")
+        .current_dir(&tree)
+        .output()
+        .unwrap();
+    assert!(archive.status.success(), "cpio: {:?}", archive);
+    let mut image = std::fs::read(initrd).unwrap();
+    image.extend_from_slice(&archive.stdout);
+    let path = dir.join("inner-initramfs.img");
+    std::fs::write(&path, image).unwrap();
+    path
+}
+
+/// A read-only ext4 image holding the host's `programs` with every library they load and
+/// the dynamic loader, for a guest started inside the test guest, which has only busybox:
+/// its init (resources/guest/inner-init) runs them as
+/// `/tools/ld.so --library-path /tools/lib /tools/bin/NAME`.
+pub fn tools_disk(dir: &Path, programs: &[&Path]) -> PathBuf {
+    let tree = dir.join("tools");
+    std::fs::create_dir_all(tree.join("bin")).unwrap();
+    std::fs::create_dir_all(tree.join("lib")).unwrap();
+    let mut libraries = std::collections::BTreeSet::new();
+    for program in programs {
+        let name = program.file_name().unwrap();
+        std::fs::copy(program, tree.join("bin").join(name)).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (ci/install-deps.sh installs it)",
+                program.display()
+            )
+        });
+        let ldd = Command::new("ldd").arg(program).output().unwrap();
+        assert!(ldd.status.success(), "ldd {}: {ldd:?}", program.display());
+        // "libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x...)" or "/lib64/ld-linux... (0x...)"
+        for line in String::from_utf8(ldd.stdout).unwrap().lines() {
+            let path = line.split("=>").last().unwrap().split_whitespace().next();
+            if let Some(path) = path.filter(|p| p.starts_with('/')) {
+                libraries.insert(PathBuf::from(path));
+            }
+        }
+    }
+    let mut bytes = 0;
+    for library in &libraries {
+        let name = library.file_name().unwrap().to_str().unwrap();
+        let target = if name.starts_with("ld-linux") {
+            tree.join("ld.so")
+        } else {
+            tree.join("lib").join(name)
+        };
+        bytes += std::fs::copy(library, target).unwrap();
+    }
+    assert!(
+        tree.join("ld.so").exists(),
+        "no dynamic loader among {libraries:?}"
+    );
+    let image = dir.join("tools.img");
+    let mib = bytes / (1 << 20) * 5 / 4 + 32;
+    let mkfs = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg(format!("{mib}M"))
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "mke2fs -d: {mkfs:?}");
+    image
+}
+
 /// One case's verdict as the guest printed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
@@ -133,16 +213,22 @@ impl<'a> Vm<'a> {
     }
 }
 
-/// The command prefix that runs QEMU >= 11.1 from the sid root ci/build-sid-root.sh made:
-/// in a private mount namespace with /dev, the repository and `dir` bind-mounted at their
-/// own paths, chrooted into the root. The guest's 9p share of "/" is then the sid root.
-pub fn sid_qemu(dir: &Path) -> Vec<String> {
+/// The Debian sid root with QEMU 11.1 that ci/build-sid-root.sh made.
+pub fn sid_root() -> PathBuf {
     let sid = repo_root().join(".cache/sid-root");
     assert!(
         sid.join("usr/bin/qemu-system-x86_64").exists(),
         "no QEMU 11.1 root in {}: run ci/build-sid-root.sh (ci/test.sh does)",
         sid.display()
     );
+    sid
+}
+
+/// The command prefix that runs QEMU >= 11.1 from the sid root ci/build-sid-root.sh made:
+/// in a private mount namespace with /dev, the repository and `dir` bind-mounted at their
+/// own paths, chrooted into the root. The guest's 9p share of "/" is then the sid root.
+pub fn sid_qemu(dir: &Path) -> Vec<String> {
+    let sid = sid_root();
     let repo = repo_root();
     let script = format!(
         "set -e; mount --rbind /dev {sid}/dev; \

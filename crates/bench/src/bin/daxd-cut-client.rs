@@ -10,11 +10,19 @@
 //! - `FLUSHED <seq>`: a FLUSH submitted after the completion of `<seq>` completed;
 //! - `CLIENT-DONE <seq>`: `--ops` requests were made.
 //!
+//! With `--pmem-device`, it writes the blocks to a virtio-pmem block device instead (e.g.
+//! `/dev/pmem0` in a guest whose persistent memory daxd maps through vhost-user shared
+//! memory), with O_DIRECT, and a flush is `fdatasync` of the device, which the guest's
+//! pmem driver turns into a virtio-pmem FLUSH; no discards.
+//!
 //! Each of these lines ends with a check word ([`daxd_bench::cut::line_check`]), so that a line split by
 //! the guest kernel's console output is not read as a different promise.
 
+use std::fs::File;
 use std::io::Write;
 use std::mem::MaybeUninit;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use blkio::{Blkio, Completion, ReqFlags};
@@ -28,8 +36,12 @@ use daxd_bench::cut::{checked_line, fill, Plan, BLOCK};
 )]
 struct Args {
     /// The backend's vhost-user socket.
-    #[arg(long)]
-    socket: String,
+    #[arg(long, required_unless_present = "pmem_device")]
+    socket: Option<String>,
+    /// Write to this virtio-pmem block device (e.g. /dev/pmem0) instead, with O_DIRECT;
+    /// a flush is fdatasync of the device (a virtio-pmem FLUSH). Needs --discard-every 0.
+    #[arg(long, conflicts_with = "socket")]
+    pmem_device: Option<PathBuf>,
     /// Seed of the block contents and of the choice of blocks.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -57,51 +69,116 @@ fn main() {
     }
 }
 
+/// One step of the plan, as the disk under test carries it out.
+enum Op<'a> {
+    Write { offset: u64, data: &'a [u8] },
+    Zero { offset: u64 },
+    Flush,
+}
+
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    match (&args.socket, &args.pmem_device) {
+        (Some(socket), _) => run_vhost_user(args, socket),
+        (None, Some(device)) => run_pmem(args, device),
+        (None, None) => Err("--socket or --pmem-device is needed".into()),
+    }
+}
+
+fn run_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::Error>> {
     let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
-    blkio.set_str("path", &args.socket)?;
+    blkio.set_str("path", socket)?;
     blkio.connect()?;
     blkio.set_i32("num-queues", 1)?;
     let mut started = blkio.start()?;
     let capacity = blkio.get_u64("capacity")?;
-    let blocks = capacity / BLOCK as u64;
     let region = blkio.alloc_mem_region(BLOCK)?;
     blkio.map_mem_region(&region)?;
     let buf_ptr = region.addr as *mut u8;
     let q = &mut started.queues[0];
     let mut completions = [MaybeUninit::<Completion>::uninit()];
-    let mut wait = |q: &mut blkio::Blkioq| -> Result<i32, Box<dyn std::error::Error>> {
+    requests(args, capacity / BLOCK as u64, |op| {
+        match op {
+            Op::Write { offset, data } => {
+                // SAFETY: the mapped region is BLOCK bytes from buf_ptr and lives as long
+                // as `blkio`; no request is in flight while the slice exists.
+                let buf = unsafe { std::slice::from_raw_parts_mut(buf_ptr, BLOCK) };
+                buf.copy_from_slice(data);
+                q.write(offset, buf_ptr, BLOCK, 0, ReqFlags::empty());
+            }
+            Op::Zero { offset } => q.write_zeroes(offset, BLOCK as u64, 0, ReqFlags::empty()),
+            Op::Flush => q.flush(0, ReqFlags::empty()),
+        }
         let mut timeout = Duration::from_secs(60);
         let n = q.do_io(&mut completions, 1, Some(&mut timeout), None)?;
         if n != 1 {
             return Err("a request did not complete within 60 s".into());
         }
         // SAFETY: do_io initialised the first n (= 1) completions.
-        Ok(unsafe { completions[0].assume_init_read() }.ret)
-    };
+        match unsafe { completions[0].assume_init_read() }.ret {
+            0 => Ok(()),
+            ret => Err(format!("error {ret}").into()),
+        }
+    })
+}
+
+fn run_pmem(args: &Args, device: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    if args.discard_every != 0 {
+        return Err("--pmem-device writes only: give --discard-every 0".into());
+    }
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+        .open(device)
+        .map_err(|e| format!("cannot open {}: {e}", device.display()))?;
+    let size = std::fs::read_to_string(format!(
+        "/sys/class/block/{}/size",
+        device.file_name().unwrap_or_default().to_string_lossy()
+    ))
+    .map_err(|e| format!("cannot read the size of {}: {e}", device.display()))?;
+    let blocks = size.trim().parse::<u64>()? * 512 / BLOCK as u64;
+    // O_DIRECT wants a block-aligned buffer.
+    let mut storage = vec![0u8; 2 * BLOCK];
+    let start = storage.as_ptr().align_offset(BLOCK);
+    let buf = &mut storage[start..start + BLOCK];
+    requests(args, blocks, |op| match op {
+        Op::Write { offset, data } => {
+            buf.copy_from_slice(data);
+            Ok(file.write_all_at(buf, offset)?)
+        }
+        Op::Zero { .. } => Err("no discards on a pmem device".into()),
+        Op::Flush => Ok(file.sync_data()?),
+    })
+}
+
+/// Carries out the plan on a disk of `blocks` blocks through `execute`, which returns
+/// once the disk completed the operation, and prints what completed.
+fn requests(
+    args: &Args,
+    blocks: u64,
+    mut execute: impl FnMut(Op) -> Result<(), Box<dyn std::error::Error>>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let mut out = std::io::stdout().lock();
     let mut seq = args.first_seq - 1;
     let end = args.ops.map_or(u64::MAX, |ops| seq + ops);
     writeln!(out, "CLIENT-READY {blocks}")?;
     out.flush()?;
     let plan = Plan::new(args.seed, args.first_seq, blocks, args.discard_every);
+    let mut data = vec![0u8; BLOCK];
     for request in plan.take_while(|r| r.seq <= end) {
         seq = request.seq;
         let (block, discard) = (request.block, !request.write);
         let offset = block * BLOCK as u64;
-        if discard {
-            q.write_zeroes(offset, BLOCK as u64, 0, ReqFlags::empty());
+        let op = if discard {
+            Op::Zero { offset }
         } else {
-            // SAFETY: the mapped region is BLOCK bytes from buf_ptr and lives as long as
-            // `blkio`; no request is in flight while the slice exists.
-            let buf = unsafe { std::slice::from_raw_parts_mut(buf_ptr, BLOCK) };
-            fill(buf, args.seed, block, seq);
-            q.write(offset, buf_ptr, BLOCK, 0, ReqFlags::empty());
-        }
-        let ret = wait(q)?;
-        if ret != 0 {
-            return Err(format!("request {seq} failed: {ret}").into());
-        }
+            fill(&mut data, args.seed, block, seq);
+            Op::Write {
+                offset,
+                data: &data,
+            }
+        };
+        execute(op).map_err(|e| format!("request {seq} failed: {e}"))?;
         let kind = if discard { 'Z' } else { 'W' };
         writeln!(
             out,
@@ -110,11 +187,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         )?;
         out.flush()?;
         if args.flush_every != 0 && seq % args.flush_every == 0 {
-            q.flush(0, ReqFlags::empty());
-            let ret = wait(q)?;
-            if ret != 0 {
-                return Err(format!("flush after {seq} failed: {ret}").into());
-            }
+            execute(Op::Flush).map_err(|e| format!("flush after {seq} failed: {e}"))?;
             writeln!(out, "{}", checked_line(&format!("FLUSHED {seq}")))?;
             out.flush()?;
         }
