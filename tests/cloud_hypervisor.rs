@@ -62,23 +62,39 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
             Path::new("/sbin/e2fsck"),
         ],
     );
-    let boot = boot(
-        d,
-        "ch",
-        &Vm::diskless(),
-        &format!(
-            "run_case cloud_hypervisor case_cloud_hypervisor {backend} {} {} {} {} {}\n",
-            ch.display(),
-            kernel.display(),
-            initramfs.display(),
-            tools.display(),
-            repo_root()
-                .join("resources/cloud-hypervisor/vhost_user_block")
-                .display()
-        ),
-        Duration::from_secs(600),
-        &mut |_, _| {},
+    let script = format!(
+        "run_case cloud_hypervisor case_cloud_hypervisor {backend} {} {} {} {} {}\n",
+        ch.display(),
+        kernel.display(),
+        initramfs.display(),
+        tools.display(),
+        repo_root()
+            .join("resources/cloud-hypervisor/vhost_user_block")
+            .display()
     );
+    let run_once = |name: &str| {
+        boot(
+            d,
+            name,
+            &Vm::diskless(),
+            &script,
+            Duration::from_secs(600),
+            &mut |_, _| {},
+        )
+    };
+    let mut boot = run_once("ch");
+    // About one run in six here, the test guest resets itself while a KVM guest of
+    // cloud-hypervisor runs in it: no panic, no message, QEMU exits as for a reboot. That
+    // is QEMU's TCG emulation of nested SVM (the hardware under the test guest), which no
+    // process in the test guest can cause; a real failure of daxd or cloud-hypervisor
+    // ends with a verdict. Such a run is reported and run once more.
+    if boot.vanished() {
+        eprintln!(
+            "the test guest reset itself during the run (console log {}); running it again",
+            boot.console_log.display()
+        );
+        boot = run_once("ch-again");
+    }
     boot.assert_passed(&["cloud_hypervisor"], "");
     let run = ChRun { boot };
     let report = format!("console log: {}", run.boot.console_log.display());

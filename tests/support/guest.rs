@@ -130,6 +130,14 @@ pub struct Boot {
 }
 
 impl Boot {
+    /// The guest ended on its own before its script finished: not powered off by its
+    /// script, not killed by the runner (timeout or power cut); a reset or a panic.
+    pub fn vanished(&self) -> bool {
+        !self.finished
+            && !self.console.contains("\n[runner] power cut\n")
+            && !self.console.contains("\n[runner] QEMU killed after")
+    }
+
     /// Panics, naming the case and quoting what the guest printed, unless every case in
     /// `expected` passed.
     pub fn assert_passed(&self, expected: &[&str], host_findings: &str) {
