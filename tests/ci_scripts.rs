@@ -117,10 +117,12 @@ fn without_a_debian_mirror_the_scripts_say_what_to_add() {
 const ALLOWED_HOSTS: &[&str] = &[
     // The SVG namespace of the benchmark charts: a name, never fetched.
     "www.w3.org",
-    // The vendored vhost-user-backend's upstream repository, and its changelog's links.
+    // The vendored crates' upstream repository, and their changelogs' links.
     "github.com",
-    // QEMU's vhost-user protocol documentation, cited by the vendored crate.
+    // QEMU's vhost-user protocol documentation, cited by the vendored crates.
     "qemu-project.gitlab.io",
+    "www.qemu.org",
+    "qemu.readthedocs.io",
     // The license the vendored crate's README links to.
     "www.apache.org",
 ];
