@@ -11,6 +11,7 @@ mod guest_pmem;
 mod hostile_frontend;
 mod libvirt;
 mod powercut;
+mod resize;
 mod restart;
 mod support;
 mod systemd;

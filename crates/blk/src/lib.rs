@@ -53,6 +53,16 @@ pub enum BlkError {
     NumQueues(u16),
     #[error("window {0} is not served as blk or lies outside the region")]
     BadWindow(String),
+    #[error("the disk is {size} bytes; it only grows while a guest may use it, so {requested} bytes is refused (shrink it offline: stop daxd, change --window or --size with --resize)")]
+    Shrink { size: u64, requested: u64 },
+    #[error("{0} bytes is not a multiple of 4 KiB")]
+    UnalignedSize(u64),
+    #[error("the disk at region byte {base} cannot grow to {requested} bytes: the region has {region_size} bytes")]
+    BeyondRegion {
+        base: u64,
+        requested: u64,
+        region_size: u64,
+    },
 }
 
 /// The serial reported by GET_ID: up to 20 bytes, zero padded.
@@ -163,8 +173,9 @@ pub struct BlkDevice {
     registry: Arc<Registry>,
     /// Byte offset of the disk's sector 0 in the region.
     base: u64,
-    /// Disk size in bytes.
-    size: u64,
+    /// Disk size in bytes. It only grows ([`BlkDevice::grow`]), so a request checked
+    /// against an older value is still inside the disk.
+    size: AtomicU64,
     config: BlkConfig,
     refusals: RefusalLog,
     /// Per queue.
@@ -197,7 +208,7 @@ impl BlkDevice {
             region,
             registry,
             base: window.offset,
-            size: window.size,
+            size: AtomicU64::new(window.size),
             stats: (0..config.num_queues)
                 .map(|_| QueueStats::default())
                 .collect(),
@@ -227,7 +238,43 @@ impl BlkDevice {
 
     /// Disk size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the disk to `size` bytes of the region from its first byte on; returns the
+    /// size before. Requests see the new capacity from their next batch on, and the config
+    /// space from its next read: telling the driver (a config change) is the caller's job.
+    /// Whether the new bytes may belong to the disk (other windows) is the caller's to
+    /// check too; here only that they are in the region.
+    pub fn grow(&self, size: u64) -> Result<u64, BlkError> {
+        if size % PAGE_SIZE != 0 {
+            return Err(BlkError::UnalignedSize(size));
+        }
+        if self.region.check_range(self.base, size).is_err() {
+            return Err(BlkError::BeyondRegion {
+                base: self.base,
+                requested: size,
+                region_size: self.region.size(),
+            });
+        }
+        // One resize at a time comes from the control socket, but a lost race must not
+        // shrink: compare and swap.
+        let mut current = self.size();
+        loop {
+            if size < current {
+                return Err(BlkError::Shrink {
+                    size: current,
+                    requested: size,
+                });
+            }
+            match self
+                .size
+                .compare_exchange(current, size, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(before) => return Ok(before),
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// Virtio feature bits offered to the driver.
@@ -255,7 +302,7 @@ impl BlkDevice {
         let sectors_per_page = (PAGE_SIZE / SECTOR_SIZE) as u16;
         let max_segments = (request::MAX_DISCARD_SEGMENTS as u32).into();
         VirtioBlkConfig {
-            capacity: (self.size >> SECTOR_SHIFT).into(),
+            capacity: (self.size() >> SECTOR_SHIFT).into(),
             // Room for the header and the status in a queue-sized chain.
             seg_max: (u32::from(self.config.queue_size) - 2).into(),
             blk_size: (SECTOR_SIZE as u32).into(),
@@ -282,7 +329,7 @@ impl BlkDevice {
     pub fn limits(&self, acked_features: u64) -> DeviceLimits {
         let acked = |bit: u32| acked_features & (1 << bit) != 0;
         DeviceLimits {
-            capacity_sectors: self.size >> SECTOR_SHIFT,
+            capacity_sectors: self.size() >> SECTOR_SHIFT,
             read_only: self.config.read_only,
             discard: acked(VIRTIO_BLK_F_DISCARD),
             write_zeroes: acked(VIRTIO_BLK_F_WRITE_ZEROES),

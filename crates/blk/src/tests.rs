@@ -10,7 +10,7 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use daxd_region::{Layout, Region, RegionConfig};
+use daxd_region::{Layout, Region, RegionConfig, Serve, Window};
 use daxd_registry::{FrameRange, MappingRequest, PinSet, Registry, Target};
 
 use super::*;
@@ -33,9 +33,14 @@ struct Fixture {
 }
 
 fn fixture_with(read_only: bool, sync: bool) -> Fixture {
+    fixture_in_region(read_only, sync, DISK_SECTORS)
+}
+
+/// A disk of [`DISK_SECTORS`] at the start of a region of `region_sectors`.
+fn fixture_in_region(read_only: bool, sync: bool, region_sectors: u64) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("disk.img");
-    std::fs::write(&path, vec![FILL; (DISK_SECTORS * 512) as usize]).unwrap();
+    std::fs::write(&path, vec![FILL; (region_sectors * 512) as usize]).unwrap();
     let region = Arc::new(
         Region::open(&RegionConfig {
             path,
@@ -48,7 +53,13 @@ fn fixture_with(read_only: bool, sync: bool) -> Fixture {
         .unwrap(),
     );
     let registry = Arc::new(Registry::new(region.frames()));
-    let layout = Layout::new(region.size(), vec![], false).unwrap();
+    let disk = Window {
+        name: "disk".into(),
+        offset: 0,
+        size: DISK_SECTORS * 512,
+        serve: Serve::Blk,
+    };
+    let layout = Layout::new(region.size(), vec![disk], false).unwrap();
     let device = BlkDevice::new(
         region,
         registry,
@@ -270,6 +281,37 @@ fn ranges_beyond_capacity_are_ioerr() {
     header(&f, HDR, VIRTIO_BLK_T_IN, DISK_SECTORS - 1);
     let chain = [d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)];
     assert_eq!(run(&mut f, &chain), (513, OK));
+}
+
+#[test]
+fn a_grown_disk_serves_its_new_sectors_and_never_shrinks() {
+    let mut f = fixture_in_region(false, false, 4 * DISK_SECTORS);
+    let old = DISK_SECTORS * 512;
+    header(&f, HDR, VIRTIO_BLK_T_IN, DISK_SECTORS);
+    let chain = [d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)];
+    assert_eq!(
+        run(&mut f, &chain),
+        (1, IOERR),
+        "past the end before growing"
+    );
+
+    assert_eq!(f.device.grow(2 * old).unwrap(), old);
+    assert_eq!(f.device.size(), 2 * old);
+    assert_eq!(
+        f.device.config_space().capacity.to_native(),
+        2 * DISK_SECTORS
+    );
+    assert_eq!(all_features(&f).capacity_sectors, 2 * DISK_SECTORS);
+    assert_eq!(run(&mut f, &chain), (513, OK), "the first new sector");
+
+    let refused = |r: Result<u64, BlkError>| r.unwrap_err().to_string();
+    assert!(refused(f.device.grow(old)).contains("only grows"));
+    assert!(refused(f.device.grow(2 * old + 512)).contains("multiple of 4 KiB"));
+    assert!(refused(f.device.grow(5 * old)).contains("the region has"));
+    assert_eq!(f.device.size(), 2 * old, "a refused resize changes nothing");
+    // Growing to the same size is a no-op, and the whole region is reachable.
+    assert_eq!(f.device.grow(2 * old).unwrap(), 2 * old);
+    assert_eq!(f.device.grow(4 * old).unwrap(), 2 * old);
 }
 
 #[test]

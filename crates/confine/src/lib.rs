@@ -9,7 +9,8 @@
 //! and each of those narrows itself again when it starts. The threads and who creates
 //! them:
 //! - `main`: the daemon's event loop (signals, the control socket, shutdown and the final
-//!   flush); it creates the server threads, then confines itself.
+//!   flush); it creates the server threads, then confines itself; it creates a config
+//!   notifier per `daxd resize`.
 //! - `server`: one per socket; accepts frontends and creates, per connection, the vhost-user
 //!   message handler, the queue workers and the flusher.
 //! - `handler`: the frontend's vhost-user messages (memory tables, rings, in-flight areas);
@@ -17,6 +18,7 @@
 //! - `queue-worker`: one per queue; guest requests.
 //! - `flusher`: FLUSH requests (group commit).
 //! - `pmem-mapper`: asks the frontend to map a pmem window (shared memory).
+//! - `config-notifier`: tells the disk's frontend that the disk grew.
 //!
 //! Mode `kill` ends the process at the first system call outside its thread's list,
 //! `trap` does the same after printing the call's number, `log` lets it through and has the
@@ -51,6 +53,8 @@ pub enum ThreadKind {
     QueueWorker,
     Flusher,
     PmemMapper,
+    /// Tells the disk's frontend of a resize (`daxd resize`), for the main thread.
+    ConfigNotifier,
 }
 
 /// Errors setting up or installing filters.
@@ -83,13 +87,14 @@ pub enum ConfineError {
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::Server,
         ThreadKind::Handler,
         ThreadKind::QueueWorker,
         ThreadKind::Flusher,
         ThreadKind::PmemMapper,
+        ThreadKind::ConfigNotifier,
     ];
 
     pub fn name(self) -> &'static str {
@@ -100,6 +105,7 @@ impl ThreadKind {
             ThreadKind::QueueWorker => "queue-worker",
             ThreadKind::Flusher => "flusher",
             ThreadKind::PmemMapper => "pmem-mapper",
+            ThreadKind::ConfigNotifier => "config-notifier",
         }
     }
 
@@ -107,14 +113,17 @@ impl ThreadKind {
     /// start under it). `main` creates the servers before it confines itself.
     pub fn children(self) -> &'static [ThreadKind] {
         match self {
-            ThreadKind::Main => &[],
+            ThreadKind::Main => &[ThreadKind::ConfigNotifier],
             ThreadKind::Server => &[
                 ThreadKind::Handler,
                 ThreadKind::QueueWorker,
                 ThreadKind::Flusher,
             ],
             ThreadKind::Handler => &[ThreadKind::PmemMapper],
-            ThreadKind::QueueWorker | ThreadKind::Flusher | ThreadKind::PmemMapper => &[],
+            ThreadKind::QueueWorker
+            | ThreadKind::Flusher
+            | ThreadKind::PmemMapper
+            | ThreadKind::ConfigNotifier => &[],
         }
     }
 
@@ -235,6 +244,8 @@ impl ThreadKind {
                 SYS_sendmsg,
                 SYS_recvmsg,
             ],
+            // The config change on the backend channel, and the frontend's reply.
+            ThreadKind::ConfigNotifier => &[SYS_sendmsg, SYS_recvmsg],
         });
         calls
     }

@@ -40,6 +40,12 @@ pub enum Command {
     /// Show a running daxd's windows, guest-visible mappings, page descriptors (mapped,
     /// pinned, dirty), busy ranges and flush epochs, read from its --control-socket.
     Inspect(InspectArgs),
+    /// Grow a running daxd's disk while a guest uses it: the disk window grows inside the
+    /// region (which must be large enough: start daxd with a larger --size and the disk as
+    /// a --window), and the frontend is told (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), so the
+    /// guest sees the new capacity without a reboot. Disks never shrink while served; a
+    /// window also served as pmem never changes size.
+    Resize(ResizeArgs),
     /// Print the QEMU options that attach this configuration's disk and pmem windows
     /// (same options as serving; nothing is opened or created).
     PrintQemuArgs(Box<PrintArgs>),
@@ -107,6 +113,17 @@ pub struct InspectArgs {
     /// textfile collector or a scrape wrapper).
     #[arg(long)]
     pub prometheus: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct ResizeArgs {
+    /// The --control-socket of the daxd whose disk grows.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: PathBuf,
+    /// The disk's new size, with optional K/M/G/T suffix (powers of 1024), a multiple of
+    /// 4 KiB, at least its current size.
+    #[arg(value_name = "SIZE", value_parser = parse_size)]
+    pub size: u64,
 }
 
 /// Options of the daxd that serves a region.

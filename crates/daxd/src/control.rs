@@ -1,27 +1,68 @@
-//! The control socket and `daxd inspect`.
+//! The control socket, `daxd inspect` and `daxd resize`.
 //!
-//! Protocol: a client connects; daxd writes one JSON document (an [`Inspection`]) and
-//! closes. Nothing is read from the client, so a stuck or hostile client cannot hold the
-//! event loop for longer than the write timeout.
+//! Protocol: a client connects and writes one [`Request`] as a JSON line; daxd answers with
+//! one JSON document (an [`Inspection`], or the outcome of a resize) and closes. A client
+//! that sends nothing within a second, or closes its side, gets an inspection, so a stuck
+//! or hostile client holds the event loop for at most the read and write timeouts.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use log::{error, warn};
+use log::{error, info, warn};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::epoll::EventSet;
 
 use daxd_blk::stats::{BlkMetrics, LatencyHistogram};
 use daxd_blk::BlkDevice;
-use daxd_region::{Layout, Region, Serve, PAGE_SIZE};
+use daxd_region::{Layout, LayoutError, Region, Serve, Window, PAGE_SIZE};
 use daxd_registry::{FrameRange, Registry, Snapshot, Target};
+use daxd_vhost_user::ConfigNotifier;
 
 use crate::error::Error;
+
+/// What a client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    Inspect,
+    /// Grow the disk to `bytes`.
+    Resize {
+        bytes: u64,
+    },
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resized {
+    pub window: String,
+    pub before: u64,
+    pub size: u64,
+    pub frontend: FrontendNotice,
+}
+
+/// Whether the frontend heard of a new disk size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontendNotice {
+    /// The size did not change; nothing to tell.
+    Unchanged,
+    /// It acknowledged the config change: the guest sees the new capacity.
+    Told,
+    /// No frontend with a backend channel is connected; the next one reads the new size.
+    NoChannel,
+    /// It has not answered within the wait; it may still act on it.
+    NoAnswer,
+    /// The channel failed (e.g. the frontend just went away).
+    Failed(String),
+}
+
+/// How long `daxd resize` waits for the frontend to acknowledge the config change.
+const FRONTEND_WAIT: Duration = Duration::from_secs(5);
 
 /// What `daxd inspect` receives: the same type on both ends of the socket, so that a
 /// renamed field breaks the build, not the output.
@@ -99,9 +140,11 @@ pub struct ControlSocket {
     listener: UnixListener,
     path: PathBuf,
     region: Arc<Region>,
+    /// The layout as it is now: a resize replaces it.
     layout: Arc<Layout>,
     registry: Arc<Registry>,
     blk: Arc<BlkDevice>,
+    notifier: Arc<ConfigNotifier>,
 }
 
 impl ControlSocket {
@@ -111,6 +154,7 @@ impl ControlSocket {
         layout: Arc<Layout>,
         registry: Arc<Registry>,
         blk: Arc<BlkDevice>,
+        notifier: Arc<ConfigNotifier>,
     ) -> Result<ControlSocket, Error> {
         let listener = daxd_vhost_user::bind_unix(path).map_err(|source| Error::Control {
             path: path.to_owned(),
@@ -126,6 +170,7 @@ impl ControlSocket {
             layout,
             registry,
             blk,
+            notifier,
         })
     }
 
@@ -133,23 +178,121 @@ impl ControlSocket {
         &self.path
     }
 
-    fn answer(&self, mut stream: UnixStream) {
-        let inspection = Inspection::of(&self.region, &self.layout, &self.registry, &self.blk);
+    fn answer(&mut self, mut stream: UnixStream) {
         let prepared = stream
             .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(1))))
             .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(1))));
         if let Err(e) = prepared {
             warn!("control socket: cannot answer: {e}");
             return;
         }
-        match serde_json::to_vec(&inspection) {
+        let mut line = String::new();
+        // Nothing sent (EOF or the timeout) asks for an inspection.
+        let _ = BufReader::new(&mut stream).take(4096).read_line(&mut line);
+        let answer = match line.trim() {
+            "" => Ok(Request::Inspect),
+            text => serde_json::from_str::<Request>(text),
+        };
+        let json = match answer {
+            Ok(Request::Inspect) => serde_json::to_vec(&Inspection::of(
+                &self.region,
+                &self.layout,
+                &self.registry,
+                &self.blk,
+            )),
+            Ok(Request::Resize { bytes }) => serde_json::to_vec(&self.resize(bytes)),
+            Err(e) => {
+                warn!("control socket: a request daxd does not understand: {e}");
+                serde_json::to_vec(&Err::<Resized, _>(format!(
+                    "daxd does not understand the request: {e}"
+                )))
+            }
+        };
+        match json {
             Ok(mut json) => {
                 json.push(b'\n');
                 if let Err(e) = stream.write_all(&json) {
                     warn!("control socket: cannot answer: {e}");
                 }
             }
-            Err(e) => error!("control socket: cannot encode the inspection: {e}"),
+            Err(e) => error!("control socket: cannot encode the answer: {e}"),
+        }
+    }
+
+    /// Grows the disk window to `bytes` inside the region, and tells the frontend.
+    fn resize(&mut self, bytes: u64) -> Result<Resized, String> {
+        let disk = self.layout.blk().ok_or("daxd serves no disk")?.clone();
+        if disk.serve.pmem() {
+            return Err(format!(
+                "window {} is served as pmem too, and a VMM maps pmem windows at a fixed size; only a window served as blk alone can grow",
+                disk.name
+            ));
+        }
+        let windows = self
+            .layout
+            .windows()
+            .iter()
+            .map(|w| Window {
+                size: if w.name == disk.name { bytes } else { w.size },
+                ..w.clone()
+            })
+            .collect();
+        let layout = Layout::new(self.region.size(), windows, self.layout.allows_overlap())
+            .map_err(|e| match e {
+                LayoutError::BeyondRegion { region_size, .. } => format!(
+                    "{e}. daxd grows the disk inside its region file, which it does not grow while serving: to leave room, start daxd with a larger --size (a sparse region file costs no space until written) and the disk as a window, e.g. --window name=disk,size={},serve=blk",
+                    disk.size.min(region_size)
+                ),
+                e => e.to_string(),
+            })?;
+        let before = self.blk.grow(bytes).map_err(|e| e.to_string())?;
+        self.layout = Arc::new(layout);
+        if before == bytes {
+            return Ok(Resized {
+                window: disk.name,
+                before,
+                size: bytes,
+                frontend: FrontendNotice::Unchanged,
+            });
+        }
+        info!(
+            "disk window {} grown from {before} to {bytes} bytes",
+            disk.name
+        );
+        let frontend = self.tell_frontend();
+        match &frontend {
+            FrontendNotice::Told => info!("the frontend acknowledged the new disk size"),
+            other => warn!("the frontend was not told of the new disk size: {other:?}"),
+        }
+        Ok(Resized {
+            window: disk.name,
+            before,
+            size: bytes,
+            frontend,
+        })
+    }
+
+    /// Sends the config change from a thread of its own: the frontend may take its time
+    /// (QEMU reads the config space back first) or never answer, and the event loop must
+    /// not wait on it for longer than [`FRONTEND_WAIT`].
+    fn tell_frontend(&self) -> FrontendNotice {
+        let (done, outcome) = std::sync::mpsc::channel();
+        let notifier = self.notifier.clone();
+        let spawned = std::thread::Builder::new()
+            .name("config-change".into())
+            .spawn(move || {
+                daxd_confine::enter_or_exit(daxd_confine::ThreadKind::ConfigNotifier);
+                let _ = done.send(notifier.config_changed());
+            });
+        if let Err(e) = spawned {
+            return FrontendNotice::Failed(format!("cannot start a thread: {e}"));
+        }
+        match outcome.recv_timeout(FRONTEND_WAIT) {
+            Ok(Ok(true)) => FrontendNotice::Told,
+            Ok(Ok(false)) => FrontendNotice::NoChannel,
+            Ok(Err(e)) => FrontendNotice::Failed(e.to_string()),
+            Err(_) => FrontendNotice::NoAnswer,
         }
     }
 }
@@ -197,6 +340,41 @@ pub fn inspect(control_socket: &Path, format: Format) -> Result<String, Error> {
 
 /// One inspection from a running daxd.
 pub fn fetch(control_socket: &Path) -> Result<Inspection, Error> {
+    ask(control_socket, Request::Inspect)
+}
+
+/// `daxd resize`: asks a running daxd to grow its disk to `bytes`; prints what it did.
+pub fn resize(control_socket: &Path, bytes: u64) -> Result<String, Error> {
+    let resized: Result<Resized, String> = ask(control_socket, Request::Resize { bytes })?;
+    let resized = resized.map_err(Error::Resize)?;
+    let mut text = format!(
+        "disk window {}: {} bytes (was {})\n",
+        resized.window, resized.size, resized.before
+    );
+    text.push_str(match &resized.frontend {
+        FrontendNotice::Unchanged => "unchanged; the frontend was not told\n",
+        FrontendNotice::Told => {
+            "the frontend acknowledged the change; the guest sees the new capacity\n"
+        }
+        FrontendNotice::NoChannel => {
+            "no frontend with a backend channel is connected; the next one reads the new size\n"
+        }
+        FrontendNotice::NoAnswer => "the frontend has not acknowledged the change yet\n",
+        FrontendNotice::Failed(_) => {
+            "telling the frontend failed; it reads the new size when it next asks\n"
+        }
+    });
+    if let FrontendNotice::Failed(e) = &resized.frontend {
+        let _ = writeln!(text, "({e})");
+    }
+    Ok(text)
+}
+
+/// Sends `request` and reads the answer.
+fn ask<T: serde::de::DeserializeOwned>(
+    control_socket: &Path,
+    request: Request,
+) -> Result<T, Error> {
     let unreachable = |source| Error::Inspect {
         path: control_socket.to_owned(),
         source,
@@ -205,6 +383,9 @@ pub fn fetch(control_socket: &Path) -> Result<Inspection, Error> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(unreachable)?;
+    let mut line = serde_json::to_string(&request).expect("a request encodes");
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(unreachable)?;
     let mut text = String::new();
     stream.read_to_string(&mut text).map_err(unreachable)?;
     serde_json::from_str(&text).map_err(|source| Error::BadInspection {
@@ -572,12 +753,13 @@ mod tests {
             .unwrap(),
         );
         let path = dir.path().join("control.sock");
-        let socket = ControlSocket::bind(
+        let mut socket = ControlSocket::bind(
             &path,
             region.clone(),
             layout.clone(),
             registry.clone(),
             blk.clone(),
+            Default::default(),
         )
         .unwrap();
         let expected = Inspection::of(&region, &layout, &registry, &blk);

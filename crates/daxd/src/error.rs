@@ -61,7 +61,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("daxd at {} answered something that is not an inspection", .path.display())]
+    #[error("the resize was refused: {0}")]
+    Resize(String),
+    #[error("daxd at {} answered something this daxd does not understand (same version on both ends?)", .path.display())]
     BadInspection {
         path: PathBuf,
         #[source]

@@ -31,7 +31,7 @@ use daxd_blk::{BlkConfig, BlkDevice, Serial};
 use daxd_pmem::PmemDevice;
 use daxd_region::{Layout, Region};
 use daxd_registry::Registry;
-use daxd_vhost_user::{ServeError, Server, SocketAddr, Stopper};
+use daxd_vhost_user::{ConfigNotifier, ServeError, Server, SocketAddr, Stopper};
 
 use args::{Cli, Command, PrintArgs, CAPABILITIES};
 use config::Config;
@@ -56,6 +56,9 @@ fn main() -> ExitCode {
                 _ => control::Format::Tables,
             };
             control::inspect(&inspect.control_socket, format).map(|text| print!("{text}"))
+        }
+        Some(Command::Resize(resize)) => {
+            control::resize(&resize.control_socket, resize.size).map(|text| print!("{text}"))
         }
         Some(Command::PrintQemuArgs(print)) => print_qemu_args(*print),
         Some(Command::PrintSeccomp) => {
@@ -224,6 +227,7 @@ struct Opened {
     region: Arc<Region>,
     layout: Arc<Layout>,
     blk: Arc<BlkDevice>,
+    notifier: Arc<ConfigNotifier>,
     blk_server: Server,
     pmem: Option<(Arc<PmemDevice>, Server)>,
     control: Option<control::ControlSocket>,
@@ -273,6 +277,7 @@ impl Opened {
                 w.name, w.offset, w.size
             );
         }
+        let notifier = Arc::new(ConfigNotifier::default());
         let mut sockets = Vec::new();
         let pmem = match &config.pmem_socket {
             Some(addr) => {
@@ -304,6 +309,7 @@ impl Opened {
                     layout.clone(),
                     registry.clone(),
                     blk.clone(),
+                    notifier.clone(),
                 )?;
                 sockets.push(absolute(path));
                 Some(control)
@@ -335,6 +341,7 @@ impl Opened {
             region,
             layout,
             blk,
+            notifier,
             blk_server,
             pmem,
             control,
@@ -348,12 +355,13 @@ impl Opened {
         let mut servers = Vec::new();
         let blk = self.blk;
         let layout = self.layout;
+        let notifier = self.notifier;
         let poll = config.poll;
         servers.push(spawn_server(
             "blk",
             self.blk_server,
             &exited,
-            move |server| server.serve_blk(blk, layout, poll),
+            move |server| server.serve_blk(blk, layout, notifier, poll),
         )?);
         if let Some((device, server)) = self.pmem {
             servers.push(spawn_server("pmem", server, &exited, move |server| {

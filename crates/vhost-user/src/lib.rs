@@ -24,7 +24,7 @@ use daxd_pmem::PmemDevice;
 use daxd_region::Layout;
 use daxd_registry::{OwnerId, Registry};
 
-pub use vhu_blk::VhostUserBlkBackend;
+pub use vhu_blk::{ConfigNotifier, VhostUserBlkBackend};
 pub use vhu_pmem::VhostUserPmemBackend;
 
 /// Errors setting up or serving a vhost-user socket.
@@ -263,11 +263,19 @@ impl Server {
         self,
         device: Arc<BlkDevice>,
         layout: Arc<Layout>,
+        notifier: Arc<ConfigNotifier>,
         poll: std::time::Duration,
     ) -> Result<(), ServeError> {
         let registry = device.registry().clone();
         self.serve(&registry, |owner, mem| {
-            VhostUserBlkBackend::new(device.clone(), layout.clone(), owner, mem, poll)
+            VhostUserBlkBackend::new(
+                device.clone(),
+                layout.clone(),
+                notifier.clone(),
+                owner,
+                mem,
+                poll,
+            )
         })
     }
 
@@ -389,7 +397,9 @@ mod tests {
         let (device, layout) = blk_device(dir.path());
         let server = Server::listen(&SocketAddr::Path(dir.path().join("s.sock")), "blk").unwrap();
         let stopper = server.stopper();
-        let thread = std::thread::spawn(move || server.serve_blk(device, layout, Duration::ZERO));
+        let thread = std::thread::spawn(move || {
+            server.serve_blk(device, layout, Default::default(), Duration::ZERO)
+        });
         std::thread::sleep(Duration::from_millis(100));
         let (_, result) = stop_and_join(stopper, thread);
         assert!(result.is_ok(), "{result:?}");
@@ -402,7 +412,9 @@ mod tests {
         let path = dir.path().join("s.sock");
         let server = Server::listen(&SocketAddr::Path(path.clone()), "blk").unwrap();
         let stopper = server.stopper();
-        let thread = std::thread::spawn(move || server.serve_blk(device, layout, Duration::ZERO));
+        let thread = std::thread::spawn(move || {
+            server.serve_blk(device, layout, Default::default(), Duration::ZERO)
+        });
         // A frontend that connects and then says nothing: the daemon waits on it.
         let frontend = UnixStream::connect(&path).unwrap();
         std::thread::sleep(Duration::from_millis(100));

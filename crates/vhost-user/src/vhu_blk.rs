@@ -15,6 +15,7 @@ use log::{debug, info, warn};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
+use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{DaemonThread, VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{
     GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -35,6 +36,7 @@ use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
 pub struct VhostUserBlkBackend {
     device: Arc<BlkDevice>,
     layout: Arc<Layout>,
+    notifier: Arc<ConfigNotifier>,
     /// This connection's mappings in the registry.
     owner: OwnerId,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
@@ -134,19 +136,64 @@ impl Drop for Flusher {
     }
 }
 
+/// Tells the disk's frontend that the device's config space changed (a disk grown by
+/// `daxd resize`): `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` over the backend channel of the
+/// current connection, if its frontend set one up. QEMU then reads the config space again
+/// and interrupts the guest, which sees the new capacity.
+#[derive(Default)]
+pub struct ConfigNotifier {
+    channel: Mutex<Option<Backend>>,
+}
+
+impl std::fmt::Debug for ConfigNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let connected = self.channel.lock().map(|c| c.is_some()).unwrap_or(false);
+        f.debug_struct("ConfigNotifier")
+            .field("channel", &connected)
+            .finish()
+    }
+}
+
+impl ConfigNotifier {
+    fn set(&self, channel: Option<Backend>) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    }
+
+    /// Sends the config change and waits for the frontend's reply (with `REPLY_ACK`);
+    /// `Ok(false)` when there is no backend channel to send it on (no frontend, or one
+    /// that did not negotiate `BACKEND_REQ`: it reads the new config space when it next
+    /// asks). This can wait as long as the frontend takes to answer, so callers that must
+    /// not block run it on a thread of its own.
+    pub fn config_changed(&self) -> io::Result<bool> {
+        let channel = self
+            .channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match channel {
+            Some(channel) => channel.handle_config_change().map(|_| true),
+            None => Ok(false),
+        }
+    }
+}
+
 impl VhostUserBlkBackend {
     pub fn new(
         device: Arc<BlkDevice>,
         layout: Arc<Layout>,
+        notifier: Arc<ConfigNotifier>,
         owner: OwnerId,
         mem: GuestMemoryAtomic<GuestMemoryMmap>,
         poll: Duration,
     ) -> Self {
+        // A new connection: the previous frontend's channel is gone with it.
+        notifier.set(None);
         let workers = usize::from(device.config().num_queues);
         let flusher = Flusher::spawn(device.clone(), mem.clone());
         VhostUserBlkBackend {
             device,
             layout,
+            notifier,
             owner,
             mem,
             guest_windows: ArcSwap::default(),
@@ -345,6 +392,11 @@ impl VhostUserBackend for VhostUserBlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::BACKEND_REQ
+    }
+
+    fn set_backend_req_fd(&self, backend: Backend) {
+        self.notifier.set(Some(backend));
     }
 
     fn get_inflight_fd(

@@ -1,0 +1,130 @@
+//! Online resize (`daxd resize`): the disk window grows inside its region while daxd
+//! serves; a frontend sees the new capacity, writes land in the region at their offsets,
+//! and what cannot be done (shrinking, growing past the region, a window that is pmem too)
+//! is refused with a message saying what to do. The guest side (a running guest that sees
+//! the new capacity and grows its file system) is in `tests/guest_blk.rs`.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::support::{daxd_inspect, file_bytes, pattern, test_dir, Backend, Client};
+
+const M: u64 = 1 << 20;
+
+fn resize(control: &Path, size: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .args(["resize", "--control-socket"])
+        .arg(control)
+        .arg(size)
+        .output()
+        .unwrap()
+}
+
+fn refused(control: &Path, size: &str) -> String {
+    let out = resize(control, size);
+    assert!(!out.status.success(), "resize to {size} was not refused");
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn a_disk_grows_inside_its_region_while_served() {
+    let dir = test_dir("daxd-resize-");
+    let d = dir.path();
+    let region = d.join("region.img");
+    let control = d.join("control.sock");
+    let daxd = Backend::start_daxd(
+        d,
+        &region,
+        &[
+            "--size",
+            "64M",
+            "--window",
+            "name=disk,size=16M,serve=blk",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    assert_eq!(client.capacity, 16 * M);
+    assert!(
+        client.q().write(20 * M, &pattern(1, 4096)).is_err(),
+        "past the end before"
+    );
+
+    // Grown while this client is connected (blkio sets up no backend channel, so nobody is
+    // told); the next connection sees the new size.
+    let out = resize(&control, "32M");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("disk window disk: 33554432 bytes (was 16777216)"),
+        "{stdout}"
+    );
+    drop(client);
+    let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+    assert_eq!(client.capacity, 32 * M);
+    let data = pattern(2, 64 << 10);
+    client.q().write(20 * M, &data).unwrap();
+    client.q().flush().unwrap();
+    assert_eq!(file_bytes(&region, 20 * M, data.len()), data);
+    let inspection = daxd_inspect(&control, &["--json"]);
+    assert!(
+        inspection.contains(r#"{"name":"disk","offset":0,"size":33554432,"serve":"blk"}"#),
+        "{inspection}"
+    );
+
+    // What cannot be done changes nothing and says what to do.
+    assert!(refused(&control, "16M").contains("only grows"));
+    assert!(refused(&control, "128M").contains("start daxd with a larger --size"));
+    assert!(refused(&control, "40001K").contains("multiples of 4 KiB"));
+    let same = resize(&control, "32M");
+    assert!(same.status.success());
+    assert!(String::from_utf8_lossy(&same.stdout).contains("unchanged"));
+    drop(client);
+    let client = Client::connect(&daxd.socket, 1, false).unwrap();
+    assert_eq!(client.capacity, 32 * M);
+    drop(client);
+    assert!(daxd.terminate().success());
+    assert_eq!(std::fs::metadata(&region).unwrap().len(), 64 * M);
+}
+
+#[test]
+fn a_disk_that_is_the_whole_region_or_pmem_too_does_not_grow() {
+    let dir = test_dir("daxd-resize-");
+    let d = dir.path();
+    let region = d.join("region.img");
+    let control = d.join("control.sock");
+    let daxd = Backend::start_daxd(
+        d,
+        &region,
+        &[
+            "--size",
+            "16M",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    let message = refused(&control, "32M");
+    assert!(
+        message.contains("--window name=disk,size=16777216,serve=blk"),
+        "{message}"
+    );
+    assert!(daxd.terminate().success());
+
+    let daxd = Backend::start_daxd(
+        d,
+        &region,
+        &[
+            "--window",
+            "name=both,size=8M,serve=both",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    assert!(refused(&control, "10M").contains("served as pmem too"));
+    assert!(daxd.terminate().success());
+}
