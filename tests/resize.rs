@@ -1,12 +1,14 @@
 //! Online resize (`daxd resize`): the disk window grows inside its region while daxd
 //! serves; a frontend sees the new capacity, writes land in the region at their offsets,
 //! and what cannot be done (shrinking, growing past the region, a window that is pmem too)
-//! is refused with a message saying what to do. The guest side (a running guest that sees
-//! the new capacity and grows its file system) is in `tests/guest_blk.rs`.
+//! is refused with a message saying what to do; and a running guest under QEMU that sees
+//! the new capacity and grows its file system.
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::Duration;
 
+use crate::support::guest::{boot, host_tool, Vm};
 use crate::support::{daxd_inspect, file_bytes, pattern, test_dir, Backend, Client};
 
 const M: u64 = 1 << 20;
@@ -127,4 +129,81 @@ fn a_disk_that_is_the_whole_region_or_pmem_too_does_not_grow() {
     );
     assert!(refused(&control, "10M").contains("served as pmem too"));
     assert!(daxd.terminate().success());
+}
+
+/// A running guest (QEMU 10) sees its disk grow: daxd tells QEMU, QEMU interrupts the
+/// guest, which then grows its mounted ext4 online and writes more than the old disk held.
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn a_running_guest_sees_its_disk_grow_and_grows_its_file_system() {
+    let dir = test_dir("daxd-resize-guest-");
+    let d = dir.path();
+    let region = d.join("region.img");
+    let control = d.join("control.sock");
+    let daxd = Backend::start_daxd(
+        d,
+        &region,
+        &[
+            "--size",
+            "256M",
+            "--window",
+            "name=disk,size=64M,serve=blk",
+            "--control-socket",
+            control.to_str().unwrap(),
+        ],
+    );
+    let mut told = String::new();
+    let run = boot(
+        d,
+        "resize",
+        &Vm::blk(&daxd.socket, 1),
+        "run_case resize case_resize_online 262144 80\n",
+        Duration::from_secs(300),
+        &mut |step, _| {
+            assert_eq!(step, "resize");
+            let out = resize(&control, "128M");
+            told = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "{told}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        },
+    );
+    run.assert_passed(&["resize"], "");
+    let report = format!("console log: {}", run.console_log.display());
+    assert!(
+        told.contains("the frontend acknowledged the change"),
+        "QEMU was not told: {told}"
+    );
+    assert_eq!(run.result("sectors_before"), Some("131072"), "{report}");
+    assert_eq!(run.result("sectors_after"), Some("262144"), "{report}");
+    let fs_kib: u64 = run.result("fs_kib").unwrap().parse().unwrap();
+    assert!(
+        fs_kib > 100 << 10,
+        "the file system did not grow: {fs_kib} KiB; {report}"
+    );
+    assert!(daxd.terminate().success());
+    // The file that did not fit the old disk, in the region, in a clean file system.
+    let (ok, _, err) = host_tool("e2fsck", &["-fn", region.to_str().unwrap()]);
+    assert!(ok, "e2fsck: {err}");
+    let (ok, big, err) = host_tool("debugfs", &["-R", "cat /big", region.to_str().unwrap()]);
+    assert!(ok, "debugfs: {err}");
+    assert_eq!(big.len(), 80 << 20);
+    let sha = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(&big)?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    let sha = String::from_utf8_lossy(&sha.stdout);
+    assert_eq!(
+        run.result("big_sha"),
+        sha.split_whitespace().next(),
+        "{report}"
+    );
 }

@@ -243,3 +243,30 @@ case_restart() {
     fi
     echo "RESULT kernel_log_lines $(wc -l < /tmp/dmesg.out)"
 }
+
+# resize_online NEW_SECTORS FILE_MIB: ext4 made on the disk and mounted; the host grows
+# the disk (daxd resize, step "resize"); the guest must see the new capacity without a
+# reboot, grow the mounted file system (resize2fs, online) and hold a file of FILE_MIB,
+# more than the old disk; then everything is unmounted for the host to check.
+case_resize_online() {
+    new=$1 mib=$2
+    host mkfs.ext4 -q -F -E nodiscard /dev/vda || { fail "mkfs.ext4 failed"; return; }
+    mount -t ext4 /dev/vda /host/mnt || { fail "mount failed"; return; }
+    echo "RESULT sectors_before $(cat /sys/block/vda/size)"
+    wait_host resize || return
+    i=0
+    while [ "$(cat /sys/block/vda/size)" != "$new" ] && [ "$i" -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    echo "RESULT sectors_after $(cat /sys/block/vda/size)"
+    if ! host resize2fs /dev/vda > /tmp/resize2fs.out 2>&1; then
+        cat /tmp/resize2fs.out
+        fail "online resize2fs failed"
+    fi
+    echo "RESULT fs_kib $(df -k /host/mnt | tail -1 | awk '{print $2}')"
+    dd if=/dev/urandom of=/host/mnt/big bs=1M count="$mib" 2> /dev/null || fail "the file did not fit"
+    sync
+    echo "RESULT big_sha $(sha_of_stdin < /host/mnt/big)"
+    umount /host/mnt || fail "umount failed"
+}
