@@ -4,7 +4,7 @@
 //! is refused with a message saying what to do; and a running guest under QEMU that sees
 //! the new capacity and grows its file system.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -22,6 +22,16 @@ fn resize(control: &Path, size: &str) -> Output {
         .unwrap()
 }
 
+/// daxd on `d/region.img` with `args` and a control socket; returns it, the region's path
+/// and the control socket's.
+fn daxd_with_control(d: &Path, args: &[&str]) -> (Backend, PathBuf, PathBuf) {
+    let region = d.join("region.img");
+    let control = d.join("control.sock");
+    let mut all = args.to_vec();
+    all.extend(["--control-socket", control.to_str().unwrap()]);
+    (Backend::start_daxd(d, &region, &all), region, control)
+}
+
 fn refused(control: &Path, size: &str) -> String {
     let out = resize(control, size);
     assert!(!out.status.success(), "resize to {size} was not refused");
@@ -31,20 +41,9 @@ fn refused(control: &Path, size: &str) -> String {
 #[test]
 fn a_disk_grows_inside_its_region_while_served() {
     let dir = test_dir("daxd-resize-");
-    let d = dir.path();
-    let region = d.join("region.img");
-    let control = d.join("control.sock");
-    let daxd = Backend::start_daxd(
-        d,
-        &region,
-        &[
-            "--size",
-            "64M",
-            "--window",
-            "name=disk,size=16M,serve=blk",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
+    let (daxd, region, control) = daxd_with_control(
+        dir.path(),
+        &["--size", "64M", "--window", "name=disk,size=16M,serve=blk"],
     );
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     assert_eq!(client.capacity, 16 * M);
@@ -97,19 +96,7 @@ fn a_disk_grows_inside_its_region_while_served() {
 #[test]
 fn a_disk_that_is_the_whole_region_or_pmem_too_does_not_grow() {
     let dir = test_dir("daxd-resize-");
-    let d = dir.path();
-    let region = d.join("region.img");
-    let control = d.join("control.sock");
-    let daxd = Backend::start_daxd(
-        d,
-        &region,
-        &[
-            "--size",
-            "16M",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
-    );
+    let (daxd, _, control) = daxd_with_control(dir.path(), &["--size", "16M"]);
     let message = refused(&control, "32M");
     assert!(
         message.contains("--window name=disk,size=16777216,serve=blk"),
@@ -117,16 +104,8 @@ fn a_disk_that_is_the_whole_region_or_pmem_too_does_not_grow() {
     );
     assert!(daxd.terminate().success());
 
-    let daxd = Backend::start_daxd(
-        d,
-        &region,
-        &[
-            "--window",
-            "name=both,size=8M,serve=both",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
-    );
+    let (daxd, _, control) =
+        daxd_with_control(dir.path(), &["--window", "name=both,size=8M,serve=both"]);
     assert!(refused(&control, "10M").contains("served as pmem too"));
     assert!(daxd.terminate().success());
 }
@@ -138,19 +117,9 @@ fn a_disk_that_is_the_whole_region_or_pmem_too_does_not_grow() {
 fn a_running_guest_sees_its_disk_grow_and_grows_its_file_system() {
     let dir = test_dir("daxd-resize-guest-");
     let d = dir.path();
-    let region = d.join("region.img");
-    let control = d.join("control.sock");
-    let daxd = Backend::start_daxd(
+    let (daxd, region, control) = daxd_with_control(
         d,
-        &region,
-        &[
-            "--size",
-            "256M",
-            "--window",
-            "name=disk,size=64M,serve=blk",
-            "--control-socket",
-            control.to_str().unwrap(),
-        ],
+        &["--size", "256M", "--window", "name=disk,size=64M,serve=blk"],
     );
     let mut told = String::new();
     let run = boot(
