@@ -46,22 +46,55 @@ struct Args {
     /// qemu-storage-daemon binary.
     #[arg(long, default_value = "qemu-storage-daemon")]
     qsd: PathBuf,
-    /// Run qemu-storage-daemon's export in an iothread (with QEMU's adaptive polling, up
-    /// to --backend-poll-us) instead of its main loop.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    qsd_iothread: bool,
+    /// How both backends are started: equal-polling (daxd --poll-us and an iothread for
+    /// qemu-storage-daemon's export with poll-max-ns, both --backend-poll-us), defaults
+    /// (each as a user starts it: daxd without options, qemu-storage-daemon's export in
+    /// its main loop), or qsd-iothread (daxd without options, qemu-storage-daemon's export
+    /// in an iothread with QEMU's own polling default, its fastest configuration here).
+    #[arg(long, value_enum, default_value_t = Setup::EqualPolling)]
+    config: Setup,
+    /// After the first run of each backend, leave the client connected and idle for this
+    /// many seconds and report the backend's CPU use meanwhile (0: skip).
+    #[arg(long, default_value_t = 0.0)]
+    idle_seconds: f64,
     /// Let the client busy-poll for completions (blkio poll queues) instead of waiting on
     /// its completion eventfd, for both backends; takes the client's own wake-ups out of
     /// the latency.
     #[arg(long)]
     client_poll: bool,
-    /// Busy-poll budget given to both backends, in microseconds: daxd --poll-us, and
-    /// qemu-storage-daemon's iothread poll-max-ns (its adaptive polling). 0: no polling.
+    /// With --config equal-polling, the busy-poll budget given to both backends, in
+    /// microseconds: daxd --poll-us, and qemu-storage-daemon's iothread poll-max-ns (its
+    /// adaptive polling). 0: no polling.
     #[arg(long, default_value_t = 200)]
     backend_poll_us: u64,
     /// An extra argument for daxd (repeatable).
     #[arg(long = "daxd-arg", value_name = "ARG", allow_hyphen_values = true)]
     daxd_args: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Setup {
+    EqualPolling,
+    Defaults,
+    QsdIothread,
+}
+
+impl Setup {
+    fn describe(self, poll_us: u64) -> String {
+        match self {
+            Setup::EqualPolling => format!(
+                "equal polling: daxd --poll-us {poll_us}, qsd export in an iothread with poll-max-ns={}",
+                poll_us * 1000
+            ),
+            Setup::Defaults => {
+                "defaults: daxd without options, qsd export in its main loop".to_owned()
+            }
+            Setup::QsdIothread => {
+                "daxd without options, qsd export in an iothread (QEMU's polling default)"
+                    .to_owned()
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -111,6 +144,9 @@ const WORKLOADS: &[Workload] = &[
     w("randread-4k-qd32-2q", Kind::RandRead, 4096, 32, 2, 0),
     w("randwrite-4k-qd32-2q", Kind::RandWrite, 4096, 32, 2, 0),
     w("seqread-128k-qd8-2q", Kind::SeqRead, 128 << 10, 8, 2, 0),
+    w("randread-4k-qd32-4q", Kind::RandRead, 4096, 32, 4, 0),
+    w("randwrite-4k-qd32-4q", Kind::RandWrite, 4096, 32, 4, 0),
+    w("seqread-128k-qd8-4q", Kind::SeqRead, 128 << 10, 8, 4, 0),
     w("flushwrite-4k-qd8-every16", Kind::RandWrite, 4096, 8, 1, 16),
 ];
 
@@ -141,11 +177,18 @@ struct RunStats {
     rss_kib: u64,
     /// CPU the backend used during the measurement, in cores (1.0 = one core busy).
     cpu_cores: f64,
+    /// CPU the backend used while the client stayed connected and idle after the load
+    /// (--idle-seconds), in cores.
+    idle_cores: Option<f64>,
 }
 
 impl RunStats {
     fn iops(&self) -> f64 {
         self.ops as f64 / self.elapsed
+    }
+    /// Requests per second of backend CPU time.
+    fn iops_per_cpu_s(&self) -> f64 {
+        self.iops() / self.cpu_cores
     }
     fn mib_s(&self) -> f64 {
         self.bytes as f64 / self.elapsed / (1 << 20) as f64
@@ -196,27 +239,27 @@ fn main() {
     prefill(&file, args.size_mib << 20);
 
     let csv_path = args.dir.join("results.csv");
-    let mut csv =
-        String::from("workload,backend,round,iops,mib_s,p50_us,p99_us,rss_kib,cpu_cores\n");
+    let mut csv = String::from(
+        "workload,backend,round,iops,mib_s,p50_us,p99_us,rss_kib,cpu_cores,iops_per_cpu_s\n",
+    );
     println!(
         "{} s per run, {} A/B pairs, file {} ({} MiB, prefilled, host page cache for both: \
-         daxd maps it shared; qsd uses aio=io_uring,cache.direct=off{}); backend polling up to {} us; \
+         daxd maps it shared; qsd uses aio=io_uring,cache.direct=off); {}; \
          daxd args: {:?}; client {}",
         args.seconds,
         args.rounds,
         file.display(),
         args.size_mib,
-        if args.qsd_iothread {
-            ", export in an iothread"
-        } else {
-            ", export in the main loop"
-        },
-        args.backend_poll_us,
+        args.config.describe(args.backend_poll_us),
         args.daxd_args,
-        if args.client_poll { "polls for completions" } else { "waits on its completion eventfd" }
+        if args.client_poll {
+            "polls for completions"
+        } else {
+            "waits on its completion eventfd"
+        }
     );
     println!(
-        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9}",
+        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9}",
         "workload",
         "daxd IOPS",
         "qsd IOPS",
@@ -229,18 +272,25 @@ fn main() {
         "ratio",
         "p50 d/q",
         "d RSS MiB",
-        "CPU d/q"
+        "CPU d/q",
+        "IOPS/CPU"
     );
     let mut summaries = Vec::new();
-    for workload in &selected {
+    let mut idle_lines = Vec::new();
+    for (index, workload) in selected.iter().enumerate() {
         let mut pairs: Vec<(RunStats, RunStats)> = Vec::new();
         for round in 0..args.rounds {
+            let idle = if index == 0 && round == 0 {
+                args.idle_seconds
+            } else {
+                0.0
+            };
             let mut runs = [Backend::Daxd, Backend::Qsd]
-                .map(|backend| run(&args, &daxd, &file, backend, workload, round));
+                .map(|backend| run(&args, &daxd, &file, backend, workload, round, idle));
             for (backend, stats) in [Backend::Daxd, Backend::Qsd].iter().zip(runs.iter_mut()) {
                 let _ = writeln!(
                     csv,
-                    "{},{},{},{:.0},{:.1},{:.1},{:.1},{},{:.2}",
+                    "{},{},{},{:.0},{:.1},{:.1},{:.1},{},{:.2},{:.0}",
                     workload.name,
                     backend.name(),
                     round,
@@ -249,13 +299,26 @@ fn main() {
                     stats.percentile_us(0.5),
                     stats.percentile_us(0.99),
                     stats.rss_kib,
-                    stats.cpu_cores
+                    stats.cpu_cores,
+                    stats.iops_per_cpu_s()
                 );
+                if let Some(idle) = stats.idle_cores {
+                    idle_lines.push(format!(
+                        "{}: {:.2}% of one core over {} s idle after {}",
+                        backend.name(),
+                        idle * 100.0,
+                        args.idle_seconds,
+                        workload.name
+                    ));
+                }
             }
             let [a, b] = runs;
             pairs.push((a, b));
         }
         summaries.push(report(workload, &mut pairs));
+    }
+    for line in &idle_lines {
+        println!("idle CPU, {line}");
     }
     std::fs::write(&csv_path, csv).expect("write results");
     let svg_path = args.dir.join("results.svg");
@@ -330,6 +393,13 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
             .collect(),
     );
     let rss_mib = pairs.iter().map(|(d, _)| d.rss_kib).max().unwrap_or(0) as f64 / 1024.0;
+    // Requests per backend CPU-second, daxd's over qsd's.
+    let efficiency = median(
+        pairs
+            .iter()
+            .map(|(d, q)| d.iops_per_cpu_s() / q.iops_per_cpu_s())
+            .collect(),
+    );
     let mut med = |f: &mut dyn FnMut(&mut RunStats) -> f64, daxd: bool| {
         median(
             pairs
@@ -341,7 +411,7 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
     let daxd_iops = med(&mut |s| s.iops(), true);
     let qsd_iops = med(&mut |s| s.iops(), false);
     println!(
-        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2}",
+        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2} {:>8.2}x",
         workload.name,
         daxd_iops,
         qsd_iops,
@@ -355,7 +425,8 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
         p50_ratio,
         rss_mib,
         med(&mut |s| s.cpu_cores, true),
-        med(&mut |s| s.cpu_cores, false)
+        med(&mut |s| s.cpu_cores, false),
+        efficiency
     );
     let _ = std::io::stdout().flush();
     Summary {
@@ -403,21 +474,28 @@ fn start_backend(
                 .arg(&socket)
                 .arg("--num-queues")
                 .arg(queues.to_string())
-                .arg(format!("--poll-us={}", args.backend_poll_us))
                 .args(&args.daxd_args)
                 .env("RUST_LOG", "warn");
+            if args.config == Setup::EqualPolling {
+                c.arg(format!("--poll-us={}", args.backend_poll_us));
+            }
             c
         }
         Backend::Qsd => {
             let mut c = Command::new(&args.qsd);
-            let iothread = if args.qsd_iothread {
-                c.arg("--object").arg(format!(
-                    "iothread,id=iot0,poll-max-ns={}",
-                    args.backend_poll_us * 1000
-                ));
-                ",iothread=iot0"
-            } else {
-                ""
+            let iothread = match args.config {
+                Setup::EqualPolling => {
+                    c.arg("--object").arg(format!(
+                        "iothread,id=iot0,poll-max-ns={}",
+                        args.backend_poll_us * 1000
+                    ));
+                    ",iothread=iot0"
+                }
+                Setup::QsdIothread => {
+                    c.arg("--object").arg("iothread,id=iot0");
+                    ",iothread=iot0"
+                }
+                Setup::Defaults => "",
             };
             c.arg("--blockdev")
                 .arg(format!(
@@ -461,6 +539,7 @@ fn run(
     backend: Backend,
     workload: &Workload,
     round: usize,
+    idle_seconds: f64,
 ) -> RunStats {
     // Start every run from a clean file: dirty pages left by the previous run would make
     // this run's first flushes pay for writes it did not make.
@@ -476,6 +555,7 @@ fn run(
         args.seconds,
         round as u64,
         args.client_poll,
+        idle_seconds,
         || (rss_kib_excluding(pid, &file), cpu_seconds(pid)),
     );
     terminate(&mut child);
@@ -547,6 +627,7 @@ fn drive(
     seconds: f64,
     seed: u64,
     client_poll: bool,
+    idle_seconds: f64,
     sample: impl Fn() -> (u64, f64),
 ) -> RunStats {
     let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("blkio");
@@ -619,6 +700,16 @@ fn drive(
         total.elapsed = s.elapsed.max(total.elapsed);
         total.latencies_ns.extend(s.latencies_ns);
     }
+    if idle_seconds > 0.0 {
+        // The client stays connected (as a VM whose guest stopped doing I/O); only the
+        // backend's own waiting costs CPU now.
+        let (_, before) = sample();
+        let from = Instant::now();
+        std::thread::sleep(Duration::from_secs_f64(idle_seconds));
+        let (_, after) = sample();
+        total.idle_cores = Some((after - before) / from.elapsed().as_secs_f64());
+    }
+    drop(blkio);
     total
 }
 
