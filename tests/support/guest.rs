@@ -130,12 +130,17 @@ pub struct Boot {
 }
 
 impl Boot {
-    /// The guest ended on its own before its script finished: not powered off by its
-    /// script, not killed by the runner (timeout or power cut); a reset or a panic.
-    pub fn vanished(&self) -> bool {
-        !self.finished
-            && !self.console.contains("\n[runner] power cut\n")
-            && !self.console.contains("\n[runner] QEMU killed after")
+    /// The guest gave no verdict: its script neither finished nor was cut off by the
+    /// runner's power cut. It reset itself, or stopped printing until the runner's
+    /// timeout killed it.
+    pub fn gave_no_verdict(&self) -> bool {
+        !self.finished && !self.console.contains("\n[runner] power cut\n")
+    }
+
+    /// The console's last `n` lines, for a report.
+    pub fn console_tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.console.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
     /// Panics, naming the case and quoting what the guest printed, unless every case in
