@@ -248,23 +248,20 @@ impl ControlSocket {
             })?;
         let before = self.blk.grow(bytes).map_err(|e| e.to_string())?;
         self.layout = Arc::new(layout);
-        if before == bytes {
-            return Ok(Resized {
-                window: disk.name,
-                before,
-                size: bytes,
-                frontend: FrontendNotice::Unchanged,
-            });
-        }
-        info!(
-            "disk window {} grown from {before} to {bytes} bytes",
-            disk.name
-        );
-        let frontend = self.tell_frontend();
-        match &frontend {
-            FrontendNotice::Told => info!("the frontend acknowledged the new disk size"),
-            other => warn!("the frontend was not told of the new disk size: {other:?}"),
-        }
+        let frontend = if before == bytes {
+            FrontendNotice::Unchanged
+        } else {
+            info!(
+                "disk window {} grown from {before} to {bytes} bytes",
+                disk.name
+            );
+            let frontend = self.tell_frontend();
+            match &frontend {
+                FrontendNotice::Told => info!("the frontend acknowledged the new disk size"),
+                other => warn!("the frontend was not told of the new disk size: {other:?}"),
+            }
+            frontend
+        };
         Ok(Resized {
             window: disk.name,
             before,
@@ -280,7 +277,7 @@ impl ControlSocket {
         let (done, outcome) = std::sync::mpsc::channel();
         let notifier = self.notifier.clone();
         let spawned = std::thread::Builder::new()
-            .name("config-change".into())
+            .name("config-notifier".into())
             .spawn(move || {
                 daxd_confine::enter_or_exit(daxd_confine::ThreadKind::ConfigNotifier);
                 let _ = done.send(notifier.config_changed());

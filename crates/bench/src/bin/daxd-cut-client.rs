@@ -22,7 +22,7 @@ use std::fs::File;
 use std::io::Write;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blkio::{Blkio, Completion, ReqFlags};
@@ -121,7 +121,7 @@ fn run_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::E
     })
 }
 
-fn run_pmem(args: &Args, device: &PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+fn run_pmem(args: &Args, device: &Path) -> Result<(), Box<dyn std::error::Error>> {
     if args.discard_every != 0 {
         return Err("--pmem-device writes only: give --discard-every 0".into());
     }
