@@ -11,7 +11,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::guest::{boot, guest_image, inner_initramfs, repo_root, tools_disk, Vm};
+use crate::support::guest::{
+    boot, boot_for_a_verdict, guest_image, inner_initramfs, repo_root, tools_disk, Vm,
+};
 use crate::support::test_dir;
 
 /// The cloud-hypervisor binary ci/build-cloud-hypervisor.sh made.
@@ -82,23 +84,7 @@ fn cloud_hypervisor_suite(backend: &str, serial: Option<&str>) {
             &mut |_, _| {},
         )
     };
-    let mut boot = run_once("ch");
-    // Now and then (2 of 13 runs here) the test guest stops while a KVM guest of
-    // cloud-hypervisor runs in it: once it reset itself (no panic, no message; QEMU exits
-    // as for a reboot), once it printed nothing more until the runner's timeout, with no
-    // hung-task report, right after daxd had been restarted under cloud-hypervisor's
-    // guest. The first is QEMU's TCG emulation of nested SVM; the second is not explained
-    // (that, or cloud-hypervisor's reconnection). A failure that daxd or cloud-hypervisor
-    // reports ends with a verdict; a run without one is reported, with the end of its
-    // console, and run once more.
-    if boot.gave_no_verdict() {
-        eprintln!(
-            "the test guest gave no verdict (console log {}); running it again. Its console ended:\n{}",
-            boot.console_log.display(),
-            boot.console_tail(15)
-        );
-        boot = run_once("ch-again");
-    }
+    let (boot, _) = boot_for_a_verdict(|attempt| run_once(&format!("ch-{attempt}")));
     boot.assert_passed(&["cloud_hypervisor"], "");
     let run = ChRun { boot };
     let report = format!("console log: {}", run.boot.console_log.display());

@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use daxd_bench::cut::{check, Log, Plan, BLOCK};
 
 use crate::support::guest::{
-    boot_until, guest_image, host_tool, inner_initramfs, sid_root, tools_disk, Vm,
+    boot_for_a_verdict, boot_until, guest_image, host_tool, inner_initramfs, sid_root, tools_disk,
+    Vm,
 };
 
 const REGION_SIZE: u64 = 16 << 20;
@@ -183,29 +184,32 @@ fn cuts_against(mode: Mode, count: usize, discard_every: u32, backend: &Path) {
     let seed = 42;
     let mut checked = 0u64;
     for cut in 0..count {
-        let mut first_seq = 1 + cut as u64 * 10_000_000;
+        // Sequence numbers of this cut's attempt: runs on the same disk never share any.
+        let first_seq_of =
+            |attempt: u32| 1 + cut as u64 * 10_000_000 + u64::from(attempt) * 5_000_000;
         let wait = delay(cut as u64 + 1, Duration::from_millis(1500));
-        let mut attempt = 0;
-        let run = loop {
+        let cut_once = |attempt: u32| {
+            let first_seq = first_seq_of(attempt);
             let mut armed: Option<Instant> = None;
-            let run = boot_until(
-                d,
-                &format!("cut{cut}-{attempt}"),
-                &vm,
-                &match mode {
-                    Mode::Pmem => format!(
-                        "run_case powercut case_powercut_pmem {} {} {} {seed} {first_seq}\n",
-                        daxd.display(),
-                        sid_root().display(),
-                        d.display()
-                    ),
-                    _ => format!(
+            let script = match mode {
+                Mode::Pmem => format!(
+                    "run_case powercut case_powercut_pmem {} {} {} {seed} {first_seq}\n",
+                    daxd.display(),
+                    sid_root().display(),
+                    d.display()
+                ),
+                _ => format!(
                     "run_case powercut case_powercut {} {} {seed} {first_seq} {} {discard_every}\n",
                     daxd.display(),
                     client.display(),
                     mode.name()
                 ),
-                },
+            };
+            boot_until(
+                d,
+                &format!("cut{cut}-{attempt}"),
+                &vm,
+                &script,
                 RUN_TIMEOUT,
                 &mut |_, _| {},
                 &mut |console| {
@@ -223,22 +227,15 @@ fn cuts_against(mode: Mode, count: usize, discard_every: u32, backend: &Path) {
                         None => false,
                     }
                 },
-            );
-            // The test guest sometimes stops while a nested KVM guest runs in it (see
-            // tests/cloud_hypervisor.rs). Not a cut the runner chose: that attempt is
-            // reported and the cut made again, with sequence numbers of its own.
-            if mode == Mode::Pmem && run.gave_no_verdict() && attempt == 0 {
-                eprintln!(
-                    "cut {cut}: the test guest gave no verdict (console log {}); cutting again. Its console ended:\n{}",
-                    run.console_log.display(),
-                    run.console_tail(10)
-                );
-                attempt += 1;
-                first_seq += 5_000_000;
-                continue;
-            }
-            break run;
+            )
         };
+        // A run without a verdict is not a cut the runner chose: only the nested pmem mode
+        // is made again (with sequence numbers of its own), as every nested run is.
+        let (run, attempt) = match mode {
+            Mode::Pmem => boot_for_a_verdict(cut_once),
+            _ => (cut_once(0), 0),
+        };
+        let first_seq = first_seq_of(attempt);
         assert!(
             run.console.ends_with("[runner] power cut\n"),
             "cut {cut}: the run ended before the cut\nconsole log: {}\n{}",

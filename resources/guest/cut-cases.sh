@@ -52,8 +52,9 @@ case_powercut() {
 }
 
 # powercut_pmem DAXD SID_ROOT DIR SEED FIRST_SEQ: daxd serves the whole region as a pmem
-# window (and as a disk, which daxd needs and nothing uses here) over vhost-user shared memory to QEMU 11.1 (chrooted into SID_ROOT, under KVM on
-# this guest's nested SVM), whose guest (DIR/vmlinuz, DIR/inner-initramfs.img with
+# window (and as a disk, which daxd needs and nothing uses here) over vhost-user shared
+# memory to QEMU 11.1 (chrooted into SID_ROOT, under KVM on this guest's nested SVM),
+# whose guest (DIR/vmlinuz, DIR/inner-initramfs.img with
 # resources/guest/inner-init, tools disk DIR/tools.img) runs daxd-cut-client on
 # /dev/pmem0: its stores reach the region through daxd's mapping, and each fsync is a
 # virtio-pmem FLUSH that daxd serves. The runner cuts the power while it runs.
@@ -62,10 +63,8 @@ case_powercut_pmem() {
     cut_disk || return
     load_kvm || return
     rm -f /host/mnt/pmem.sock
-    chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$daxd" --region /mnt/region.img \
-        --socket-path /mnt/blk.sock --window name=pm0,size=16M,serve=both \
-        --pmem-socket-path /mnt/pmem.sock 2>> /tmp/backend.log &
-    backend_pid=$!
+    start_backend "$daxd" "--window name=pm0,size=16M,serve=both --pmem-socket-path /mnt/pmem.sock" \
+        || return
     wait_backend_socket /host/mnt/pmem.sock || return
     mount --rbind /dev "$sid/dev"
     mount -t proc proc "$sid/proc"
