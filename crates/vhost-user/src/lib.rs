@@ -1,6 +1,7 @@
 //! vhost-user glue: the listening socket, the per-connection daemon loop, and one
 //! `VhostUserBackend` per device type (`vhu_*.rs`). Device logic lives in its own crates.
 
+pub mod dirty_log;
 pub mod inflight;
 mod queue;
 pub mod vhu_blk;
@@ -12,12 +13,14 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
+
+use dirty_log::{DirtyLog, GuestMemory, Vring};
 
 use daxd_blk::BlkDevice;
 use daxd_pmem::PmemDevice;
@@ -114,7 +117,8 @@ fn listen_on_fd(fd: RawFd) -> Result<UnixListener, ServeError> {
 }
 
 /// Stops a [`Server`] from another thread: no new connection is accepted, and the
-/// current one is shut down, which makes its queue workers finish their batch and exit.
+/// current ones are shut down, which makes their queue workers finish their batch and
+/// exit.
 #[derive(Clone)]
 pub struct Stopper {
     state: Arc<StopState>,
@@ -129,7 +133,8 @@ struct StopState {
     /// keeps listening on it after daxd stops, so it is not shut down; a connection to the
     /// path wakes accept instead.
     inherited: Option<PathBuf>,
-    connection: Mutex<Option<ShutdownHandle>>,
+    /// The connections being served, by number.
+    connections: Mutex<Vec<(u64, ShutdownHandle)>>,
 }
 
 impl std::fmt::Debug for Stopper {
@@ -143,11 +148,10 @@ impl std::fmt::Debug for Stopper {
 impl Stopper {
     pub fn stop(&self) {
         self.state.stopped.store(true, Ordering::SeqCst);
-        if let Some(connection) = self.lock_connection().take() {
-            // The serving loop ends when this connection does, without another accept.
+        for (_, connection) in self.lock_connections().drain(..) {
             connection.shutdown();
-            return;
         }
+        // The serving loop may be waiting in accept for another frontend.
         if !self.wake_by_connecting() {
             // shutdown(2) wakes accept, and ends listening for every holder of the socket.
             if let Err(e) = rustix::net::shutdown(&self.state.listener, rustix::net::Shutdown::Both)
@@ -171,24 +175,39 @@ impl Stopper {
         self.state.stopped.load(Ordering::SeqCst)
     }
 
-    fn lock_connection(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, Vec<(u64, ShutdownHandle)>> {
         self.state
-            .connection
+            .connections
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records the connection being served; shuts it down at once if a stop came first.
-    fn serving(&self, connection: Option<ShutdownHandle>) {
-        let mut current = self.lock_connection();
-        *current = connection;
+    /// Records a connection being served; shuts it down at once if a stop came first.
+    fn serving(&self, number: u64, connection: Option<ShutdownHandle>) {
+        let Some(connection) = connection else {
+            return;
+        };
+        let mut current = self.lock_connections();
         if self.is_stopped() {
-            if let Some(connection) = current.take() {
-                connection.shutdown();
-            }
+            connection.shutdown();
+        } else {
+            current.push((number, connection));
         }
     }
+
+    /// A connection ended.
+    fn ended(&self, number: u64) {
+        self.lock_connections().retain(|(n, _)| *n != number);
+    }
 }
+
+/// How many frontends one socket serves at once: a VM's, and during a live migration on
+/// this host the destination's, which connects while the source still runs (QEMU
+/// starting with `-incoming` sets up its devices before the migration starts, and it
+/// cannot start while a backend does not answer). Both are served by this process through
+/// the one mapping of the region, so neither can see data older than the other wrote, and
+/// the region keeps its one writer. A third frontend waits until one of them leaves.
+pub const CONNECTIONS_AT_ONCE: usize = 2;
 
 /// A listening vhost-user socket and the loop that serves one frontend after another.
 pub struct Server {
@@ -240,7 +259,7 @@ impl Server {
                     stopped: AtomicBool::new(false),
                     listener: second,
                     inherited,
-                    connection: Mutex::new(None),
+                    connections: Mutex::new(Vec::new()),
                 }),
             },
         })
@@ -287,55 +306,98 @@ impl Server {
         })
     }
 
-    /// One connection after another: each gets a fresh backend and daemon (no state of
-    /// one frontend leaks into the next) and a registry owner whose mappings go when it
-    /// ends.
+    /// Serves frontends, up to [`CONNECTIONS_AT_ONCE`] at a time: each connection gets a
+    /// fresh backend and daemon (no state of one frontend leaks into another) and a
+    /// registry owner whose mappings go when it ends.
     fn serve<B>(
         mut self,
         registry: &Registry,
-        backend: impl Fn(OwnerId, GuestMemoryAtomic<GuestMemoryMmap>) -> B,
+        backend: impl Fn(OwnerId, GuestMemoryAtomic<GuestMemory>) -> B,
     ) -> Result<(), ServeError>
     where
-        B: VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock> + 'static,
+        B: VhostUserBackend<Bitmap = DirtyLog, Vring = Vring> + 'static,
     {
         let name = self.name;
         // Before the first frontend: everything a connection's threads do is bounded by
         // this thread's list, since they inherit it.
         daxd_confine::enter(daxd_confine::ThreadKind::Server).map_err(ServeError::Confine)?;
-        for connection in 1u64.. {
-            if self.stopper.is_stopped() {
-                break;
-            }
-            let owner = registry.new_owner(&format!("vhost-user-{name} connection {connection}"));
-            let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-            let backend = Arc::new(backend(owner, mem.clone()));
-            let mut daemon =
-                VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem)
-                    .map_err(ServeError::Daemon)?;
-            if let Err(e) = daemon.start(&mut self.listener) {
-                registry.release_owner(owner);
-                if self.stopper.is_stopped() {
+        let served = Mutex::new(Vec::<u64>::new());
+        let slot_freed = Condvar::new();
+        let stopper = self.stopper.clone();
+        let result = std::thread::scope(|scope| {
+            for connection in 1u64.. {
+                {
+                    let mut current = served.lock().unwrap_or_else(|e| e.into_inner());
+                    while current.len() >= CONNECTIONS_AT_ONCE && !stopper.is_stopped() {
+                        current = slot_freed
+                            .wait_timeout(current, std::time::Duration::from_millis(100))
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0;
+                    }
+                }
+                if stopper.is_stopped() {
                     break;
                 }
-                return Err(ServeError::Accept(e));
+                let owner =
+                    registry.new_owner(&format!("vhost-user-{name} connection {connection}"));
+                let mem = GuestMemoryAtomic::new(GuestMemory::new());
+                let backend = Arc::new(backend(owner, mem.clone()));
+                // On an error, the connections being served are ended too: the scope
+                // returns only once they have.
+                let mut daemon =
+                    match VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem)
+                    {
+                        Ok(daemon) => daemon,
+                        Err(e) => {
+                            registry.release_owner(owner);
+                            stopper.stop();
+                            return Err(ServeError::Daemon(e));
+                        }
+                    };
+                if let Err(e) = daemon.start(&mut self.listener) {
+                    registry.release_owner(owner);
+                    if stopper.is_stopped() {
+                        break;
+                    }
+                    stopper.stop();
+                    return Err(ServeError::Accept(e));
+                }
+                stopper.serving(connection, daemon.shutdown_handle());
+                {
+                    let mut current = served.lock().unwrap_or_else(|e| e.into_inner());
+                    match current.as_slice() {
+                        [] => info!("{name}: frontend connected (connection {connection})"),
+                        others => info!(
+                            "{name}: frontend connected (connection {connection}) while connection {others:?} is served: a live migration's destination, served through the same mapping of the region"
+                        ),
+                    }
+                    current.push(connection);
+                }
+                let (served, slot_freed, stopper) = (&served, &slot_freed, &stopper);
+                scope.spawn(move || {
+                    match daemon.wait() {
+                        Ok(())
+                        | Err(vhost_user_backend::Error::HandleRequest(
+                            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                        )) => info!("{name}: frontend disconnected (connection {connection})"),
+                        Err(e) => warn!("{name}: connection {connection} ended: {e}"),
+                    }
+                    stopper.ended(connection);
+                    // Dropping the daemon stops and joins its queue workers; then nothing
+                    // of this connection can still be using its mappings.
+                    drop(daemon);
+                    registry.release_owner(owner);
+                    served
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|c| *c != connection);
+                    slot_freed.notify_all();
+                });
             }
-            self.stopper.serving(daemon.shutdown_handle());
-            info!("{name}: frontend connected (connection {connection})");
-            match daemon.wait() {
-                Ok(())
-                | Err(vhost_user_backend::Error::HandleRequest(
-                    VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                )) => info!("{name}: frontend disconnected (connection {connection})"),
-                Err(e) => warn!("{name}: connection {connection} ended: {e}"),
-            }
-            self.stopper.serving(None);
-            // Dropping the daemon stops and joins its queue workers; then nothing of this
-            // connection can still be using its mappings.
-            drop(daemon);
-            registry.release_owner(owner);
-        }
+            Ok(())
+        });
         info!("{name}: stopped serving");
-        Ok(())
+        result
     }
 }
 

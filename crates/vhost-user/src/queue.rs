@@ -9,15 +9,16 @@ use std::sync::Arc;
 
 use daxd_virtio::{chain_at, RefusalLog};
 use log::warn;
-use vhost_user_backend::{VringRwLock, VringState, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::vring_avail;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::dirty_log::{GuestMemory, Vring, VringState};
 use crate::inflight::InflightArea;
 
 /// How a device's queues are drained.
@@ -130,7 +131,7 @@ impl Tracking {
 /// earlier backend took and did not complete.
 #[derive(Debug)]
 pub(crate) enum Descriptors<'m> {
-    Ring(DescriptorChain<&'m GuestMemoryMmap>),
+    Ring(DescriptorChain<&'m GuestMemory>),
     Again(std::vec::IntoIter<Descriptor>),
 }
 
@@ -154,8 +155,8 @@ impl Iterator for Descriptors<'_> {
 /// notifications are re-enabled: meanwhile the driver does not kick, and a new request is
 /// picked up without a system call on either side.
 pub(crate) fn drain(
-    vring: &VringRwLock,
-    mem: &GuestMemoryMmap,
+    vring: &Vring,
+    mem: &GuestMemory,
     settings: &Settings<'_>,
     tracking: &Tracking,
     resubmit: Vec<u16>,
@@ -188,6 +189,11 @@ pub(crate) fn drain(
         }
     }
     loop {
+        if !state.get_queue().ready() {
+            // Stopped (GET_VRING_BASE) while this worker polled without the lock: from now
+            // on it writes nothing into guest memory, not even the event index.
+            return Ok(());
+        }
         if event_idx {
             state.disable_notification().map_err(io::Error::other)?;
         }
@@ -236,7 +242,7 @@ pub(crate) fn drain(
 
 /// How many chains the available ring claims beyond what was taken, if that is more than
 /// the ring holds (a driver or frontend out of step with the ring).
-fn impossible_avail(state: &VringState, mem: &GuestMemoryMmap) -> io::Result<Option<u16>> {
+fn impossible_avail(state: &VringState, mem: &GuestMemory) -> io::Result<Option<u16>> {
     let queue = state.get_queue();
     let avail = queue
         .avail_idx(mem, Ordering::Acquire)
@@ -247,7 +253,7 @@ fn impossible_avail(state: &VringState, mem: &GuestMemoryMmap) -> io::Result<Opt
 
 /// Completes a chain that [`drain`] left to its handler, from any thread.
 pub(crate) fn complete_later(
-    vring: &VringRwLock,
+    vring: &Vring,
     tracking: &Tracking,
     head: u16,
     used: u32,
@@ -262,7 +268,7 @@ pub(crate) fn complete_later(
 
 /// Makes the queue's worker look at the ring once, as if the driver had kicked: after a
 /// restart, a driver waiting for requests an earlier backend took does not kick again.
-pub(crate) fn kick(vring: &VringRwLock) -> io::Result<()> {
+pub(crate) fn kick(vring: &Vring) -> io::Result<()> {
     let state = vring.get_ref();
     let Some(kick) = state.get_kick() else {
         return Ok(());
@@ -279,7 +285,7 @@ pub(crate) fn kick(vring: &VringRwLock) -> io::Result<()> {
 fn poll_for_work(
     avail_ring: GuestAddress,
     next_avail: u16,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMemory,
     poll: Duration,
 ) -> io::Result<bool> {
     let idx = avail_ring

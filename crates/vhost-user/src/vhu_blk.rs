@@ -16,13 +16,14 @@ use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{DaemonThread, VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{DaemonThread, VhostUserBackend, VringT};
 use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::dirty_log::{DirtyLog, GuestMemory, Vring};
 use crate::inflight::{self, InflightArea, Recovery};
 use crate::queue::{self, Tracking};
 use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled, PendingFlush};
@@ -39,7 +40,7 @@ pub struct VhostUserBlkBackend {
     notifier: Arc<ConfigNotifier>,
     /// This connection's mappings in the registry.
     owner: OwnerId,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<GuestMemory>,
     /// Guest memory that is region pages (pmem windows the VMM mapped from the region
     /// file), read once per batch by the queue workers.
     guest_windows: ArcSwap<Vec<GuestWindow>>,
@@ -63,11 +64,18 @@ pub struct VhostUserBlkBackend {
 
 /// A FLUSH request waiting for the flusher.
 struct FlushJob {
-    vring: VringRwLock,
+    vring: Vring,
     /// The FLUSH stays in flight for a successor until its completion is published.
     tracking: Tracking,
     head: u16,
     pending: PendingFlush,
+}
+
+/// What a queue worker or the message handler hands the flusher thread.
+enum ToFlusher {
+    Flush(FlushJob),
+    /// Answered once every FLUSH handed over before it is completed.
+    Settle(mpsc::Sender<()>),
 }
 
 /// The connection's flusher thread: one `fdatasync` completes every FLUSH that arrived
@@ -77,20 +85,25 @@ struct FlushJob {
 /// thread.
 #[derive(Debug)]
 struct Flusher {
-    sender: Option<mpsc::Sender<FlushJob>>,
+    sender: Option<mpsc::Sender<ToFlusher>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Flusher {
-    fn spawn(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Flusher {
-        let (sender, receiver) = mpsc::channel::<FlushJob>();
+    fn spawn(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> Flusher {
+        let (sender, receiver) = mpsc::channel::<ToFlusher>();
         let spawned = std::thread::Builder::new()
             .name("daxd-blk-flush".into())
             .spawn(move || {
                 daxd_confine::enter_or_exit(daxd_confine::ThreadKind::Flusher);
                 while let Ok(first) = receiver.recv() {
-                    let mut jobs = vec![first];
-                    jobs.extend(receiver.try_iter());
+                    let (mut jobs, mut settled) = (Vec::new(), Vec::new());
+                    for message in std::iter::once(first).chain(receiver.try_iter()) {
+                        match message {
+                            ToFlusher::Flush(job) => jobs.push(job),
+                            ToFlusher::Settle(done) => settled.push(done),
+                        }
+                    }
                     let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
                     let used = device.complete_flushes(&pending, &*mem.memory());
                     for (job, used) in jobs.iter().zip(used) {
@@ -99,6 +112,10 @@ impl Flusher {
                         {
                             warn!("cannot complete a FLUSH request: {e}");
                         }
+                    }
+                    for done in settled {
+                        // The asker may have given up waiting; nothing to tell then.
+                        let _ = done.send(());
                     }
                 }
             });
@@ -118,9 +135,28 @@ impl Flusher {
 
     /// Hands a FLUSH over; gives it back if there is no flusher thread.
     fn send(&self, job: FlushJob) -> Result<(), FlushJob> {
-        match &self.sender {
-            Some(sender) => sender.send(job).map_err(|mpsc::SendError(job)| job),
-            None => Err(job),
+        let Some(sender) = &self.sender else {
+            return Err(job);
+        };
+        sender
+            .send(ToFlusher::Flush(job))
+            .map_err(|mpsc::SendError(message)| match message {
+                ToFlusher::Flush(job) => job,
+                ToFlusher::Settle(_) => unreachable!("sent a FLUSH"),
+            })
+    }
+
+    /// Returns once every FLUSH handed over so far is completed (its used entry published
+    /// and the driver notified): a queue that is stopping must leave nothing behind that
+    /// writes into guest memory later.
+    fn settle(&self) {
+        let Some(sender) = &self.sender else {
+            return;
+        };
+        let (done, settled) = mpsc::channel();
+        if sender.send(ToFlusher::Settle(done)).is_ok() {
+            // An error means the thread is gone, and with it every job it had.
+            let _ = settled.recv();
         }
     }
 }
@@ -138,11 +174,12 @@ impl Drop for Flusher {
 
 /// Tells the disk's frontend that the device's config space changed (a disk grown by
 /// `daxd resize`): `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` over the backend channel of the
-/// current connection, if its frontend set one up. QEMU then reads the config space again
+/// connection that last set one up (during a migration, the destination's, which the
+/// guest runs on from then on), if there is one. QEMU then reads the config space again
 /// and interrupts the guest, which sees the new capacity.
 #[derive(Default)]
 pub struct ConfigNotifier {
-    channel: Mutex<Option<Backend>>,
+    channel: Mutex<Option<(OwnerId, Backend)>>,
 }
 
 impl std::fmt::Debug for ConfigNotifier {
@@ -155,8 +192,16 @@ impl std::fmt::Debug for ConfigNotifier {
 }
 
 impl ConfigNotifier {
-    fn set(&self, channel: Option<Backend>) {
-        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = channel;
+    fn set(&self, connection: OwnerId, channel: Backend) {
+        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some((connection, channel));
+    }
+
+    /// `connection` ended: its channel, if the current one, is gone with it.
+    fn ended(&self, connection: OwnerId) {
+        let mut channel = self.channel.lock().unwrap_or_else(|e| e.into_inner());
+        if channel.as_ref().is_some_and(|(owner, _)| *owner == connection) {
+            *channel = None;
+        }
     }
 
     /// Sends the config change and waits for the frontend's reply (with `REPLY_ACK`);
@@ -169,7 +214,8 @@ impl ConfigNotifier {
             .channel
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
+            .as_ref()
+            .map(|(_, channel)| channel.clone());
         match channel {
             Some(channel) => channel.handle_config_change().map(|_| true),
             None => Ok(false),
@@ -183,11 +229,9 @@ impl VhostUserBlkBackend {
         layout: Arc<Layout>,
         notifier: Arc<ConfigNotifier>,
         owner: OwnerId,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<GuestMemory>,
         poll: Duration,
     ) -> Self {
-        // A new connection: the previous frontend's channel is gone with it.
-        notifier.set(None);
         let workers = usize::from(device.config().num_queues);
         let flusher = Flusher::spawn(device.clone(), mem.clone());
         VhostUserBlkBackend {
@@ -214,7 +258,7 @@ impl VhostUserBlkBackend {
     /// chain of `vring` (see [`queue::drain`]).
     fn process_queue(
         &self,
-        vring: &VringRwLock,
+        vring: &Vring,
         queue: usize,
         bufs: &mut ChainBuffers,
     ) -> io::Result<()> {
@@ -274,7 +318,7 @@ impl VhostUserBlkBackend {
     /// pmem window into every vhost-user backend's memory table) and keeps the registry in
     /// step: such pages are guest-visible, so they get descriptors. Files are matched by
     /// device and inode, never by descriptor number, which changes with every table.
-    fn register_guest_windows(&self, mem: &GuestMemoryMmap) {
+    fn register_guest_windows(&self, mem: &GuestMemory) {
         let region = self.device.region();
         let identity = region.identity();
         let mut found = Vec::new();
@@ -366,9 +410,15 @@ impl VhostUserBlkBackend {
     }
 }
 
+impl Drop for VhostUserBlkBackend {
+    fn drop(&mut self) {
+        self.notifier.ended(self.owner);
+    }
+}
+
 impl VhostUserBackend for VhostUserBlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = DirtyLog;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.device.config().num_queues)
@@ -379,7 +429,9 @@ impl VhostUserBackend for VhostUserBlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.device.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.device.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn acked_features(&self, features: u64) {
@@ -393,10 +445,11 @@ impl VhostUserBackend for VhostUserBlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_backend_req_fd(&self, backend: Backend) {
-        self.notifier.set(Some(backend));
+        self.notifier.set(self.owner, backend);
     }
 
     fn get_inflight_fd(
@@ -419,7 +472,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
         Ok(())
     }
 
-    fn start_vring(&self, queue_index: u32, vring: &VringRwLock) -> io::Result<()> {
+    fn start_vring(&self, queue_index: u32, vring: &Vring) -> io::Result<()> {
         let queue = queue_index as usize;
         if let (Some(area), Some(resubmit)) = (self.inflight.load_full(), self.resubmit.get(queue))
         {
@@ -444,6 +497,17 @@ impl VhostUserBackend for VhostUserBlkBackend {
         queue::kick(vring)
     }
 
+    /// The queue stops (`GET_VRING_BASE`: a migration, or the VM stopping): its worker has
+    /// finished its batch (the handler took the vring's lock to mark it not ready, and a
+    /// worker serves nothing from a queue that is not), so what is left are FLUSHes on the
+    /// flusher thread. They are completed before the frontend reads the ring's state;
+    /// after that nothing is written to guest memory nor signalled until the queue starts
+    /// again.
+    fn stop_vring(&self, _queue_index: u32) -> io::Result<()> {
+        self.flusher.settle();
+        Ok(())
+    }
+
     fn set_event_idx(&self, enabled: bool) {
         self.event_idx.store(enabled, Ordering::Relaxed);
     }
@@ -461,7 +525,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         // The handler has already updated the GuestMemoryAtomic we share with it; what is
         // left is to notice memory that is the region file itself.
         self.register_guest_windows(&mem.memory());
@@ -484,7 +548,7 @@ impl VhostUserBackend for VhostUserBlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

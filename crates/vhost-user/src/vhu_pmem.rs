@@ -22,11 +22,12 @@ use vhost::vhost_user::message::{
     VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
-use vhost_user_backend::{DaemonThread, VhostUserBackend, VringRwLock};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vhost_user_backend::{DaemonThread, VhostUserBackend};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
+use crate::dirty_log::{DirtyLog, GuestMemory, Vring};
 use crate::queue;
 use daxd_pmem::{PmemDevice, SHMEM_REGION_ID};
 use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
@@ -36,7 +37,7 @@ use daxd_virtio::Chain;
 pub struct VhostUserPmemBackend {
     device: Arc<PmemDevice>,
     owner: OwnerId,
-    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    mem: GuestMemoryAtomic<GuestMemory>,
     event_idx: AtomicBool,
     backend_req: Mutex<Option<Backend>>,
     /// The registry mapping of the shared-memory window, once QEMU accepted the map.
@@ -59,7 +60,7 @@ impl VhostUserPmemBackend {
     pub fn new(
         device: Arc<PmemDevice>,
         owner: OwnerId,
-        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        mem: GuestMemoryAtomic<GuestMemory>,
     ) -> Self {
         VhostUserPmemBackend {
             device,
@@ -165,7 +166,7 @@ impl VhostUserPmemBackend {
         }
     }
 
-    fn process_queue(&self, vring: &VringRwLock) -> io::Result<()> {
+    fn process_queue(&self, vring: &Vring) -> io::Result<()> {
         let mem = self.mem.memory();
         let mut scratch = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         // FLUSH requests are rare and slow anyway: no polling.
@@ -185,8 +186,8 @@ impl VhostUserPmemBackend {
 }
 
 impl VhostUserBackend for VhostUserPmemBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = DirtyLog;
+    type Vring = Vring;
 
     fn num_queues(&self) -> usize {
         1
@@ -221,7 +222,7 @@ impl VhostUserBackend for VhostUserPmemBackend {
         self.device.read_config(offset, size)
     }
 
-    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
         Ok(())
     }
 
@@ -245,7 +246,7 @@ impl VhostUserBackend for VhostUserPmemBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[Vring],
         _thread_id: usize,
     ) -> io::Result<()> {
         match vrings.get(usize::from(device_event)) {

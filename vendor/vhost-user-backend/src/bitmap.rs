@@ -23,6 +23,9 @@ pub trait BitmapReplace: Bitmap {
 
     /// Replace the internal `Bitmap`
     fn replace(&self, bitmap: Self::InnerBitmap);
+
+    /// Stop logging: the frontend turned `VHOST_F_LOG_ALL` off. (daxd patch.)
+    fn clear(&self) {}
 }
 
 /// A bitmap relative to a memory region
@@ -102,6 +105,10 @@ impl BitmapReplace for BitmapMmapRegion {
         let mut inner = self.inner.write().unwrap();
         inner.replace(bitmap);
     }
+
+    fn clear(&self) {
+        self.inner.write().unwrap().take();
+    }
 }
 
 impl BitmapSlice for BitmapMmapRegion {}
@@ -172,7 +179,8 @@ impl AtomicBitmapMmap {
     // Sets the memory range as dirty. The `offset` is relative to the memory region,
     // so an offset of `0` references the start of the memory region. Any attempt to
     // access beyond the end of the bitmap are simply ignored.
-    fn mark_dirty(&self, offset: usize, len: usize) {
+    // Public so that a backend can keep its own `Bitmap` around it. (daxd patch.)
+    pub fn mark_dirty(&self, offset: usize, len: usize) {
         if len == 0 {
             return;
         }
@@ -193,7 +201,7 @@ impl AtomicBitmapMmap {
     // Check whether the specified offset is marked as dirty. The `offset` is relative
     // to the memory region, so a `0` offset references the start of the memory region.
     // Any attempt to access beyond the end of the bitmap are simply ignored.
-    fn dirty_at(&self, offset: usize) -> bool {
+    pub fn dirty_at(&self, offset: usize) -> bool {
         let page = page_number(offset);
         if page >= self.number_of_pages {
             return false; // ignore out of bound access

@@ -130,6 +130,9 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     #[cfg(feature = "postcopy")]
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
+    // The dirty log the frontend gave (`SET_LOG_BASE`), kept so that memory mapped later
+    // (a new table, an added region) is logged too. (daxd patch.)
+    log: Option<Arc<MmapLogReg>>,
 }
 
 // Ensure VhostUserHandler: Clone + Send + Sync + 'static.
@@ -198,6 +201,7 @@ where
             #[cfg(feature = "postcopy")]
             pending_mem: None,
             worker_threads,
+            log: None,
         })
     }
 }
@@ -376,6 +380,14 @@ where
         self.acked_features = features;
         self.features_acked = true;
 
+        // The frontend ends logging by acking features without LOG_ALL (after a migration,
+        // or one that failed): from then on nothing is marked. (daxd patch.)
+        if features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 && self.log.take().is_some() {
+            for region in self.atomic_mem.memory().iter() {
+                (**region).bitmap().clear();
+            }
+        }
+
         // Upon receiving a `VHOST_USER_SET_FEATURES` message from the front-end without
         // `VHOST_USER_F_PROTOCOL_FEATURES` set, the back-end must enable all rings immediately.
         // While processing the rings (whether they are enabled or not), the back-end must support
@@ -451,6 +463,9 @@ where
             self.mappings = mappings;
             return Ok(Some(bases));
         }
+
+        // Logged from its first write, if a log is on. (daxd patch.)
+        self.attach_log(&mem)?;
 
         // Updating the inner GuestMemory object here will cause all our vrings to
         // see the new one the next time they call to `atomic_mem.memory()`.
@@ -773,6 +788,9 @@ where
             .insert_region(guest_region)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
 
+        // Logged from its first write, if a log is on. (daxd patch.)
+        self.attach_log(&mem)?;
+
         self.atomic_mem.lock().unwrap().replace(mem);
 
         self.backend
@@ -929,26 +947,50 @@ where
     // the size and offset of shared memory area are provided in the `VhostUserLog` message.
     //
     // See https://qemu-project.gitlab.io/qemu/interop/vhost-user.html#migration.
-    // TODO: We ignore the `LOG_ALL` flag on `SET_FEATURES`, so we will continue marking pages as
-    // dirty even if the migration fails. We need to disable the logging after receiving  a
-    // `SET_FEATURE` without the `LOG_ALL` flag.
+    // Logging ends with a `SET_FEATURES` without `LOG_ALL` (see `set_features`).
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
-        let mem = self.atomic_mem.memory();
-
+        // A log smaller than it claims would end the process with SIGBUS at the first
+        // mark past the file's end. (daxd patch.)
+        check_backing(&file, log.mmap_offset, log.mmap_size)?;
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
                 .map_err(VhostUserError::ReqHandlerError)?,
         );
+        let previous = self.log.replace(logmem);
+        let mem = self.atomic_mem.memory();
+        if let Err(e) = self.attach_log(&mem) {
+            self.log = previous;
+            return Err(e);
+        }
+        Ok(())
+    }
+}
 
+impl<T: VhostUserBackend> VhostUserHandler<T>
+where
+    T::Bitmap: BitmapReplace,
+{
+    // Points every region of `mem` at the dirty log, if there is one; all regions or none.
+    // (daxd patch.)
+    fn attach_log(&self, mem: &GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
+        let Some(logmem) = &self.log else {
+            return Ok(());
+        };
         // Let's create all bitmaps first before replacing them, in case any of them fails
         let mut bitmaps = Vec::new();
         for region in mem.iter() {
             let bitmap = <<T as VhostUserBackend>::Bitmap as BitmapReplace>::InnerBitmap::new(
                 region,
-                Arc::clone(&logmem),
+                Arc::clone(logmem),
             )
-            .map_err(VhostUserError::ReqHandlerError)?;
-
+            .map_err(|e| {
+                log::warn!(
+                    "the dirty log does not cover guest memory at {:#x}+{:#x}: {e}",
+                    vm_memory::GuestMemoryRegion::start_addr(region).0,
+                    vm_memory::GuestMemoryRegion::len(region)
+                );
+                VhostUserError::ReqHandlerError(e)
+            })?;
             bitmaps.push((region, bitmap));
         }
 
