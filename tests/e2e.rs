@@ -10,6 +10,7 @@ mod guest_blk;
 mod guest_pmem;
 mod hostile_frontend;
 mod libvirt;
+mod migration;
 mod powercut;
 mod resize;
 mod restart;

@@ -27,10 +27,10 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 pub const QUEUE_SIZE: u16 = 16;
-const MEM_SIZE: usize = 4 << 20;
-const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x1000;
-const USED_RING: u64 = 0x2000;
+pub const MEM_SIZE: usize = 4 << 20;
+pub const DESC_TABLE: u64 = 0;
+pub const AVAIL_RING: u64 = 0x1000;
+pub const USED_RING: u64 = 0x2000;
 /// Each head `h` owns 64 KiB of buffers from here: header, data, status.
 const BUFFERS: u64 = 0x10000;
 const PER_HEAD: u64 = 0x10000;
@@ -83,11 +83,11 @@ impl GuestMem {
         BUFFERS + u64::from(head) * PER_HEAD
     }
 
-    fn status_addr(head: u16) -> u64 {
+    pub fn status_addr(head: u16) -> u64 {
         Self::header(head) + PER_HEAD - 1
     }
 
-    fn data_addr(head: u16) -> u64 {
+    pub fn data_addr(head: u16) -> u64 {
         Self::header(head) + 16
     }
 
@@ -148,6 +148,13 @@ impl GuestMem {
         self.mem
             .read_slice(&mut buf, GuestAddress(Self::data_addr(head)))
             .unwrap();
+        buf
+    }
+
+    /// `len` bytes of guest memory from `at`.
+    pub fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        self.mem.read_slice(&mut buf, GuestAddress(at)).unwrap();
         buf
     }
 
@@ -237,7 +244,7 @@ impl GuestMem {
 /// One connection to a backend, its queue 0 started.
 pub struct Connection {
     /// Kept open: closing it ends the connection.
-    _frontend: Frontend,
+    pub frontend: Frontend,
     kick: EventFd,
     /// Kept open for the backend's completions (the test polls the used ring).
     _call: EventFd,
@@ -312,7 +319,7 @@ impl Connection {
         frontend.set_vring_call(0, &call).unwrap();
         frontend.set_vring_enable(0, true).unwrap();
         Connection {
-            _frontend: frontend,
+            frontend,
             kick,
             _call: call,
         }
@@ -336,31 +343,49 @@ impl Connection {
     }
 }
 
+/// The virtio features [`handshake`] acks.
+pub const FEATURES: u64 =
+    (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX) | VHOST_USER_F_PROTOCOL_FEATURES;
+
 /// Connects and negotiates features and protocol features (in-flight tracking included),
 /// up to the memory table.
 pub fn handshake(socket: &Path) -> Frontend {
+    handshake_with(socket, 0, VhostUserProtocolFeatures::empty())
+}
+
+/// [`handshake`], acking `features` and `protocol` on top of its own (each must be
+/// offered).
+pub fn handshake_with(
+    socket: &Path,
+    features: u64,
+    protocol: VhostUserProtocolFeatures,
+) -> Frontend {
     let mut frontend = connect(socket);
     frontend.set_owner().unwrap();
-    let features = frontend.get_features().unwrap();
-    assert!(features & VHOST_USER_F_PROTOCOL_FEATURES != 0);
-    frontend
-        .set_features(
-            (1 << VIRTIO_F_VERSION_1)
-                | (1 << VIRTIO_RING_F_EVENT_IDX)
-                | VHOST_USER_F_PROTOCOL_FEATURES,
-        )
-        .unwrap();
+    let offered = frontend.get_features().unwrap();
+    assert!(offered & VHOST_USER_F_PROTOCOL_FEATURES != 0);
+    assert_eq!(
+        offered & features,
+        features,
+        "the backend does not offer features {features:#x}"
+    );
+    frontend.set_features(FEATURES | features).unwrap();
     let offered = frontend.get_protocol_features().unwrap();
     assert!(
         offered.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD),
         "the backend does not offer in-flight tracking: {offered:?}"
+    );
+    assert!(
+        offered.contains(protocol),
+        "the backend does not offer {protocol:?}: {offered:?}"
     );
     frontend
         .set_protocol_features(
             VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
+                | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                | protocol,
         )
         .unwrap();
     // Every request waits for the backend's answer, so that a refusal shows where it

@@ -324,6 +324,16 @@ impl Server {
         let served = Mutex::new(Vec::<u64>::new());
         let slot_freed = Condvar::new();
         let stopper = self.stopper.clone();
+        // What is left to do when a connection has ended and its daemon is dropped.
+        let forget = |connection: u64, owner: OwnerId| {
+            stopper.ended(connection);
+            registry.release_owner(owner);
+            served
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|c| *c != connection);
+            slot_freed.notify_all();
+        };
         let result = std::thread::scope(|scope| {
             for connection in 1u64.. {
                 {
@@ -345,8 +355,7 @@ impl Server {
                 // On an error, the connections being served are ended too: the scope
                 // returns only once they have.
                 let mut daemon =
-                    match VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem)
-                    {
+                    match VhostUserDaemon::new(format!("daxd-{name}-{connection}"), backend, mem) {
                         Ok(daemon) => daemon,
                         Err(e) => {
                             registry.release_owner(owner);
@@ -367,32 +376,37 @@ impl Server {
                     let mut current = served.lock().unwrap_or_else(|e| e.into_inner());
                     match current.as_slice() {
                         [] => info!("{name}: frontend connected (connection {connection})"),
+                        [other] => info!(
+                            "{name}: frontend connected (connection {connection}) while connection {other} is served, as a live migration's destination does; both are served through the one mapping of the region"
+                        ),
                         others => info!(
-                            "{name}: frontend connected (connection {connection}) while connection {others:?} is served: a live migration's destination, served through the same mapping of the region"
+                            "{name}: frontend connected (connection {connection}) while connections {others:?} are served"
                         ),
                     }
                     current.push(connection);
                 }
-                let (served, slot_freed, stopper) = (&served, &slot_freed, &stopper);
-                scope.spawn(move || {
-                    match daemon.wait() {
-                        Ok(())
-                        | Err(vhost_user_backend::Error::HandleRequest(
-                            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-                        )) => info!("{name}: frontend disconnected (connection {connection})"),
-                        Err(e) => warn!("{name}: connection {connection} ended: {e}"),
-                    }
-                    stopper.ended(connection);
-                    // Dropping the daemon stops and joins its queue workers; then nothing
-                    // of this connection can still be using its mappings.
-                    drop(daemon);
-                    registry.release_owner(owner);
-                    served
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .retain(|c| *c != connection);
-                    slot_freed.notify_all();
-                });
+                let forget = &forget;
+                let waiter = std::thread::Builder::new()
+                    .name(format!("daxd-{name}-conn"))
+                    .spawn_scoped(scope, move || {
+                        match daemon.wait() {
+                            Ok(())
+                            | Err(vhost_user_backend::Error::HandleRequest(
+                                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+                            )) => info!("{name}: frontend disconnected (connection {connection})"),
+                            Err(e) => warn!("{name}: connection {connection} ended: {e}"),
+                        }
+                        // Dropping the daemon stops and joins its queue workers; then nothing
+                        // of this connection can still be using its mappings.
+                        drop(daemon);
+                        forget(connection, owner);
+                    });
+                if let Err(e) = waiter {
+                    // The daemon moved into the closure was dropped with it, which ended
+                    // the connection.
+                    warn!("{name}: cannot start a thread for connection {connection}: {e}");
+                    forget(connection, owner);
+                }
             }
             Ok(())
         });

@@ -17,9 +17,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{DaemonThread, VhostUserBackend, VringT};
-use vm_memory::{
-    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion,
-};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -199,7 +197,10 @@ impl ConfigNotifier {
     /// `connection` ended: its channel, if the current one, is gone with it.
     fn ended(&self, connection: OwnerId) {
         let mut channel = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        if channel.as_ref().is_some_and(|(owner, _)| *owner == connection) {
+        if channel
+            .as_ref()
+            .is_some_and(|(owner, _)| *owner == connection)
+        {
             *channel = None;
         }
     }

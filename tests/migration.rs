@@ -1,0 +1,240 @@
+//! Live migration: dirty-page logging checked page by page from a frontend's side, two
+//! frontends served at once (a migration's source and destination), and a real guest
+//! migrated between two QEMUs while it writes and reads its daxd disk.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_T_GET_ID;
+
+use crate::support::frontend::{
+    handshake, handshake_with, Connection, GuestMem, FEATURES, MEM_SIZE, USED_RING,
+};
+use crate::support::{pattern, test_dir, Backend};
+
+/// `VHOST_F_LOG_ALL`.
+const LOG_ALL: u64 = 1 << 26;
+/// Bytes of dirty log covering the test's guest memory, one bit per 4 KiB page.
+const LOG_BYTES: usize = MEM_SIZE / 4096 / 8;
+
+/// The frontend's side of the dirty log: a memfd daxd maps.
+struct Log {
+    file: File,
+}
+
+impl Log {
+    fn new(len: u64) -> Log {
+        let fd =
+            rustix::fs::memfd_create("daxd-test-log", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let file = File::from(fd);
+        file.set_len(len).unwrap();
+        Log { file }
+    }
+
+    fn region(&self, size: u64) -> VhostUserDirtyLogRegion {
+        VhostUserDirtyLogRegion {
+            mmap_size: size,
+            mmap_offset: 0,
+            mmap_handle: self.file.as_raw_fd(),
+        }
+    }
+
+    /// The guest pages marked dirty, cleared afterwards (as QEMU's sync does).
+    fn take(&self) -> BTreeSet<u64> {
+        let mut bytes = vec![0u8; LOG_BYTES];
+        rustix::io::pread(&self.file, &mut bytes, 0).unwrap();
+        rustix::io::pwrite(&self.file, &[0u8; LOG_BYTES], 0).unwrap();
+        let mut pages = BTreeSet::new();
+        for (i, byte) in bytes.iter().enumerate() {
+            for bit in 0..8 {
+                if byte & (1 << bit) != 0 {
+                    pages.insert((i * 8 + bit) as u64);
+                }
+            }
+        }
+        pages
+    }
+}
+
+fn start_daxd(dir: &Path) -> Backend {
+    let region = dir.join("region.img");
+    std::fs::write(&region, pattern(7, 1 << 20)).unwrap();
+    Backend::start_daxd(dir, &region, &[])
+}
+
+/// The pages of `[at, at + len)`.
+fn pages(at: u64, len: u64) -> BTreeSet<u64> {
+    (at / 4096..=(at + len - 1) / 4096).collect()
+}
+
+/// With `VHOST_F_LOG_ALL` acked and a log given, every kind of write daxd makes into guest
+/// memory marks exactly its pages: a read's data, the status byte, GET_ID's string, the
+/// used ring (entries, index and, with EVENT_IDX, the avail event). Reading guest memory
+/// (a write request's data) marks nothing. Without `LOG_ALL` nothing is marked.
+#[test]
+fn the_dirty_log_has_every_page_daxd_writes_and_no_other() {
+    let dir = test_dir("daxd-dirty-log-");
+    let daxd = start_daxd(dir.path());
+    let mem = GuestMem::new();
+    let frontend = handshake_with(&daxd.socket, LOG_ALL, VhostUserProtocolFeatures::LOG_SHMFD);
+    frontend.set_mem_table(&[mem.table()]).unwrap();
+    let log = Log::new(4096);
+    frontend.set_log_base(0, Some(log.region(4096))).unwrap();
+    let c = Connection::finish(frontend, &mem, &mut None, 0);
+    let status = pages(GuestMem::status_addr(0), 1);
+    let used = pages(USED_RING, 1);
+    let mut served = 0u16;
+    let mut serve = |put: &dyn Fn()| -> BTreeSet<u64> {
+        log.take();
+        put();
+        mem.make_available(&[0]);
+        c.kick();
+        served += 1;
+        c.wait_used(&mem, served);
+        assert_eq!(mem.status(0), 0, "request {served} failed");
+        log.take()
+    };
+    let expect = |what: &str, found: BTreeSet<u64>, written: &[&BTreeSet<u64>]| {
+        let expected: BTreeSet<u64> = written.iter().flat_map(|p| p.iter().copied()).collect();
+        assert_eq!(
+            found, expected,
+            "{what}: the log has pages {found:x?}, daxd wrote pages {expected:x?}"
+        );
+    };
+
+    let read = serve(&|| mem.put_read(0, 8, 3 * 4096));
+    assert_eq!(
+        mem.read_data(0, 3 * 4096),
+        pattern(7, 1 << 20)[4096..4 * 4096]
+    );
+    expect(
+        "a 12 KiB read",
+        read,
+        &[&pages(GuestMem::data_addr(0), 3 * 4096), &status, &used],
+    );
+    let write = serve(&|| mem.put_write(0, 8, &[0x5a; 8192]));
+    expect("an 8 KiB write", write, &[&status, &used]);
+    let id = serve(&|| mem.put_request(0, VIRTIO_BLK_T_GET_ID, 0, None, 20));
+    expect(
+        "GET_ID",
+        id,
+        &[&pages(GuestMem::data_addr(0), 20), &status, &used],
+    );
+    let flush = serve(&|| mem.put_flush(0));
+    expect("a FLUSH", flush, &[&status, &used]);
+
+    // The frontend ends logging (after a migration, or one that failed).
+    c.frontend.set_features(FEATURES).unwrap();
+    let unlogged = serve(&|| mem.put_read(0, 0, 4096));
+    expect("a read after LOG_ALL was turned off", unlogged, &[]);
+}
+
+/// A log smaller than the frontend claims cannot be used: the connection ends (the
+/// protocol's SET_LOG_BASE reply has no status to refuse it with, and going on without a
+/// log would let the migration copy stale pages), daxd keeps serving.
+#[test]
+fn a_log_that_cannot_be_mapped_ends_the_connection_not_daxd() {
+    let dir = test_dir("daxd-dirty-log-");
+    let mut daxd = start_daxd(dir.path());
+    for (what, file_len, claimed) in [
+        ("a log file shorter than claimed", 0, 4096),
+        ("a log too small for guest memory", 4096, 64),
+    ] {
+        let mem = GuestMem::new();
+        let frontend = handshake_with(&daxd.socket, LOG_ALL, VhostUserProtocolFeatures::LOG_SHMFD);
+        frontend.set_mem_table(&[mem.table()]).unwrap();
+        let log = Log::new(file_len);
+        assert!(
+            frontend.set_log_base(0, Some(log.region(claimed))).is_err(),
+            "{what}: accepted"
+        );
+        assert!(daxd.is_running(), "{what}: daxd died");
+        let next = handshake(&daxd.socket);
+        next.set_mem_table(&[mem.table()]).unwrap();
+        let c = Connection::finish(next, &mem, &mut None, 0);
+        mem.put_read(0, 0, 512);
+        mem.make_available(&[0]);
+        c.kick();
+        c.wait_used(&mem, 1);
+        assert_eq!(mem.status(0), 0, "{what}: the next frontend was not served");
+    }
+}
+
+/// A migration's destination connects while the source is still served: both get
+/// answers at once, and the destination reads what the source wrote.
+#[test]
+fn a_second_frontend_is_served_while_the_first_still_is() {
+    let dir = test_dir("daxd-two-frontends-");
+    let daxd = start_daxd(dir.path());
+    let source_mem = GuestMem::new();
+    let source = Connection::start(&daxd.socket, &source_mem, &mut None, 0);
+    source_mem.put_write(0, 16, &[0xa5; 4096]);
+    source_mem.make_available(&[0]);
+    source.kick();
+    source.wait_used(&source_mem, 1);
+    assert_eq!(source_mem.status(0), 0);
+
+    // Before, this connection waited in the listen backlog until the source left, and
+    // the frontend's first request never got an answer.
+    let destination_mem = GuestMem::new();
+    let destination = Connection::start(&daxd.socket, &destination_mem, &mut None, 0);
+    destination_mem.put_read(0, 16, 4096);
+    destination_mem.make_available(&[0]);
+    destination.kick();
+    destination.wait_used(&destination_mem, 1);
+    assert_eq!(destination_mem.status(0), 0);
+    assert_eq!(destination_mem.read_data(0, 4096), vec![0xa5; 4096]);
+    drop(source);
+}
+
+/// When the frontend stops a queue (`GET_VRING_BASE`, as QEMU does before a migration's
+/// last pass), every request daxd took from the ring is completed by the time it answers,
+/// a FLUSH still on the flusher thread included, and nothing is written afterwards: the
+/// ring's state the frontend migrates is final.
+#[test]
+fn a_stopped_queue_has_every_request_it_took_completed_and_stays_still() {
+    let dir = test_dir("daxd-stop-ring-");
+    let region = dir.path().join("region.img");
+    File::create(&region).unwrap().set_len(64 << 20).unwrap();
+    let daxd = Backend::start_daxd(dir.path(), &region, &[]);
+    let mem = GuestMem::new();
+    let c = Connection::start(&daxd.socket, &mem, &mut None, 0);
+    // Dirty pages for the FLUSH to write back, so that it is still on the flusher thread
+    // when the queue stops.
+    let data = pattern(3, 60 << 10);
+    let mut served = 0u16;
+    for round in 0..64u64 {
+        mem.put_write(0, round * 128, &data);
+        mem.make_available(&[0]);
+        c.kick();
+        served += 1;
+        c.wait_used(&mem, served);
+    }
+    mem.put_flush(0);
+    mem.make_available(&[0]);
+    c.kick();
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    let base = c.frontend.get_vring_base(0).unwrap() as u16;
+    let used_at_reply = mem.used_idx();
+    assert_eq!(
+        base,
+        served + 1,
+        "the FLUSH was not taken from the ring before the queue stopped (test too quick?)"
+    );
+    assert_eq!(
+        used_at_reply, base,
+        "GET_VRING_BASE answered {base} while the used index was {used_at_reply}: a request taken from the ring was completed after the queue stopped"
+    );
+    assert_eq!(mem.status(0), 0, "the FLUSH failed");
+    let ring_then = mem.bytes(USED_RING, 256);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        mem.bytes(USED_RING, 256),
+        ring_then,
+        "the used ring changed after the queue stopped"
+    );
+}
