@@ -315,61 +315,9 @@ pub fn boot_until(
     host: &mut dyn FnMut(&str, &str),
     cut: &mut dyn FnMut(&str) -> bool,
 ) -> Boot {
-    let (kernel, initrd) = guest_image();
     let script_path = guest_script(dir, name, script);
     let console_log = dir.join(format!("{name}.console.log"));
-    let mut qemu = Command::new(&vm.qemu[0]);
-    qemu.args(&vm.qemu[1..])
-        .arg("-machine")
-        .arg(&vm.machine)
-        .args([
-            "-accel",
-            "tcg,thread=multi",
-            "-cpu",
-            "max",
-            "-smp",
-            "2",
-            "-m",
-        ])
-        .arg(&vm.memory)
-        .args(["-object", "memory-backend-memfd,id=mem,size=1G,share=on"])
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-kernel")
-        .arg(&kernel)
-        .arg("-initrd")
-        .arg(&initrd)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 panic=-1 quiet daxd.script={}",
-            script_path.display()
-        ))
-        .args(["-nodefaults", "-display", "none", "-no-reboot"])
-        .arg("-serial")
-        .arg(format!("file:{}", console_log.display()))
-        .args(vm.socket.map_or_else(Vec::new, |socket| {
-            vec![
-                "-chardev".to_owned(),
-                format!(
-                    "socket,id=blk0,path={}{}",
-                    socket.display(),
-                    vm.reconnect_ms
-                        .map_or_else(String::new, |ms| format!(",reconnect-ms={ms}"))
-                ),
-                "-device".to_owned(),
-                format!(
-                    "vhost-user-blk-pci,chardev=blk0,num-queues={}",
-                    vm.num_queues
-                ),
-            ]
-        }))
-        .args([
-            "-virtfs",
-            "local,path=/,mount_tag=host,security_model=none,readonly=on",
-        ])
-        .args(&vm.extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut qemu = qemu_command(vm, &script_path, &console_log);
     let spawned = qemu
         .spawn()
         .unwrap_or_else(|e| panic!("start {:?} (run ci/install-deps.sh): {e}", vm.qemu));
@@ -432,8 +380,67 @@ pub fn boot_until(
     boot
 }
 
+/// The QEMU command that boots `vm` with the test kernel, running `script_path` (see
+/// [`guest_script`]), its serial console written to `console_log`; stdout and stderr piped.
+pub fn qemu_command(vm: &Vm<'_>, script_path: &Path, console_log: &Path) -> Command {
+    let (kernel, initrd) = guest_image();
+    let mut qemu = Command::new(&vm.qemu[0]);
+    qemu.args(&vm.qemu[1..])
+        .arg("-machine")
+        .arg(&vm.machine)
+        .args([
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
+            "-m",
+        ])
+        .arg(&vm.memory)
+        .args(["-object", "memory-backend-memfd,id=mem,size=1G,share=on"])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(&kernel)
+        .arg("-initrd")
+        .arg(&initrd)
+        .arg("-append")
+        .arg(format!(
+            "console=ttyS0 panic=-1 quiet daxd.script={}",
+            script_path.display()
+        ))
+        .args(["-nodefaults", "-display", "none", "-no-reboot"])
+        .arg("-serial")
+        .arg(format!("file:{}", console_log.display()))
+        .args(vm.socket.map_or_else(Vec::new, |socket| {
+            vec![
+                "-chardev".to_owned(),
+                format!(
+                    "socket,id=blk0,path={}{}",
+                    socket.display(),
+                    vm.reconnect_ms
+                        .map_or_else(String::new, |ms| format!(",reconnect-ms={ms}"))
+                ),
+                "-device".to_owned(),
+                format!(
+                    "vhost-user-blk-pci,chardev=blk0,num-queues={}",
+                    vm.num_queues
+                ),
+            ]
+        }))
+        .args([
+            "-virtfs",
+            "local,path=/,mount_tag=host,security_model=none,readonly=on",
+        ])
+        .args(&vm.extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    qemu
+}
+
 /// Kills the QEMU it holds when dropped (a test that panics mid-run).
-struct KillOnDrop(Option<std::process::Child>);
+pub struct KillOnDrop(pub Option<std::process::Child>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

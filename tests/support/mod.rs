@@ -13,6 +13,7 @@ use blkio::{Blkio, Blkioq, Completion, ReqFlags};
 /// Bytes of buffer each queue handle owns; the largest single request the suites send.
 pub mod frontend;
 pub mod guest;
+pub mod qmp;
 
 pub const QUEUE_BUF: usize = 1 << 20;
 

@@ -1,0 +1,66 @@
+# Guest side of the live-migration suite (tests/migration.rs). The guest starts on one
+# QEMU and finishes on another: what it prints before the migration is in the source's
+# console log, the rest in the destination's. Runs from /tmp: the 9p share of the host
+# (/host) blocks migration while it is mounted, so the case unmounts it first; from then
+# on host programs come from the tools disk (serial daxd-tools), as in inner-init.
+
+# tool NAME ARGS...: the host's NAME from the tools disk, with its own libraries.
+tool() {
+    name=$1
+    shift
+    /tools/ld.so --library-path /tools/lib "/tools/bin/$name" "$@"
+}
+
+# The disk whose serial is $1, as vdX.
+disk_with_serial() {
+    for d in /sys/block/vd*; do
+        [ "$(cat "$d/serial" 2> /dev/null)" = "$1" ] && basename "$d"
+    done
+}
+
+# migrate FILES_MIB FIO_MIB: ext4 on the backend's disk /dev/vda with four files of FILES_MIB
+# MiB of random data, their sha256 noted and the page cache dropped. Then "MIGRATE-NOW"
+# (the host migrates the VM now), and meanwhile fio writes FIO_MIB MiB per job (one job
+# per CPU, so both queues) with crc32c verify headers, and the four files are read into
+# the page cache. After fio's verify phase and the reads, the files' sha256 must be what
+# they were, read from the page cache that daxd filled during the migration.
+case_migrate() {
+    files_mib=$1 fio_mib=$2
+    tools=$(disk_with_serial daxd-tools)
+    [ "$tools" != vda ] || { fail "/dev/vda is the tools disk, not the backend's"; return; }
+    mkdir -p /tools
+    mount -t ext4 -o ro "/dev/$tools" /tools || { fail "no tools disk"; return; }
+    host mkfs.ext4 -q -F -E nodiscard /dev/vda || { fail "mkfs.ext4 failed"; return; }
+    mount -t ext4 /dev/vda /mnt || { fail "mount failed"; return; }
+    for i in 1 2 3 4; do
+        dd if=/dev/urandom of=/mnt/file$i bs=1M count="$files_mib" 2> /dev/null
+    done
+    sync
+    sha256sum /mnt/file* > /tmp/sums
+    umount /host/sys /host/proc /host/dev /host \
+        || { fail "cannot unmount the 9p share, which blocks migration"; return; }
+    echo 3 > /proc/sys/vm/drop_caches
+    queue_interrupts > /tmp/irq.before
+    echo "MIGRATE-NOW"
+    tool fio --name=migrate --directory=/mnt --direct=1 --ioengine=libaio --iodepth=16 \
+        --rw=randwrite --bs=4k --size="${fio_mib}M" --numjobs=2 --verify=crc32c \
+        --verify_fatal=1 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+        --group_reporting > /tmp/fio.out 2>&1 &
+    fio_pid=$!
+    cat /mnt/file* > /dev/null
+    echo "READ-DONE"
+    wait "$fio_pid"
+    fio_rc=$?
+    echo "FIO-DONE rc=$fio_rc"
+    grep -E "WRITE:|READ:|verify|err=" /tmp/fio.out
+    [ "$fio_rc" = 0 ] || { cat /tmp/fio.out; fail "fio verify failed (exit $fio_rc)"; }
+    sha256sum -c /tmp/sums > /tmp/sums.out 2>&1 \
+        || { cat /tmp/sums.out; fail "files read during the migration differ from what was written"; }
+    queue_interrupts > /tmp/irq.after
+    while read -r queue after; do
+        before=$(grep "^$queue " /tmp/irq.before | cut -d' ' -f2)
+        echo "RESULT interrupts_$queue $((after - ${before:-0}))"
+        [ "$after" -gt "${before:-0}" ] || fail "queue $queue completed no request during fio"
+    done < /tmp/irq.after
+    umount /mnt || fail "umount failed"
+}
