@@ -299,7 +299,7 @@ fn migrate_a_guest(peer: Peer) -> Migrated {
     let repo = repo_root();
     let script = format!(
         "cp /host{lib}/blk-cases.sh /host{lib}/migrate-cases.sh /tmp/\n\
-         exec sh -c '. /tmp/blk-cases.sh; . /tmp/migrate-cases.sh; run_case migrate case_migrate 32 24'\n",
+         exec sh -c '. /tmp/blk-cases.sh; . /tmp/migrate-cases.sh; run_case migrate case_migrate 32 48'\n",
         lib = repo.join("resources/guest").display()
     );
     let script_path = guest_script(d, "migrate", &script);

@@ -120,9 +120,10 @@ case_discard() {
 }
 
 # Interrupts per virtqueue of the disk: "<queue> <count>" lines, from the MSI-X vectors
-# named virtioN-req.Q in /proc/interrupts (summed over CPUs).
+# named virtioN-req.Q in /proc/interrupts (summed over CPUs). With a device name
+# (virtioN), only that device's: a guest with a second virtio disk.
 queue_interrupts() {
-    grep -E 'virtio[0-9]+-req\.[0-9]+' /proc/interrupts | while read -r line; do
+    grep -E "${1:-virtio[0-9]+}-req\.[0-9]+" /proc/interrupts | while read -r line; do
         name=$(echo "$line" | grep -oE 'req\.[0-9]+')
         sum=0
         for field in $(echo "$line" | cut -d: -f2); do

@@ -21,8 +21,9 @@ disk_with_serial() {
 # migrate FILES_MIB FIO_MIB: ext4 on the backend's disk /dev/vda with four files of FILES_MIB
 # MiB of random data, their sha256 noted and the page cache dropped. Then "MIGRATE-NOW"
 # (the host migrates the VM now), and meanwhile fio writes FIO_MIB MiB per job (one job
-# per CPU, so both queues) with crc32c verify headers, and the four files are read into
-# the page cache. After fio's verify phase and the reads, the files' sha256 must be what
+# per CPU, so both queues) with crc32c verify headers, reading back and checking every
+# 256 blocks it wrote as it goes and the rest at the end, and the four files are read
+# into the page cache. After fio's verify phase and the reads, the files' sha256 must be what
 # they were, read from the page cache that daxd filled during the migration.
 case_migrate() {
     files_mib=$1 fio_mib=$2
@@ -40,11 +41,12 @@ case_migrate() {
     umount /host/sys /host/proc /host/dev /host \
         || { fail "cannot unmount the 9p share, which blocks migration"; return; }
     echo 3 > /proc/sys/vm/drop_caches
-    queue_interrupts > /tmp/irq.before
+    device=$(basename "$(readlink /sys/block/vda/device)")
+    queue_interrupts "$device" > /tmp/irq.before
     echo "MIGRATE-NOW"
     tool fio --name=migrate --directory=/mnt --direct=1 --ioengine=libaio --iodepth=16 \
         --rw=randwrite --bs=4k --size="${fio_mib}M" --numjobs=2 --verify=crc32c \
-        --verify_fatal=1 --cpus_allowed=0-1 --cpus_allowed_policy=split \
+        --verify_backlog=256 --verify_fatal=1 --cpus_allowed=0-1 --cpus_allowed_policy=split \
         --group_reporting > /tmp/fio.out 2>&1 &
     fio_pid=$!
     cat /mnt/file* > /dev/null
@@ -56,7 +58,7 @@ case_migrate() {
     [ "$fio_rc" = 0 ] || { cat /tmp/fio.out; fail "fio verify failed (exit $fio_rc)"; }
     sha256sum -c /tmp/sums > /tmp/sums.out 2>&1 \
         || { cat /tmp/sums.out; fail "files read during the migration differ from what was written"; }
-    queue_interrupts > /tmp/irq.after
+    queue_interrupts "$device" > /tmp/irq.after
     while read -r queue after; do
         before=$(grep "^$queue " /tmp/irq.before | cut -d' ' -f2)
         echo "RESULT interrupts_$queue $((after - ${before:-0}))"

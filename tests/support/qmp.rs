@@ -56,7 +56,7 @@ impl Qmp {
     /// QEMU's description. Events that arrive meanwhile are skipped.
     pub fn try_execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
         let request = json!({ "execute": command, "arguments": arguments });
-        writeln!(self.writer, "{request}").unwrap();
+        writeln!(self.writer, "{request}").map_err(|e| format!("QEMU's QMP socket: {e}"))?;
         loop {
             let message = self.next_message();
             if let Some(value) = message.get("return") {
