@@ -4,9 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -256,6 +260,73 @@ enum Peer {
     QemuStorageDaemon,
 }
 
+/// Where the guest of [`migrate_a_guest`] looks for the host's word: the last MiB of
+/// its disk, outside its file system.
+const MAILBOX: u64 = 511 << 20;
+
+/// Writes `word` into the guest's mailbox, through the region file: daxd's mapping of it
+/// and qemu-storage-daemon's page cache both see it at once.
+fn write_mailbox(region: &Path, word: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(region)
+        .unwrap();
+    file.write_all_at(word, MAILBOX).unwrap();
+}
+
+/// The migration stream from the source QEMU to the destination's `-incoming` socket,
+/// relayed by the test so that it can hold the stream: the source's migration thread then
+/// waits on its socket, and the guest runs on without the migration ending.
+struct Relay {
+    held: Arc<AtomicBool>,
+}
+
+impl Relay {
+    /// Listens on `listen` and relays the first connection to `destination`, both ways.
+    fn start(listen: &Path, destination: PathBuf) -> Relay {
+        let listener = UnixListener::bind(listen).unwrap();
+        let held = Arc::new(AtomicBool::new(false));
+        let relay_held = held.clone();
+        std::thread::spawn(move || {
+            let (source, _) = listener.accept().unwrap();
+            let destination = UnixStream::connect(&destination).unwrap();
+            let pipe = |mut from: UnixStream, mut to: UnixStream, held: Arc<AtomicBool>| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    loop {
+                        while held.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        match from.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if to.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            let forth = pipe(
+                source.try_clone().unwrap(),
+                destination.try_clone().unwrap(),
+                relay_held.clone(),
+            );
+            let back = pipe(destination, source, Arc::new(AtomicBool::new(false)));
+            let _ = forth.join();
+            let _ = back.join();
+        });
+        Relay { held }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::SeqCst);
+    }
+}
+
 /// What QEMU reported of one migration.
 #[derive(Debug)]
 struct Migrated {
@@ -341,6 +412,7 @@ fn migrate_a_guest(peer: Peer) -> Migrated {
         d.join("destination.console.log"),
     );
     let migration_socket = d.join("migration.sock");
+    let relay_socket = d.join("relay.sock");
     let mut source = KillOnDrop(Some(
         vm_on(&source_socket, &d.join("source.qmp"), None)
             .spawn()
@@ -381,25 +453,53 @@ fn migrate_a_guest(peer: Peer) -> Migrated {
         "migrate-set-parameters",
         json!({ "max-bandwidth": 4u64 << 30 }),
     );
+    let relay = Relay::start(&relay_socket, migration_socket.clone());
     qmp.execute(
         "migrate",
-        json!({ "uri": format!("unix:{}", migration_socket.display()) }),
+        json!({ "uri": format!("unix:{}", relay_socket.display()) }),
     );
-    let info = loop {
+    let migration = |qmp: &mut Qmp| {
         let info = qmp.execute("query-migrate", json!({}));
-        match info["status"].as_str() {
-            Some("completed") => break info,
-            Some("failed" | "cancelled") => panic!(
+        if let Some("failed" | "cancelled") = info["status"].as_str() {
+            panic!(
                 "the migration failed: {info}\nsource console:\n{}",
                 console(&source_log)
-            ),
-            _ => {}
+            );
         }
         assert!(
             Instant::now() < deadline,
             "the migration did not end: {info}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        info
+    };
+    // Most of guest memory copied once (all but the last 64 MiB of the first pass), the
+    // stream is held, with the guest still running: what it reads now reaches the
+    // destination only through the dirty log (or in the rest of the first pass).
+    loop {
+        let info = migration(&mut qmp);
+        let remaining = info["ram"]["remaining"].as_u64().unwrap_or(u64::MAX);
+        if info["status"] == "active" && remaining < 64 << 20 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    relay.hold(true);
+    write_mailbox(&region, b"READ");
+    while !console(&source_log).contains("READ-DONE") {
+        let status = qmp.execute("query-status", json!({}));
+        assert_eq!(
+            status["running"], true,
+            "the guest stopped before it read its files: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    relay.hold(false);
+    let info = loop {
+        let info = migration(&mut qmp);
+        if info["status"] == "completed" {
+            break info;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     };
     let migrated = Migrated {
         downtime_ms: info["downtime"].as_u64().unwrap_or_default(),

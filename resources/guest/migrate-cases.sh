@@ -18,20 +18,35 @@ disk_with_serial() {
     done
 }
 
-# migrate FILES_MIB FIO_MIB: ext4 on the backend's disk /dev/vda with four files of FILES_MIB
-# MiB of random data, their sha256 noted and the page cache dropped. Then "MIGRATE-NOW"
-# (the host migrates the VM now), and meanwhile fio writes FIO_MIB MiB per job (one job
-# per CPU, so both queues) with crc32c verify headers, reading back and checking every
-# 256 blocks it wrote as it goes and the rest at the end, and the four files are read
-# into the page cache. After fio's verify phase and the reads, the files' sha256 must be what
-# they were, read from the page cache that daxd filled during the migration.
+# The host's word in the last MiB of the disk (MiB 511), outside the file system: read with
+# O_DIRECT, so from the backend every time (a whole MiB, so that busybox's buffer is
+# page-aligned). The 9p share cannot carry it once unmounted.
+# wait_mailbox WORD: waits until the host has written WORD into the mailbox.
+wait_mailbox() {
+    while [ "$(dd if=/dev/vda bs=1M skip=511 count=1 iflag=direct 2> /dev/null \
+        | head -c ${#1})" != "$1" ]; do
+        sleep 0.05
+    done
+}
+
+# migrate FILES_MIB FIO_MIB: ext4 (448 MiB) on the backend's disk /dev/vda with four files
+# of FILES_MIB MiB of random data, their sha256 noted and the page cache dropped. Then
+# "MIGRATE-NOW" (the host starts migrating the VM), and meanwhile fio writes FIO_MIB MiB
+# per job (one job per CPU, so both queues) with crc32c verify headers, reading back and
+# checking every 256 blocks it wrote as it goes and the rest at the end. When the host
+# writes READ into the mailbox (most of guest memory has been copied once, and the
+# migration cannot end yet), the four files are read into the page cache: pages that only
+# the backend's writes into guest memory changed, so the destination has them right only
+# if the backend logged those writes. "READ-DONE", then the host lets the migration end.
+# After fio and on the destination, the files' sha256 (from that page cache) must be what
+# they were.
 case_migrate() {
     files_mib=$1 fio_mib=$2
     tools=$(disk_with_serial daxd-tools)
     [ "$tools" != vda ] || { fail "/dev/vda is the tools disk, not the backend's"; return; }
     mkdir -p /tools
     mount -t ext4 -o ro "/dev/$tools" /tools || { fail "no tools disk"; return; }
-    host mkfs.ext4 -q -F -E nodiscard /dev/vda || { fail "mkfs.ext4 failed"; return; }
+    host mkfs.ext4 -q -F -E nodiscard /dev/vda 448M || { fail "mkfs.ext4 failed"; return; }
     mount -t ext4 /dev/vda /mnt || { fail "mount failed"; return; }
     for i in 1 2 3 4; do
         dd if=/dev/urandom of=/mnt/file$i bs=1M count="$files_mib" 2> /dev/null
@@ -49,6 +64,7 @@ case_migrate() {
         --verify_backlog=256 --verify_fatal=1 --cpus_allowed=0-1 --cpus_allowed_policy=split \
         --group_reporting > /tmp/fio.out 2>&1 &
     fio_pid=$!
+    wait_mailbox READ
     cat /mnt/file* > /dev/null
     echo "READ-DONE"
     wait "$fio_pid"
