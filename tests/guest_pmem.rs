@@ -133,8 +133,6 @@ fn suite(kind: Kind) {
         }
     };
     let vm = Vm {
-        socket: Some(&backend.socket),
-        num_queues: 2,
         machine,
         memory,
         extra,
@@ -142,7 +140,7 @@ fn suite(kind: Kind) {
             Kind::SharedMemory => sid_qemu(d),
             _ => vec!["qemu-system-x86_64".into()],
         },
-        reconnect_ms: None,
+        ..Vm::blk(&backend.socket, 2)
     };
 
     let payload = d.join("payload.bin");

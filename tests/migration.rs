@@ -394,6 +394,10 @@ fn migrate_a_guest(peer: Peer) -> Migrated {
         }
         let mut vm = Vm::blk(socket, 2);
         vm.extra = extra;
+        // Debian's kernel zeroes every page it allocates (init_on_alloc): the guest's
+        // own store would then mark each page-cache page dirty just before the disk fills
+        // it, and the copy sent after that has the data, logged or not.
+        vm.kernel_args = "init_on_alloc=0".to_owned();
         qemu_command(
             &vm,
             &script_path,

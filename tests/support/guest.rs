@@ -196,6 +196,8 @@ pub struct Vm<'a> {
     /// QEMU reconnects to the vhost-user-blk socket this often when the backend is gone
     /// (`reconnect-ms`; none: a lost backend stops the disk).
     pub reconnect_ms: Option<u32>,
+    /// More kernel command-line parameters.
+    pub kernel_args: String,
 }
 
 impl<'a> Vm<'a> {
@@ -209,6 +211,7 @@ impl<'a> Vm<'a> {
             extra: Vec::new(),
             qemu: vec!["qemu-system-x86_64".into()],
             reconnect_ms: None,
+            kernel_args: String::new(),
         }
     }
 
@@ -222,6 +225,7 @@ impl<'a> Vm<'a> {
             extra: Vec::new(),
             qemu: vec!["qemu-system-x86_64".into()],
             reconnect_ms: None,
+            kernel_args: String::new(),
         }
     }
 }
@@ -406,8 +410,9 @@ pub fn qemu_command(vm: &Vm<'_>, script_path: &Path, console_log: &Path) -> Comm
         .arg(&initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 panic=-1 quiet daxd.script={}",
-            script_path.display()
+            "console=ttyS0 panic=-1 quiet daxd.script={} {}",
+            script_path.display(),
+            vm.kernel_args
         ))
         .args(["-nodefaults", "-display", "none", "-no-reboot"])
         .arg("-serial")
