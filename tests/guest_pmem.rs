@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use daxd_registry::{Snapshot, Target};
 
+use crate::support::inspect;
+
 use crate::support::guest::{boot, host_tool, results, sid_qemu, Vm};
 use crate::support::{file_bytes, pattern, Backend};
 
@@ -59,14 +61,6 @@ fn daxd_args(region: &Path, control: &Path, pmem_socket: Option<&Path>) -> Vec<S
     }
     args.extend(["--control-socket".into(), control.to_str().unwrap().into()]);
     args
-}
-
-/// The registry as `daxd inspect --json` reports it, read as the registry's own type.
-fn inspect(control: &Path) -> Snapshot {
-    let mut inspection: serde_json::Value =
-        serde_json::from_str(&crate::support::daxd_inspect(control, &["--json"]))
-            .expect("inspect --json prints JSON");
-    serde_json::from_value(inspection["registry"].take()).expect("the registry is a Snapshot")
 }
 
 fn suite(kind: Kind) {

@@ -39,9 +39,13 @@ wait_mailbox() {
 # the backend's writes into guest memory changed, so the destination has them right only
 # if the backend logged those writes. "READ-DONE", then the host lets the migration end.
 # After fio and on the destination, the files' sha256 (from that page cache) must be what
-# they were.
+# they were. With PMEM=1, /dev/pmem0 (an NVDIMM: a window of the region that QEMU maps from
+# the region file) gets ext4 mounted with DAX and a file before the migration, one while the
+# migration is held, and one on the destination ("RESULT pmem_after SHA256"). Once
+# checked, "CHECKS-DONE", and the guest waits for DONE in the mailbox (the host looks at
+# daxd's registry meanwhile).
 case_migrate() {
-    files_mib=$1 fio_mib=$2
+    files_mib=$1 fio_mib=$2 pmem=$3
     tools=$(disk_with_serial daxd-tools)
     [ "$tools" != vda ] || { fail "/dev/vda is the tools disk, not the backend's"; return; }
     mkdir -p /tools
@@ -53,6 +57,18 @@ case_migrate() {
     done
     sync
     sha256sum /mnt/file* > /tmp/sums
+    if [ "$pmem" = 1 ]; then
+        nvdimm_to_fsdax || { fail "cannot switch the nvdimm namespace to fsdax"; return; }
+        ns_start=$(cat /sys/bus/nd/devices/namespace0.0/resource)
+        data_start=$(cat /sys/bus/nd/devices/pfn0.0/resource)
+        echo "RESULT pmem_data_offset $((data_start - ns_start))"
+        host mkfs.ext4 -q -F -b 4096 /dev/pmem0 || { fail "mkfs.ext4 of /dev/pmem0 failed"; return; }
+        mkdir -p /pmem
+        mount -t ext4 -o dax=always /dev/pmem0 /pmem || { fail "mount -o dax=always failed"; return; }
+        grep -q "^/dev/pmem0 /pmem ext4 .*dax" /proc/mounts || fail "/pmem is not mounted with DAX"
+        dd if=/dev/urandom of=/pmem/before bs=1M count=8 2> /dev/null
+        sync
+    fi
     umount /host/sys /host/proc /host/dev /host \
         || { fail "cannot unmount the 9p share, which blocks migration"; return; }
     echo 3 > /proc/sys/vm/drop_caches
@@ -66,6 +82,11 @@ case_migrate() {
     fio_pid=$!
     wait_mailbox READ
     cat /mnt/file* > /dev/null
+    if [ "$pmem" = 1 ]; then
+        dd if=/dev/urandom of=/pmem/during bs=1M count=8 2> /dev/null
+        sync
+        sha256sum /pmem/before /pmem/during > /tmp/pmem.sums
+    fi
     echo "READ-DONE"
     wait "$fio_pid"
     fio_rc=$?
@@ -80,5 +101,17 @@ case_migrate() {
         echo "RESULT interrupts_$queue $((after - ${before:-0}))"
         [ "$after" -gt "${before:-0}" ] || fail "queue $queue completed no request during fio"
     done < /tmp/irq.after
+    if [ "$pmem" = 1 ]; then
+        sha256sum -c /tmp/pmem.sums > /tmp/pmem.out 2>&1 \
+            || { cat /tmp/pmem.out; fail "pmem files differ on the destination"; }
+        dd if=/dev/urandom of=/pmem/after bs=1M count=4 2> /dev/null
+        sync
+        echo "RESULT pmem_after $(sha256sum < /pmem/after | cut -d' ' -f1)"
+    fi
+    echo "CHECKS-DONE"
+    wait_mailbox DONE
     umount /mnt || fail "umount failed"
+    if [ "$pmem" = 1 ]; then
+        umount /pmem || fail "umount /pmem failed"
+    fi
 }

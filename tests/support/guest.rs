@@ -488,6 +488,23 @@ pub fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
     )
 }
 
+/// A byte string's sha256 as sha256sum prints it, to compare with what a guest printed.
+pub fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// The `RESULT key value` lines of a console, so far.
 pub fn results(console: &str) -> BTreeMap<String, String> {
     console

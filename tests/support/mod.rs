@@ -318,6 +318,14 @@ pub fn daxd_inspect(control: &Path, format: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// The registry as `daxd inspect --json` reports it, read as the registry's own type.
+pub fn inspect(control: &Path) -> daxd_registry::Snapshot {
+    let mut inspection: serde_json::Value =
+        serde_json::from_str(&daxd_inspect(control, &["--json"]))
+            .expect("inspect --json prints JSON");
+    serde_json::from_value(inspection["registry"].take()).expect("the registry is a Snapshot")
+}
+
 /// A temporary directory for one test; kept (and its path printed) when the environment
 /// sets DAXD_KEEP_TEST_DIR, to read console logs after a run.
 pub fn test_dir(prefix: &str) -> tempfile::TempDir {

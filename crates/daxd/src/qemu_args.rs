@@ -62,6 +62,24 @@ pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64)
             name = w.name
         );
     }
+    let _ = writeln!(
+        out,
+        "# Live migration to another QEMU on this host: start it with the same options and \
+         -incoming defer; it connects to the same daxd socket while the source still runs \
+         (daxd serves both through its one mapping of the region)."
+    );
+    if layout.pmem().next().is_some() {
+        let _ = writeln!(
+            out,
+            "#   Both QEMUs map the pmem windows from the region file, so their pages must not be \
+             copied (QEMU would write old copies into the file under the running source): on \
+             both QEMUs, before migrate-incoming and migrate, QMP \
+             {{\"execute\": \"migrate-set-capabilities\", \"arguments\": {{\"capabilities\": \
+             [{{\"capability\": \"x-ignore-shared\", \"state\": true}}]}}}}. \
+             Guest RAM stays a memfd (not a named file), which is still copied. The guest does \
+             nothing."
+        );
+    }
     if let (Some(socket), Some(w)) = (&config.pmem_socket, config.pmem_window(layout).ok()) {
         let _ = writeln!(
             out,
@@ -74,6 +92,11 @@ pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64)
             "-chardev socket,id=daxd-pmem-{name},path={socket} -device vhost-user-test-device-pci,chardev=daxd-pmem-{name},virtio-id=27,num_vqs=1,config_size=16",
             name = w.name,
             socket = socket_text(socket)
+        );
+        let _ = writeln!(
+            out,
+            "#   QEMU does not migrate a VM with this device (it marks vhost-user-test-device \
+             non-migratable); use the memory-backend-file window above for a VM that moves."
         );
     }
     out
