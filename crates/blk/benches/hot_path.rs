@@ -11,6 +11,11 @@
 //!   window (every request pins them), as when a guest does block I/O to and from its
 //!   DAX-mapped persistent memory.
 //!
+//! Each on two kinds of guest memory: plain (`GuestMemoryMmap<()>`, what daxd used before
+//! it could log dirty pages for live migration) and daxd's (`GuestMemoryMmap<DirtyLog>`,
+//! no log attached, as whenever the VM is not being migrated): the cost of being able to
+//! log, on the request path.
+//!
 //! Set DAXD_BENCH_ITERS to change the number of requests per queue and case (default
 //! 1,000,000).
 
@@ -22,7 +27,11 @@ use std::time::Instant;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
 use virtio_queue::desc::split::Descriptor;
+use vm_memory::bitmap::{Bitmap, BitmapSlice};
+use vm_memory::mmap::NewBitmap;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+
+use daxd_vhost_user::dirty_log::DirtyLog;
 
 use daxd_blk::{BlkConfig, BlkDevice, ChainBuffers, GuestWindow, Handled, Serial};
 use daxd_region::{Layout, Region, RegionConfig, Serve, Window};
@@ -113,29 +122,13 @@ fn main() {
         )
         .unwrap(),
     );
-    // Guest RAM for headers and statuses, and the window mapped from the region file as
-    // QEMU maps a memory-backend-file.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mem = Arc::new(
-        GuestMemoryMmap::<()>::from_ranges_with_files([
-            (GuestAddress(0), 2 * QUEUE_RAM as usize, None),
-            (
-                GuestAddress(WINDOW_GPA),
-                WINDOW as usize,
-                Some(FileOffset::new(file, WINDOW)),
-            ),
-        ])
-        .unwrap(),
-    );
     let guest_window = GuestWindow {
         gpa: WINDOW_GPA,
         len: WINDOW,
         region_offset: WINDOW,
     };
+    let plain = guest_memory::<()>(&path);
+    let logging = guest_memory::<DirtyLog>(&path);
 
     let mut mapped = false;
     for case in [Case::NothingMapped, Case::WindowOutside, Case::InsideWindow] {
@@ -159,27 +152,54 @@ fn main() {
             ("write 4 KiB", VIRTIO_BLK_T_OUT),
         ] {
             for queues in [1, 2] {
-                let ns = run(&device, &mem, guest_window, case, kind, queues, iters);
+                let plain_ns = run(&device, &plain, guest_window, case, kind, queues, iters);
+                let logging_ns = run(&device, &logging, guest_window, case, kind, queues, iters);
                 println!(
-                    "{name}, {}, {queues} queue(s): {ns:.0} ns per request per queue ({iters} requests per queue)",
-                    case.name()
+                    "{name}, {}, {queues} queue(s): {plain_ns:.0} ns per request per queue on plain memory, {logging_ns:.0} ns with the dirty-log bitmap ({:+.1}%) ({iters} requests per queue)",
+                    case.name(),
+                    (logging_ns / plain_ns - 1.0) * 100.0
                 );
             }
         }
     }
 }
 
+/// Guest RAM for headers and statuses, and the window mapped from the region file at
+/// `path` as QEMU maps a memory-backend-file, with bitmap `B`.
+fn guest_memory<B: NewBitmap>(path: &std::path::Path) -> Arc<GuestMemoryMmap<B>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    Arc::new(
+        GuestMemoryMmap::<B>::from_ranges_with_files([
+            (GuestAddress(0), 2 * QUEUE_RAM as usize, None),
+            (
+                GuestAddress(WINDOW_GPA),
+                WINDOW as usize,
+                Some(FileOffset::new(file, WINDOW)),
+            ),
+        ])
+        .unwrap(),
+    )
+}
+
 /// Runs `iters` requests of `kind` on each of `queues` threads at once; returns the mean
 /// time per request of one queue.
-fn run(
+fn run<B>(
     device: &Arc<BlkDevice>,
-    mem: &Arc<GuestMemoryMmap>,
+    mem: &Arc<GuestMemoryMmap<B>>,
     guest_window: GuestWindow,
     case: Case,
     kind: u32,
     queues: u64,
     iters: u64,
-) -> f64 {
+) -> f64
+where
+    B: Bitmap + Send + Sync + 'static,
+    for<'a> <B as vm_memory::bitmap::WithBitmapSlice<'a>>::S: BitmapSlice,
+{
     let barrier = Arc::new(Barrier::new(queues as usize));
     let threads: Vec<_> = (0..queues)
         .map(|q| {
