@@ -13,7 +13,7 @@ use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::vring_avail;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -281,29 +281,38 @@ pub(crate) fn kick(vring: &Vring) -> io::Result<()> {
 }
 
 /// Spins until the driver makes a chain available (the avail ring's index moves past
-/// `next_avail`) or `poll` passes; true if it did.
+/// `next_avail`) or `poll` passes; true if it did. The index's host address is resolved
+/// once and the clock read every few spins: a spin is then one load, where a guest
+/// address lookup and a clock read per spin took a fifth of a busy worker's time.
 fn poll_for_work(
     avail_ring: GuestAddress,
     next_avail: u16,
     mem: &GuestMemory,
     poll: Duration,
 ) -> io::Result<bool> {
+    /// Spins between clock reads (a few hundred ns).
+    const SPINS_PER_CLOCK_READ: u32 = 32;
     let idx = avail_ring
         .checked_add(std::mem::offset_of!(vring_avail, idx) as u64)
         .ok_or_else(|| io::Error::other("avail ring address overflows"))?;
+    let idx = mem
+        .get_slice(idx, std::mem::size_of::<u16>())
+        .map_err(io::Error::other)?;
     let deadline = Instant::now() + poll;
     loop {
-        let avail = u16::from_le(
-            mem.load::<u16>(idx, Ordering::Acquire)
-                .map_err(io::Error::other)?,
-        );
-        if avail != next_avail {
-            return Ok(true);
+        for _ in 0..SPINS_PER_CLOCK_READ {
+            let avail = u16::from_le(
+                idx.load::<u16>(0, Ordering::Acquire)
+                    .map_err(io::Error::other)?,
+            );
+            if avail != next_avail {
+                return Ok(true);
+            }
+            std::hint::spin_loop();
         }
         if Instant::now() >= deadline {
             return Ok(false);
         }
-        std::hint::spin_loop();
     }
 }
 
