@@ -135,6 +135,8 @@ struct StopState {
     inherited: Option<PathBuf>,
     /// The connections being served, by number.
     connections: Mutex<Vec<(u64, ShutdownHandle)>>,
+    /// Signalled when a connection ends (a slot is free) or the server stops.
+    changed: Condvar,
 }
 
 impl std::fmt::Debug for Stopper {
@@ -151,6 +153,7 @@ impl Stopper {
         for (_, connection) in self.lock_connections().drain(..) {
             connection.shutdown();
         }
+        self.state.changed.notify_all();
         // The serving loop may be waiting in accept for another frontend.
         if !self.wake_by_connecting() {
             // shutdown(2) wakes accept, and ends listening for every holder of the socket.
@@ -182,22 +185,36 @@ impl Stopper {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records a connection being served; shuts it down at once if a stop came first.
-    fn serving(&self, number: u64, connection: Option<ShutdownHandle>) {
-        let Some(connection) = connection else {
-            return;
-        };
+    /// Records a connection being served, and returns the numbers of the others being
+    /// served; shuts it down at once if a stop came first.
+    fn serving(&self, number: u64, connection: Option<ShutdownHandle>) -> Vec<u64> {
         let mut current = self.lock_connections();
-        if self.is_stopped() {
-            connection.shutdown();
-        } else {
-            current.push((number, connection));
+        let others = current.iter().map(|(n, _)| *n).collect();
+        match connection {
+            Some(connection) if self.is_stopped() => connection.shutdown(),
+            Some(connection) => current.push((number, connection)),
+            None => {}
         }
+        others
     }
 
-    /// A connection ended.
+    /// A connection ended: its slot is free.
     fn ended(&self, number: u64) {
         self.lock_connections().retain(|(n, _)| *n != number);
+        self.state.changed.notify_all();
+    }
+
+    /// Waits until fewer than `max` connections are served, or the server stops.
+    fn wait_for_a_slot(&self, max: usize) {
+        let mut current = self.lock_connections();
+        while current.len() >= max && !self.is_stopped() {
+            current = self
+                .state
+                .changed
+                .wait_timeout(current, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 }
 
@@ -260,6 +277,7 @@ impl Server {
                     listener: second,
                     inherited,
                     connections: Mutex::new(Vec::new()),
+                    changed: Condvar::new(),
                 }),
             },
         })
@@ -321,30 +339,15 @@ impl Server {
         // Before the first frontend: everything a connection's threads do is bounded by
         // this thread's list, since they inherit it.
         daxd_confine::enter(daxd_confine::ThreadKind::Server).map_err(ServeError::Confine)?;
-        let served = Mutex::new(Vec::<u64>::new());
-        let slot_freed = Condvar::new();
         let stopper = self.stopper.clone();
         // What is left to do when a connection has ended and its daemon is dropped.
         let forget = |connection: u64, owner: OwnerId| {
             stopper.ended(connection);
             registry.release_owner(owner);
-            served
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|c| *c != connection);
-            slot_freed.notify_all();
         };
         let result = std::thread::scope(|scope| {
             for connection in 1u64.. {
-                {
-                    let mut current = served.lock().unwrap_or_else(|e| e.into_inner());
-                    while current.len() >= CONNECTIONS_AT_ONCE && !stopper.is_stopped() {
-                        current = slot_freed
-                            .wait_timeout(current, std::time::Duration::from_millis(100))
-                            .unwrap_or_else(|e| e.into_inner())
-                            .0;
-                    }
-                }
+                stopper.wait_for_a_slot(CONNECTIONS_AT_ONCE);
                 if stopper.is_stopped() {
                     break;
                 }
@@ -371,19 +374,14 @@ impl Server {
                     stopper.stop();
                     return Err(ServeError::Accept(e));
                 }
-                stopper.serving(connection, daemon.shutdown_handle());
-                {
-                    let mut current = served.lock().unwrap_or_else(|e| e.into_inner());
-                    match current.as_slice() {
-                        [] => info!("{name}: frontend connected (connection {connection})"),
-                        [other] => info!(
-                            "{name}: frontend connected (connection {connection}) while connection {other} is served, as a live migration's destination does; both are served through the one mapping of the region"
-                        ),
-                        others => info!(
-                            "{name}: frontend connected (connection {connection}) while connections {others:?} are served"
-                        ),
-                    }
-                    current.push(connection);
+                match stopper.serving(connection, daemon.shutdown_handle()).as_slice() {
+                    [] => info!("{name}: frontend connected (connection {connection})"),
+                    [other] => info!(
+                        "{name}: frontend connected (connection {connection}) while connection {other} is served, as a live migration's destination does; both are served through the one mapping of the region"
+                    ),
+                    others => info!(
+                        "{name}: frontend connected (connection {connection}) while connections {others:?} are served"
+                    ),
                 }
                 let forget = &forget;
                 let waiter = std::thread::Builder::new()
