@@ -192,15 +192,27 @@ fn a_second_frontend_is_served_while_the_first_still_is() {
     assert_eq!(source_mem.status(0), 0);
 
     // Before, this connection waited in the listen backlog until the source left, and
-    // the frontend's first request never got an answer.
-    let destination_mem = GuestMem::new();
-    let destination = Connection::start(&daxd.socket, &destination_mem, &mut None, 0);
-    destination_mem.put_read(0, 16, 4096);
-    destination_mem.make_available(&[0]);
-    destination.kick();
-    destination.wait_used(&destination_mem, 1);
-    assert_eq!(destination_mem.status(0), 0);
-    assert_eq!(destination_mem.read_data(0, 4096), vec![0xa5; 4096]);
+    // the frontend's first request never got an answer: on a thread of its own, so that
+    // the test fails rather than hangs then.
+    let socket = daxd.socket.clone();
+    let (done, answered) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let destination_mem = GuestMem::new();
+        let destination = Connection::start(&socket, &destination_mem, &mut None, 0);
+        destination_mem.put_read(0, 16, 4096);
+        destination_mem.make_available(&[0]);
+        destination.kick();
+        destination.wait_used(&destination_mem, 1);
+        let _ = done.send((
+            destination_mem.status(0),
+            destination_mem.read_data(0, 4096),
+        ));
+    });
+    let (status, data) = answered
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the second frontend was not served within 20 s while the first was connected");
+    assert_eq!(status, 0);
+    assert_eq!(data, vec![0xa5; 4096]);
     drop(source);
 }
 
