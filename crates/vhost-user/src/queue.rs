@@ -115,11 +115,20 @@ impl Tracking {
 
     /// Adds `head`'s used entry, with the tracking around it that lets a successor tell
     /// whether the entry was published.
-    fn publish(&self, state: &mut VringState, head: u16, used: u32) -> io::Result<()> {
+    fn publish<M: GuestMemoryBackend>(
+        &self,
+        state: &mut VringState,
+        mem: &M,
+        head: u16,
+        used: u32,
+    ) -> io::Result<()> {
         if let Some(area) = &self.area {
             area.publishing(self.queue, head);
         }
-        state.add_used(head, used).map_err(io::Error::other)?;
+        state
+            .get_queue_mut()
+            .add_used(mem, head, used)
+            .map_err(io::Error::other)?;
         if let Some(area) = &self.area {
             area.published(self.queue, head, state.get_queue().next_used());
         }
@@ -148,8 +157,10 @@ impl Iterator for Descriptors<'_> {
 
 /// Serves the chains in `resubmit` (heads an earlier backend took from the ring, oldest
 /// first), then every available chain of `vring`, with `handle`, which returns the chain's
-/// used length, or `None` when it completes the chain later itself (a deferred FLUSH). One
-/// lock of the vring and at most one notification per batch. With EVENT_IDX,
+/// used length, or `None` when it completes the chain later itself (a deferred FLUSH).
+/// One lock of the vring and at most one notification per batch; the ring's entries are
+/// read and written through `mem`, not through a fresh load of the vring's memory for
+/// each. With EVENT_IDX,
 /// re-checks the ring after re-enabling notifications so that a chain added in between is
 /// not left waiting. With `poll`, an empty queue is watched that long before
 /// notifications are re-enabled: meanwhile the driver does not kick, and a new request is
@@ -184,7 +195,7 @@ pub(crate) fn drain(
             }
         };
         if let Some(used) = handle(head, Descriptors::Again(descriptors.into_iter())) {
-            tracking.publish(&mut state, head, used)?;
+            tracking.publish(&mut state, mem, head, used)?;
             completed = true;
         }
     }
@@ -195,7 +206,10 @@ pub(crate) fn drain(
             return Ok(());
         }
         if event_idx {
-            state.disable_notification().map_err(io::Error::other)?;
+            state
+                .get_queue_mut()
+                .disable_notification(mem)
+                .map_err(io::Error::other)?;
         }
         if let Some(pending) = impossible_avail(&state, mem)? {
             // virtio-queue would refuse every pop (logging each time) while the index
@@ -211,11 +225,16 @@ pub(crate) fn drain(
             let head = chain.head_index();
             tracking.take(head);
             if let Some(used) = handle(head, Descriptors::Ring(chain)) {
-                tracking.publish(&mut state, head, used)?;
+                tracking.publish(&mut state, mem, head, used)?;
                 completed = true;
             }
         }
-        if completed && state.needs_notification().map_err(io::Error::other)? {
+        if completed
+            && state
+                .get_queue_mut()
+                .needs_notification(mem)
+                .map_err(io::Error::other)?
+        {
             state.signal_used_queue()?;
         }
         completed = false;
@@ -231,7 +250,12 @@ pub(crate) fn drain(
                 continue;
             }
         }
-        if !event_idx || !state.enable_notification().map_err(io::Error::other)? {
+        if !event_idx
+            || !state
+                .get_queue_mut()
+                .enable_notification(mem)
+                .map_err(io::Error::other)?
+        {
             if let Some(poll) = poll {
                 poll.sleeping();
             }
@@ -254,13 +278,18 @@ fn impossible_avail(state: &VringState, mem: &GuestMemory) -> io::Result<Option<
 /// Completes a chain that [`drain`] left to its handler, from any thread.
 pub(crate) fn complete_later(
     vring: &Vring,
+    mem: &GuestMemory,
     tracking: &Tracking,
     head: u16,
     used: u32,
 ) -> io::Result<()> {
     let mut state = vring.get_mut();
-    tracking.publish(&mut state, head, used)?;
-    if state.needs_notification().map_err(io::Error::other)? {
+    tracking.publish(&mut state, mem, head, used)?;
+    if state
+        .get_queue_mut()
+        .needs_notification(mem)
+        .map_err(io::Error::other)?
+    {
         state.signal_used_queue()?;
     }
     Ok(())

@@ -103,10 +103,11 @@ impl Flusher {
                         }
                     }
                     let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
-                    let used = device.complete_flushes(&pending, &*mem.memory());
+                    let mem = mem.memory();
+                    let used = device.complete_flushes(&pending, &*mem);
                     for (job, used) in jobs.iter().zip(used) {
                         if let Err(e) =
-                            queue::complete_later(&job.vring, &job.tracking, job.head, used)
+                            queue::complete_later(&job.vring, &mem, &job.tracking, job.head, used)
                         {
                             warn!("cannot complete a FLUSH request: {e}");
                         }
