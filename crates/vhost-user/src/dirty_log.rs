@@ -10,15 +10,18 @@
 //! `LOG_ALL` again.
 //!
 //! vhost-user-backend's own `BitmapMmapRegion` does the same with an `Arc` clone for every
-//! slice and a lock for every mark; here a slice borrows the region's bitmap, and a mark
-//! with no log attached is one relaxed load, so that the request path costs what it did
-//! without logging (see `cargo bench -p daxd-blk`).
+//! slice and a lock for every mark; here a slice ([`DirtyLogSlice`]) borrows the region's
+//! bitmap, and a mark with no log attached is one relaxed load inlined into the copy, so
+//! that the request path costs what it did without logging: `cargo bench -p daxd-blk`
+//! measures both kinds of memory (under callgrind, 0.7 % more instructions with this
+//! bitmap than with none; with vm-memory's generic `RefSlice` and an out-of-line mark it
+//! was 2.4 %).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapReplace};
-use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
+use vm_memory::bitmap::{Bitmap, BitmapSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
 
 /// Guest memory as daxd's backends see it: mmapped regions, each with a [`DirtyLog`].
@@ -50,32 +53,96 @@ impl DirtyLog {
     }
 }
 
-impl<'a> WithBitmapSlice<'a> for DirtyLog {
-    type S = RefSlice<'a, DirtyLog>;
-}
-
-impl Bitmap for DirtyLog {
+impl Attached {
+    /// What a write costs while no log is attached: one load, inlined into every copy
+    /// into guest memory.
     #[inline]
     fn mark_dirty(&self, offset: usize, len: usize) {
-        if !self.0.active.load(Ordering::Relaxed) {
-            return;
+        if self.active.load(Ordering::Relaxed) {
+            self.mark_dirty_in_log(offset, len);
         }
-        if let Some(log) = &*self.0.log.read().unwrap_or_else(|e| e.into_inner()) {
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn mark_dirty_in_log(&self, offset: usize, len: usize) {
+        if let Some(log) = &*self.log.read().unwrap_or_else(|e| e.into_inner()) {
             log.mark_dirty(offset, len);
         }
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        self.0
-            .log
+        self.log
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .is_some_and(|log| log.dirty_at(offset))
     }
+}
 
-    fn slice_at(&self, offset: usize) -> RefSlice<'_, DirtyLog> {
-        RefSlice::new(self, offset)
+impl<'a> WithBitmapSlice<'a> for DirtyLog {
+    type S = DirtyLogSlice<'a>;
+}
+
+impl Bitmap for DirtyLog {
+    #[inline]
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        self.0.mark_dirty(offset, len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.0.dirty_at(offset)
+    }
+
+    #[inline]
+    fn slice_at(&self, offset: usize) -> DirtyLogSlice<'_> {
+        DirtyLogSlice {
+            log: &self.0,
+            offset,
+        }
+    }
+}
+
+/// The part of a region's [`DirtyLog`] from `offset` on, as a `VolatileSlice` of guest
+/// memory carries it: a borrow, where vhost-user-backend's bitmap slices clone an `Arc`.
+#[derive(Clone, Copy)]
+pub struct DirtyLogSlice<'a> {
+    log: &'a Attached,
+    offset: usize,
+}
+
+impl std::fmt::Debug for DirtyLogSlice<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLogSlice")
+            .field("offset", &self.offset)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WithBitmapSlice<'_> for DirtyLogSlice<'_> {
+    type S = Self;
+}
+
+impl BitmapSlice for DirtyLogSlice<'_> {}
+
+impl Bitmap for DirtyLogSlice<'_> {
+    #[inline]
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        // Wrapping as vm-memory's own slices do: offsets come from accesses already
+        // checked against the slice, and an overflow could only mark a page too many.
+        self.log.mark_dirty(self.offset.wrapping_add(offset), len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.log.dirty_at(self.offset.wrapping_add(offset))
+    }
+
+    #[inline]
+    fn slice_at(&self, offset: usize) -> Self {
+        DirtyLogSlice {
+            log: self.log,
+            offset: self.offset.wrapping_add(offset),
+        }
     }
 }
 
