@@ -105,18 +105,10 @@ impl Bitmap for DirtyLog {
 
 /// The part of a region's [`DirtyLog`] from `offset` on, as a `VolatileSlice` of guest
 /// memory carries it: a borrow, where vhost-user-backend's bitmap slices clone an `Arc`.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub struct DirtyLogSlice<'a> {
     log: &'a Attached,
     offset: usize,
-}
-
-impl std::fmt::Debug for DirtyLogSlice<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyLogSlice")
-            .field("offset", &self.offset)
-            .finish_non_exhaustive()
-    }
 }
 
 impl WithBitmapSlice<'_> for DirtyLogSlice<'_> {

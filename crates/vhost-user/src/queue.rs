@@ -159,13 +159,13 @@ impl Iterator for Descriptors<'_> {
 /// first), then every available chain of `vring`, with `handle`, which returns the chain's
 /// used length, or `None` when it completes the chain later itself (a deferred FLUSH).
 /// One lock of the vring per batch; the ring's entries are read and written through
-/// `mem`, not through a fresh load of the vring's memory for each. Without EVENT_IDX one
-/// notification per batch, with it one whenever the driver's used event index is
-/// reached; with EVENT_IDX the ring is also checked again after notifications are
-/// re-enabled, so that a chain added in between is not left waiting. With `poll`, an
-/// empty queue is watched that long before notifications are re-enabled: meanwhile the
-/// driver does not kick, and a new request is picked up without a system call on either
-/// side.
+/// `mem`, not through a fresh load of the vring's memory for each. The driver is notified
+/// (if it asks to be) at the end of each batch that completed something, and with
+/// EVENT_IDX also every [`NOTIFY_EARLY_EVERY`] within one; with EVENT_IDX the ring is
+/// checked again after notifications are re-enabled, so that a chain added in between is
+/// not left waiting. With `poll`, an empty queue is watched that long before
+/// notifications are re-enabled: meanwhile the driver does not kick, and a new request is
+/// picked up without a system call on either side.
 pub(crate) fn drain(
     vring: &Vring,
     mem: &GuestMemory,
@@ -184,6 +184,8 @@ pub(crate) fn drain(
     }
     let mut state = vring.get_mut();
     let mut completed = false;
+    // Work served since the last early notification, see NOTIFY_EARLY_EVERY.
+    let mut served = 0u64;
     for head in resubmit {
         let queue = state.get_queue();
         let descriptors = match chain_at(mem, GuestAddress(queue.desc_table()), queue.size(), head)
@@ -227,15 +229,11 @@ pub(crate) fn drain(
             tracking.take(head);
             if let Some(used) = handle(head, Descriptors::Ring(chain)) {
                 tracking.publish(&mut state, mem, head, used)?;
-                if event_idx {
-                    // The driver names the completion it waits for: told as soon as that
-                    // one is published, it refills the ring while the rest of the batch
-                    // is served instead of after it (at QD32, 4 KiB reads +25 %, 128 KiB
-                    // sequential reads +20 %). Later completions do not notify again until
-                    // the driver asks.
+                completed = true;
+                served = served.saturating_add(REQUEST_BYTES + u64::from(used));
+                if event_idx && served >= NOTIFY_EARLY_EVERY {
                     notify_if_needed(&mut state, mem)?;
-                } else {
-                    completed = true;
+                    (served, completed) = (0, false);
                 }
             }
         }
@@ -268,6 +266,21 @@ pub(crate) fn drain(
         }
     }
 }
+
+/// With EVENT_IDX, a batch also notifies the driver (if it asked) each time this much has
+/// been served since the last time, in bytes returned plus [`REQUEST_BYTES`] a request,
+/// rather than only when the batch ends: told before the batch ends, the driver refills
+/// the ring while the rest is served. Not after every completion, as qemu-storage-daemon
+/// does: a driver sharing its core with busy workers is then woken for every few requests
+/// and spends its core waking (one blkio client, 2 cores, 2 queues: 0.45M IOPS, against
+/// 1.15-1.7M notifying at the end of each batch only and 1.69-1.77M with this bound; one
+/// queue: 4 KiB reads at QD32 0.83-0.86M against 0.57-0.6M, 128 KiB sequential reads
+/// 14.1-14.4 GB/s against 10.3-12.1).
+const NOTIFY_EARLY_EVERY: u64 = 256 << 10;
+
+/// What serving a request counts for besides the bytes it returns: its parsing, guest
+/// memory lookups and ring work, about what copying a page costs.
+const REQUEST_BYTES: u64 = 4096;
 
 /// Notifies the driver if the used entries added since the last check call for it.
 fn notify_if_needed(state: &mut VringState, mem: &GuestMemory) -> io::Result<()> {
@@ -454,8 +467,8 @@ mod notification_tests {
     }
 
     /// Which chains had a notification sent before they were handled, and whether one
-    /// was sent after the last.
-    fn drain_noting_notifications(chains: u16, event_idx: bool) -> (Vec<bool>, bool) {
+    /// was sent after the last, when each chain returns `used` bytes.
+    fn drain_noting_notifications(chains: u16, event_idx: bool, used: u32) -> (Vec<bool>, bool) {
         let (vring, mem, call) = ring_with(chains, event_idx);
         let refusals = RefusalLog::new("test");
         let settings = Settings {
@@ -472,7 +485,7 @@ mod notification_tests {
             Vec::new(),
             |_, _| {
                 before.push(notified(&call));
-                Some(0)
+                Some(used)
             },
         )
         .unwrap();
@@ -480,12 +493,13 @@ mod notification_tests {
     }
 
     #[test]
-    fn with_event_idx_the_driver_hears_of_the_completion_it_waits_for_before_the_batch_ends() {
-        let (before, after) = drain_noting_notifications(4, true);
+    fn with_event_idx_a_long_batch_tells_the_driver_before_it_ends() {
+        // 64 KiB reads: the fourth completion brings the batch past NOTIFY_EARLY_EVERY.
+        let (before, after) = drain_noting_notifications(6, true, 64 << 10);
         assert_eq!(
             before,
-            [false, true, false, false],
-            "notifications seen as each of 4 chains was handled (the driver waits for the first)"
+            [false, false, false, false, true, false],
+            "notifications seen as each of 6 chains was handled (the driver waits for the first)"
         );
         assert!(
             !after,
@@ -494,9 +508,14 @@ mod notification_tests {
     }
 
     #[test]
-    fn without_event_idx_one_notification_ends_the_batch() {
-        let (before, after) = drain_noting_notifications(4, false);
-        assert_eq!(before, [false; 4]);
-        assert!(after, "no notification after the batch");
+    fn a_short_batch_notifies_once_at_its_end() {
+        for event_idx in [true, false] {
+            let (before, after) = drain_noting_notifications(4, event_idx, 1);
+            assert_eq!(before, [false; 4], "EVENT_IDX {event_idx}");
+            assert!(
+                after,
+                "EVENT_IDX {event_idx}: no notification after the batch"
+            );
+        }
     }
 }
