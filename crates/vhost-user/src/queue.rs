@@ -275,7 +275,7 @@ pub(crate) fn drain(
 /// and spends its core waking (one blkio client, 2 cores, 2 queues: 0.45M IOPS, against
 /// 1.15-1.7M notifying at the end of each batch only and 1.69-1.77M with this bound; one
 /// queue: 4 KiB reads at QD32 0.83-0.86M against 0.57-0.6M, 128 KiB sequential reads
-/// 14.1-14.4 GB/s against 10.3-12.1).
+/// 14.1k-14.4k MiB/s against 10.3k-12.1k).
 const NOTIFY_EARLY_EVERY: u64 = 256 << 10;
 
 /// What serving a request counts for besides the bytes it returns: its parsing, guest
