@@ -115,10 +115,10 @@ impl Tracking {
 
     /// Adds `head`'s used entry, with the tracking around it that lets a successor tell
     /// whether the entry was published.
-    fn publish<M: GuestMemoryBackend>(
+    fn publish(
         &self,
         state: &mut VringState,
-        mem: &M,
+        mem: &GuestMemory,
         head: u16,
         used: u32,
     ) -> io::Result<()> {
