@@ -10,16 +10,15 @@
 use std::cell::RefCell;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use daxd_registry::{Snapshot, Target};
 
-use crate::support::inspect;
-
-use crate::support::guest::{boot, host_tool, results, sid_qemu, Vm};
-use crate::support::{file_bytes, pattern, Backend};
+use crate::support::guest::{
+    boot, host_tool, nvdimm_alternative, print_qemu_args, results, sid_qemu, Vm,
+};
+use crate::support::{file_bytes, inspect, pattern, Backend};
 
 const MIB: u64 = 1 << 20;
 const WINDOW_OFFSET: u64 = 256 * MIB;
@@ -82,15 +81,12 @@ fn suite(kind: Kind) {
     let backend = Backend::start_daxd(d, &region, &serve_args);
 
     // The QEMU options for the window, as daxd prints them.
-    let printed = Command::new(env!("CARGO_BIN_EXE_daxd"))
-        .arg("print-qemu-args")
-        .args(&args[..args.len() - 2])
-        .arg("--socket-path")
-        .arg(&backend.socket)
-        .output()
-        .unwrap();
-    assert!(printed.status.success());
-    let printed = String::from_utf8(printed.stdout).unwrap();
+    let mut print_args = args[..args.len() - 2].to_vec();
+    print_args.extend([
+        "--socket-path".to_owned(),
+        backend.socket.display().to_string(),
+    ]);
+    let printed = print_qemu_args(&print_args);
     let line = |prefix: &str| {
         printed
             .lines()
@@ -108,16 +104,7 @@ fn suite(kind: Kind) {
     let machine = match kind {
         Kind::VirtioPmem | Kind::SharedMemory => "q35".to_owned(),
         Kind::Nvdimm => {
-            // print-qemu-args offers the NVDIMM alternative in a comment.
-            let nvdimm = printed
-                .lines()
-                .find_map(|l| {
-                    l.split("-device ")
-                        .nth(1)
-                        .filter(|d| d.starts_with("nvdimm"))
-                })
-                .expect("an nvdimm alternative")
-                .to_owned();
+            let nvdimm = nvdimm_alternative(&printed);
             let at = extra
                 .iter()
                 .position(|a| a.starts_with("virtio-pmem-pci"))

@@ -23,8 +23,8 @@ use crate::support::frontend::{
     handshake, handshake_with, Connection, GuestMem, FEATURES, MEM_SIZE, USED_RING,
 };
 use crate::support::guest::{
-    guest_script, host_tool, parse_console, qemu_command, repo_root, sha256, tools_disk,
-    KillOnDrop, Vm,
+    guest_script, host_tool, nvdimm_alternative, parse_console, print_qemu_args, qemu_command,
+    repo_root, sha256, tools_disk, KillOnDrop, Vm,
 };
 use crate::support::qmp::Qmp;
 use crate::support::{pattern, test_dir, Backend};
@@ -419,32 +419,26 @@ fn migrate_a_guest(case: Case) -> Migrated {
             let daxd = Backend::start_daxd(d, &region, &options);
             if pmem {
                 // The pmem window's QEMU options as daxd prints them.
-                let printed = Command::new(env!("CARGO_BIN_EXE_daxd"))
-                    .arg("print-qemu-args")
-                    .arg("--region")
-                    .arg(&region)
-                    .arg("--socket-path")
-                    .arg(&daxd.socket)
-                    .args(&options)
-                    .output()
-                    .unwrap();
-                let printed = String::from_utf8(printed.stdout).unwrap();
+                let mut print_args = vec![
+                    "--region".to_owned(),
+                    region.display().to_string(),
+                    "--socket-path".to_owned(),
+                    daxd.socket.display().to_string(),
+                ];
+                print_args.extend(options.iter().map(|o| o.to_string()));
+                let printed = print_qemu_args(&print_args);
                 let backend = printed
                     .lines()
                     .find(|l| l.starts_with("-object memory-backend-file"))
                     .and_then(|l| l.split_whitespace().nth(1))
                     .unwrap_or_else(|| panic!("no pmem window in print-qemu-args:\n{printed}"));
-                let nvdimm = printed
-                    .lines()
-                    .find_map(|l| l.split_once("-device nvdimm,").map(|(_, d)| d))
-                    .unwrap_or_else(|| panic!("no NVDIMM in print-qemu-args:\n{printed}"));
                 // As an NVDIMM: after a migration, the guest's first virtio-pmem FLUSH never
                 // completes (QEMU 10.0 and 11.1 alike, whatever the backend; see README).
                 pmem_args = vec![
                     "-object".to_owned(),
                     backend.to_owned(),
                     "-device".to_owned(),
-                    format!("nvdimm,{nvdimm}"),
+                    nvdimm_alternative(&printed),
                 ];
                 assert!(
                     printed.contains("x-ignore-shared"),
@@ -553,17 +547,16 @@ fn migrate_a_guest(case: Case) -> Migrated {
         std::thread::sleep(Duration::from_millis(20));
     }
     let source_owners = if pmem {
-        pmem_window_owners(&control)
+        let owners = pmem_window_owners(&control);
+        assert_eq!(
+            owners.len(),
+            1,
+            "the source's pmem window in daxd's registry: {owners:?}"
+        );
+        owners
     } else {
         Vec::new()
     };
-    if pmem {
-        assert_eq!(
-            source_owners.len(),
-            1,
-            "the source's pmem window in daxd's registry: {source_owners:?}"
-        );
-    }
 
     let mut qmp = Qmp::connect(&d.join("source.qmp"));
     qmp.execute("migrate-set-capabilities", capabilities);

@@ -488,6 +488,30 @@ pub fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
     )
 }
 
+/// What `daxd print-qemu-args` prints for daxd's `args` (which name the region and the
+/// socket), to build a guest's QEMU options from.
+pub fn print_qemu_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let printed = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .arg("print-qemu-args")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(printed.status.success(), "daxd print-qemu-args failed");
+    String::from_utf8(printed.stdout).unwrap()
+}
+
+/// The `-device` value of the NVDIMM that `print-qemu-args` offers (in a comment) for a
+/// pmem window instead of virtio-pmem.
+pub fn nvdimm_alternative(printed: &str) -> String {
+    printed
+        .lines()
+        .find_map(|l| {
+            l.split_once("-device nvdimm,")
+                .map(|(_, d)| format!("nvdimm,{d}"))
+        })
+        .unwrap_or_else(|| panic!("print-qemu-args offers no NVDIMM:\n{printed}"))
+}
+
 /// A byte string's sha256 as sha256sum prints it, to compare with what a guest printed.
 pub fn sha256(bytes: &[u8]) -> String {
     use std::io::Write;
