@@ -300,7 +300,7 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 /// Builds every kind's filter (so that a list that does not compile fails at start, not in
 /// a thread) and, for `trap`, the SIGSYS handler. Threads confine themselves with [`enter`].
 pub fn init(mode: Mode) -> Result<(), ConfineError> {
-    bound_malloc_arenas();
+    settle_malloc();
     let mismatch = match mode {
         Mode::Kill => Some(SeccompAction::KillProcess),
         Mode::Log => Some(SeccompAction::Log),
@@ -321,15 +321,34 @@ pub fn init(mode: Mode) -> Result<(), ConfineError> {
         .map_err(|_| ConfineError::Twice)
 }
 
-/// glibc's malloc gives new threads arenas of their own, and once it has made 8 it reads
-/// /sys/devices/system/cpu/online to decide how many more it may make: an openat(2) at a
-/// thread's first allocation, whenever that comes, which no list allows. A fixed bound
-/// settles the number without reading anything.
-fn bound_malloc_arenas() {
+/// Keeps glibc's malloc from opening files on confined threads. A confined thread may make
+/// no openat(2), but malloc reads files lazily, on whichever thread gets there first
+/// (glibc 2.36, Debian's build; found by reading malloc/ and by strace of daxd under
+/// `--seccomp log`):
+/// - the number of arenas: once 8 exist, `arena_get2` reads /sys/devices/system/cpu/online
+///   (`__get_nprocs`) to decide how many more it may make, at a thread's first allocation.
+///   A fixed bound (`M_ARENA_MAX`) settles the number without reading anything.
+/// - heap shrinking: the first time a free shrinks a thread arena's heap (`heap_trim` ->
+///   `shrink_heap`), `check_may_shrink_heap` reads /proc/sys/vm/overcommit_memory once
+///   for the process. `heap_trim` shrinks only when the top chunk has at least
+///   `M_TRIM_THRESHOLD` bytes, and a thread arena's heap is at most 64 MiB
+///   (`HEAP_MAX_SIZE`; 4 huge pages with the `glibc.malloc.hugetlb` tunable), so the
+///   largest threshold keeps the read from ever happening. The price: free memory at the
+///   top of a heap stays mapped instead of being given back; daxd's request path
+///   allocates nothing, so its heaps stay small.
+///
+/// Nothing else in malloc touches a file after start: the huge page settings are read by
+/// `ptmalloc_init` at the first allocation, on the main thread before any filter;
+/// `malloc_printerr` only writes to standard error (and aborts); `MALLOC_TRACE` is read
+/// at start. A different allocator (jemalloc, mimalloc) reads /proc/sys/vm/overcommit_memory
+/// at start too, and would add a C library for what two parameters settle.
+fn settle_malloc() {
     #[cfg(target_env = "gnu")]
     {
         // SAFETY: mallopt only sets a malloc parameter; M_ARENA_MAX takes any positive int.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+        // SAFETY: as above; M_TRIM_THRESHOLD takes any non-negative int.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
     }
 }
 

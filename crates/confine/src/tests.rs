@@ -150,3 +150,54 @@ fn log_mode_lets_the_call_through() {
     assert!(stdout.contains("process survived"), "{stdout}");
     assert!(out.status.success(), "{:?}", out.status);
 }
+
+/// Runs the ignored child test `name` in a process of its own, with `mode` in [`CHILD`].
+fn child(name: &str, mode: &str) -> std::process::Output {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, mode)
+        .output()
+        .unwrap()
+}
+
+/// A confined queue worker allocates 4 MiB in blocks small enough to come from its
+/// arena's heap, then frees them: the last free leaves megabytes at the top of the heap,
+/// which glibc would shrink, reading /proc/sys/vm/overcommit_memory the first time.
+#[test]
+#[ignore = "run by the tests that need it, in a process of its own"]
+fn child_queue_worker_shrinks_its_heap() {
+    if std::env::var(CHILD).as_deref() != Ok("trap") {
+        return;
+    }
+    init(Mode::Trap).unwrap();
+    let worker = std::thread::spawn(|| {
+        enter(ThreadKind::QueueWorker).unwrap();
+        for round in 0..4 {
+            // Below malloc's mmap threshold (128 KiB): from the arena's heap.
+            let blocks: Vec<Vec<u8>> = (0..40).map(|i| vec![i as u8; 100 << 10]).collect();
+            let sum: u64 = blocks.iter().map(|b| u64::from(b[0])).sum();
+            drop(blocks);
+            println!("round {round}: {sum}");
+        }
+    });
+    worker.join().unwrap();
+    println!("process survived");
+}
+
+#[test]
+fn a_confined_thread_can_free_what_shrinks_a_heap() {
+    let out = child("tests::child_queue_worker_shrinks_its_heap", "trap");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("process survived") && out.status.success(),
+        "{:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+}
