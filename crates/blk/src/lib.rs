@@ -145,8 +145,16 @@ pub struct DeviceLimits {
 pub enum Handled {
     /// Completed; the chain's used length.
     Done(u32),
-    /// A FLUSH, still to be completed with [`BlkDevice::complete_flushes`].
+    /// A FLUSH, still to be completed with [`BlkDevice::flush`] and
+    /// [`BlkDevice::complete_flush`].
     Flush(PendingFlush),
+}
+
+/// The outcome of one flush of the region ([`BlkDevice::flush`]), for the FLUSH requests
+/// it serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    status: u8,
 }
 
 /// A FLUSH request waiting for the region to be flushed.
@@ -341,7 +349,7 @@ impl BlkDevice {
     /// Parses and executes one chain. Every request but a valid FLUSH is completed here:
     /// its status is written and [`Handled::Done`] carries the number of bytes written into
     /// the chain's writable buffers (the used length). A FLUSH is returned as
-    /// [`Handled::Flush`], to be completed with [`BlkDevice::complete_flushes`] so that the
+    /// [`Handled::Flush`], to be completed with [`BlkDevice::complete_flush`] so that the
     /// queue need not wait for the disk. `guest_windows` lists the guest memory that is
     /// region pages (usually none).
     pub fn handle<M: GuestMemoryBackend>(
@@ -430,14 +438,11 @@ impl BlkDevice {
         }
     }
 
-    /// Completes FLUSH requests: one flush of the region makes every write completed
-    /// before any of them was handled durable, then each gets its status. Returns the
-    /// used length of each, in order (1, or 0 where the status could not be written).
-    pub fn complete_flushes<M: GuestMemoryBackend>(
-        &self,
-        pending: &[PendingFlush],
-        mem: &M,
-    ) -> Vec<u32> {
+    /// Flushes the region for FLUSH requests: every write completed before they were
+    /// handled becomes durable. Each of them then gets the outcome with
+    /// [`BlkDevice::complete_flush`]; one flush serves every FLUSH handled before it
+    /// started (group commit).
+    pub fn flush(&self) -> Flushed {
         let status = match self.flush_region() {
             Ok(()) => VIRTIO_BLK_S_OK as u8,
             Err(e) => {
@@ -446,23 +451,30 @@ impl BlkDevice {
             }
         };
         self.region_flushes.fetch_add(1, Ordering::Relaxed);
-        pending
-            .iter()
-            .inspect(|flush| {
-                if let Some(stats) = self.stats.get(flush.queue) {
-                    stats.flush_completed(status, flush.started.elapsed());
-                }
-            })
-            .map(|flush| match mem.write_obj(status, flush.status) {
-                Ok(()) => 1,
-                Err(e) => {
-                    let at = flush.status.0;
-                    self.refusals
-                        .refused(format_args!("cannot write status at {at:#x}: {e}"));
-                    0
-                }
-            })
-            .collect()
+        Flushed { status }
+    }
+
+    /// Completes a FLUSH request with the outcome of a [`BlkDevice::flush`] that started
+    /// after it was handled. Returns its used length: 1, or 0 where the status could not
+    /// be written.
+    pub fn complete_flush<M: GuestMemoryBackend>(
+        &self,
+        flush: &PendingFlush,
+        flushed: Flushed,
+        mem: &M,
+    ) -> u32 {
+        if let Some(stats) = self.stats.get(flush.queue) {
+            stats.flush_completed(flushed.status, flush.started.elapsed());
+        }
+        match mem.write_obj(flushed.status, flush.status) {
+            Ok(()) => 1,
+            Err(e) => {
+                let at = flush.status.0;
+                self.refusals
+                    .refused(format_args!("cannot write status at {at:#x}: {e}"));
+                0
+            }
+        }
     }
 
     /// Requests refused so far (malformed, or failed on the disk).

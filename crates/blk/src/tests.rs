@@ -125,7 +125,7 @@ fn run_with(f: &mut Fixture, chain: &[Descriptor], limits: &DeviceLimits) -> (u3
 fn complete(f: &Fixture, handled: Handled) -> u32 {
     match handled {
         Handled::Done(used) => used,
-        Handled::Flush(pending) => f.device.complete_flushes(&[pending], &f.mem)[0],
+        Handled::Flush(pending) => f.device.complete_flush(&pending, f.device.flush(), &f.mem),
     }
 }
 
@@ -821,7 +821,11 @@ fn flushes_are_deferred_and_completed_together() {
     // Nothing is reported before the flush ran.
     assert_eq!(guest(&f, STATUS, 2), [STATUS_UNTOUCHED, STATUS_UNTOUCHED]);
     let epoch = f.device.registry().snapshot().last_flushed;
-    assert_eq!(f.device.complete_flushes(&[a, b], &f.mem), vec![1, 1]);
+    let flushed = f.device.flush();
+    assert_eq!(
+        [a, b].map(|pending| f.device.complete_flush(&pending, flushed, &f.mem)),
+        [1, 1]
+    );
     assert_eq!(guest(&f, STATUS, 2), [OK, OK]);
     assert!(
         f.device.registry().snapshot().last_flushed > epoch,

@@ -341,26 +341,33 @@ impl Region {
         offset: u64,
         dst: VolatileSlice<'_, B>,
     ) -> Result<(), RegionError> {
-        let mut buf = vec![0u8; dst.len().min(GRANULE as usize)];
         let mut done = 0;
         while done < dst.len() {
-            let n = (dst.len() - done).min(buf.len());
-            let read = rustix::io::pread(&*self.file, &mut buf[..n], offset + done as u64)
-                .map_err(|e| self.io_error("read", e.into()))?;
-            if read == 0 {
-                return Err(self.io_error("read", io::ErrorKind::UnexpectedEof.into()));
+            let rest = self.rest_of(&dst, done, offset)?;
+            match pread_volatile(&self.file, &rest, offset + done as u64) {
+                Ok(0) => {
+                    return Err(self.io_error("read", io::ErrorKind::UnexpectedEof.into()));
+                }
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(self.io_error("read", e.into())),
             }
-            let piece = dst
-                .subslice(done, read)
-                .map_err(|_| RegionError::OutOfRange {
-                    offset,
-                    len: dst.len() as u64,
-                    size: self.size(),
-                })?;
-            piece.copy_from(&buf[..read]);
-            done += read;
         }
         Ok(())
+    }
+
+    /// `slice` from byte `done` on, of a request at region byte `offset`.
+    fn rest_of<'a, B: BitmapSlice>(
+        &self,
+        slice: &VolatileSlice<'a, B>,
+        done: usize,
+        offset: u64,
+    ) -> Result<VolatileSlice<'a, B>, RegionError> {
+        slice.offset(done).map_err(|_| RegionError::OutOfRange {
+            offset,
+            len: slice.len() as u64,
+            size: self.size(),
+        })
     }
 
     /// Copies `src` (guest memory) into the region at `offset`. Where the file is known
@@ -380,19 +387,10 @@ impl Region {
             src.copy_to_volatile_slice(dst);
             return Ok(());
         }
-        let mut buf = vec![0u8; src.len().min(GRANULE as usize)];
-        let mut done = 0;
-        while done < src.len() {
-            let n = (src.len() - done).min(buf.len());
-            let piece = src.subslice(done, n).map_err(|_| RegionError::OutOfRange {
-                offset,
-                len: src.len() as u64,
-                size: self.size(),
-            })?;
-            piece.copy_to(&mut buf[..n]);
-            self.pwrite_all(offset + done as u64, &buf[..n])?;
-            done += n;
-        }
+        self.pwrite_loop(offset, src.len(), |done, at| {
+            pwrite_volatile(&self.file, &self.rest_of(&src, done, offset)?, at)
+                .map_err(WriteError::Errno)
+        })?;
         self.note_data(offset, src.len() as u64);
         Ok(())
     }
@@ -419,26 +417,38 @@ impl Region {
         Ok(())
     }
 
-    fn pwrite_all(&self, offset: u64, mut buf: &[u8]) -> Result<(), RegionError> {
-        let mut at = offset;
-        while !buf.is_empty() {
-            match rustix::io::pwrite(&*self.file, buf, at) {
+    fn pwrite_all(&self, offset: u64, buf: &[u8]) -> Result<(), RegionError> {
+        self.pwrite_loop(offset, buf.len(), |done, at| {
+            rustix::io::pwrite(&*self.file, &buf[done..], at).map_err(WriteError::Errno)
+        })
+    }
+
+    /// Writes `len` bytes at region byte `offset` with `pwrite(done, at)`, which writes
+    /// what it can of the bytes from `done` on at file offset `at`, until all are written.
+    fn pwrite_loop(
+        &self,
+        offset: u64,
+        len: usize,
+        mut pwrite: impl FnMut(usize, u64) -> Result<usize, WriteError>,
+    ) -> Result<(), RegionError> {
+        let mut done = 0;
+        while done < len {
+            let at = offset + done as u64;
+            match pwrite(done, at) {
                 Ok(0) => {
                     return Err(self.io_error("write", io::ErrorKind::WriteZero.into()));
                 }
-                Ok(n) => {
-                    buf = &buf[n..];
-                    at += n as u64;
-                }
-                Err(rustix::io::Errno::NOSPC) => {
+                Ok(n) => done += n,
+                Err(WriteError::Errno(rustix::io::Errno::NOSPC)) => {
                     return Err(RegionError::NoSpace {
                         path: self.path.clone(),
                         offset: at,
-                        len: buf.len() as u64,
+                        len: (len - done) as u64,
                     })
                 }
-                Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(self.io_error("write", e.into())),
+                Err(WriteError::Errno(rustix::io::Errno::INTR)) => {}
+                Err(WriteError::Errno(e)) => return Err(self.io_error("write", e.into())),
+                Err(WriteError::Region(e)) => return Err(e),
             }
         }
         Ok(())
@@ -578,6 +588,81 @@ impl Region {
             source,
         }
     }
+}
+
+/// Why one pwrite of [`Region::pwrite_loop`] failed.
+enum WriteError {
+    Errno(rustix::io::Errno),
+    Region(RegionError),
+}
+
+impl From<RegionError> for WriteError {
+    fn from(e: RegionError) -> WriteError {
+        WriteError::Region(e)
+    }
+}
+
+/// pread(2) from `file` at `offset` straight into `dst` (guest memory), as vm-memory's
+/// `ReadVolatile` does read(2): no bounce buffer, so the request path allocates nothing
+/// (an allocation on a confined thread can make glibc open files; see daxd_confine). The
+/// bytes read are marked dirty for a migration's log.
+fn pread_volatile<B: BitmapSlice>(
+    file: &File,
+    dst: &VolatileSlice<'_, B>,
+    offset: u64,
+) -> rustix::io::Result<usize> {
+    let guard = dst.ptr_guard_mut();
+    // SAFETY: the descriptor is the open file `file` borrows; `guard` points to `dst.len()`
+    // bytes of mapped memory (a VolatileSlice's invariant) that stay mapped while `dst`'s
+    // borrow lives. The kernel writes into them like any other store the guest may race
+    // with; no Rust reference to them exists.
+    let read = unsafe {
+        libc::pread(
+            file.as_raw_fd(),
+            guard.as_ptr().cast(),
+            dst.len(),
+            offset as libc::off_t,
+        )
+    };
+    match usize::try_from(read) {
+        Ok(read) => {
+            dst.bitmap().mark_dirty(0, read);
+            Ok(read)
+        }
+        Err(_) => {
+            // A partial read may have happened.
+            dst.bitmap().mark_dirty(0, dst.len());
+            Err(
+                rustix::io::Errno::from_io_error(&io::Error::last_os_error())
+                    .unwrap_or(rustix::io::Errno::IO),
+            )
+        }
+    }
+}
+
+/// pwrite(2) of `src` (guest memory) into `file` at `offset`, without a bounce buffer (see
+/// [`pread_volatile`]).
+fn pwrite_volatile<B: BitmapSlice>(
+    file: &File,
+    src: &VolatileSlice<'_, B>,
+    offset: u64,
+) -> rustix::io::Result<usize> {
+    let guard = src.ptr_guard();
+    // SAFETY: the descriptor is the open file `file` borrows; `guard` points to `src.len()`
+    // bytes of mapped memory that stay mapped while `src`'s borrow lives; the kernel only
+    // reads them.
+    let written = unsafe {
+        libc::pwrite(
+            file.as_raw_fd(),
+            guard.as_ptr().cast(),
+            src.len(),
+            offset as libc::off_t,
+        )
+    };
+    usize::try_from(written).map_err(|_| {
+        rustix::io::Errno::from_io_error(&io::Error::last_os_error())
+            .unwrap_or(rustix::io::Errno::IO)
+    })
 }
 
 fn check_size(size: u64) -> Result<(), RegionError> {

@@ -2,6 +2,7 @@
 //! `VhostUserBackend` per device type (`vhu_*.rs`). Device logic lives in its own crates.
 
 pub mod dirty_log;
+mod flusher;
 pub mod inflight;
 mod queue;
 pub mod vhu_blk;

@@ -4,7 +4,7 @@
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use std::fs::File;
 
@@ -22,9 +22,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::dirty_log::{DirtyLog, GuestMemory, Vring};
+use crate::flusher::{FlushJob, Flusher};
 use crate::inflight::{self, InflightArea, Recovery};
 use crate::queue::{self, Tracking};
-use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled, PendingFlush};
+use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled};
 use daxd_region::Layout;
 use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
 
@@ -58,117 +59,6 @@ pub struct VhostUserBlkBackend {
     /// Per queue: requests an earlier backend took and never completed, to serve before
     /// anything else (oldest first), found when the queue started.
     resubmit: Vec<Mutex<Vec<u16>>>,
-}
-
-/// A FLUSH request waiting for the flusher.
-struct FlushJob {
-    vring: Vring,
-    /// The FLUSH stays in flight for a successor until its completion is published.
-    tracking: Tracking,
-    head: u16,
-    pending: PendingFlush,
-}
-
-/// What a queue worker or the message handler hands the flusher thread.
-enum ToFlusher {
-    Flush(FlushJob),
-    /// Answered once every FLUSH handed over before it is completed.
-    Settle(mpsc::Sender<()>),
-}
-
-/// The connection's flusher thread: one `fdatasync` completes every FLUSH that arrived
-/// while the previous one ran (group commit). Each FLUSH covers every write completed
-/// before a queue worker handed it over, since those writes were in the mapping before
-/// this thread received it. Dropping it completes what was handed over and joins the
-/// thread.
-#[derive(Debug)]
-struct Flusher {
-    sender: Option<mpsc::Sender<ToFlusher>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Flusher {
-    fn spawn(device: Arc<BlkDevice>, mem: GuestMemoryAtomic<GuestMemory>) -> Flusher {
-        let (sender, receiver) = mpsc::channel::<ToFlusher>();
-        let spawned = std::thread::Builder::new()
-            .name("daxd-blk-flush".into())
-            .spawn(move || {
-                daxd_confine::enter_or_exit(daxd_confine::ThreadKind::Flusher);
-                while let Ok(first) = receiver.recv() {
-                    let (mut jobs, mut settled) = (Vec::new(), Vec::new());
-                    for message in std::iter::once(first).chain(receiver.try_iter()) {
-                        match message {
-                            ToFlusher::Flush(job) => jobs.push(job),
-                            ToFlusher::Settle(done) => settled.push(done),
-                        }
-                    }
-                    let pending: Vec<PendingFlush> = jobs.iter().map(|job| job.pending).collect();
-                    let mem = mem.memory();
-                    let used = device.complete_flushes(&pending, &*mem);
-                    for (job, used) in jobs.iter().zip(used) {
-                        if let Err(e) =
-                            queue::complete_later(&job.vring, &mem, &job.tracking, job.head, used)
-                        {
-                            warn!("cannot complete a FLUSH request: {e}");
-                        }
-                    }
-                    for done in settled {
-                        // The asker may have given up waiting; nothing to tell then.
-                        let _ = done.send(());
-                    }
-                }
-            });
-        let thread = match spawned {
-            Ok(thread) => Some(thread),
-            Err(e) => {
-                // Without the thread the channel is closed and queue workers flush inline.
-                warn!("cannot start the flush thread ({e}); flushing on the queue workers");
-                None
-            }
-        };
-        Flusher {
-            sender: Some(sender),
-            thread,
-        }
-    }
-
-    /// Hands a FLUSH over; gives it back if there is no flusher thread.
-    fn send(&self, job: FlushJob) -> Result<(), FlushJob> {
-        let Some(sender) = &self.sender else {
-            return Err(job);
-        };
-        sender
-            .send(ToFlusher::Flush(job))
-            .map_err(|mpsc::SendError(message)| match message {
-                ToFlusher::Flush(job) => job,
-                ToFlusher::Settle(_) => unreachable!("sent a FLUSH"),
-            })
-    }
-
-    /// Returns once every FLUSH handed over so far is completed (its used entry published
-    /// and the driver notified): a queue that is stopping must leave nothing behind that
-    /// writes into guest memory later.
-    fn settle(&self) {
-        let Some(sender) = &self.sender else {
-            return;
-        };
-        let (done, settled) = mpsc::channel();
-        if sender.send(ToFlusher::Settle(done)).is_ok() {
-            // An error means the thread is gone, and with it every job it had.
-            let _ = settled.recv();
-        }
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        self.sender = None;
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                warn!("the flush thread panicked");
-            }
-        }
-    }
 }
 
 /// Tells the disk's frontend that the device's config space changed (a disk grown by
@@ -235,7 +125,8 @@ impl VhostUserBlkBackend {
         poll: Duration,
     ) -> Self {
         let workers = usize::from(device.config().num_queues);
-        let flusher = Flusher::spawn(device.clone(), mem.clone());
+        let in_flight = workers * usize::from(device.config().queue_size);
+        let flusher = Flusher::spawn(device.clone(), mem.clone(), in_flight);
         VhostUserBlkBackend {
             device,
             layout,
@@ -304,9 +195,11 @@ impl VhostUserBlkBackend {
                         match self.flusher.send(job) {
                             Ok(()) => None,
                             // No flusher thread: flush here.
-                            Err(job) => {
-                                Some(self.device.complete_flushes(&[job.pending], &*mem)[0])
-                            }
+                            Err(job) => Some(self.device.complete_flush(
+                                &job.pending,
+                                self.device.flush(),
+                                &*mem,
+                            )),
                         }
                     }
                 }
