@@ -1,0 +1,144 @@
+//! `daxd inspect --prometheus`: the Prometheus text exposition of an inspection.
+
+use std::fmt::Write as _;
+
+use daxd_blk::stats::LatencyHistogram;
+
+use super::protocol::Inspection;
+
+/// A metric family's HELP and TYPE lines.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Prometheus text exposition (format 0.0.4) of an inspection.
+pub fn prometheus(v: &Inspection) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "daxd_region_bytes",
+        "gauge",
+        "Size of the region file.",
+    );
+    let _ = writeln!(out, "daxd_region_bytes {}", v.region.size);
+    family(
+        &mut out,
+        "daxd_registry_descriptors",
+        "gauge",
+        "Page descriptors for guest-visible pages.",
+    );
+    let _ = writeln!(out, "daxd_registry_descriptors {}", v.registry.descriptors);
+    family(
+        &mut out,
+        "daxd_blk_region_flushes_total",
+        "counter",
+        "fdatasync calls for FLUSH requests.",
+    );
+    let _ = writeln!(
+        out,
+        "daxd_blk_region_flushes_total {}",
+        v.blk.region_flushes
+    );
+    let blk = &v.blk.queues;
+    family(
+        &mut out,
+        "daxd_blk_requests_total",
+        "counter",
+        "Requests by queue and type.",
+    );
+    for q in blk {
+        for (kind, n) in &q.requests {
+            let _ = writeln!(
+                out,
+                "daxd_blk_requests_total{{queue=\"{}\",type=\"{kind}\"}} {n}",
+                q.queue
+            );
+        }
+    }
+    family(
+        &mut out,
+        "daxd_blk_completions_total",
+        "counter",
+        "Completions by queue and status; dropped: chains without a status byte.",
+    );
+    for q in blk {
+        for (status, n) in [
+            ("ok", q.ok),
+            ("ioerr", q.ioerr),
+            ("unsupp", q.unsupp),
+            ("dropped", q.dropped),
+        ] {
+            let _ = writeln!(
+                out,
+                "daxd_blk_completions_total{{queue=\"{}\",status=\"{status}\"}} {n}",
+                q.queue
+            );
+        }
+    }
+    family(
+        &mut out,
+        "daxd_blk_bytes_total",
+        "counter",
+        "Bytes read from and written to the disk, by queue.",
+    );
+    for q in blk {
+        for (direction, n) in [("read", q.bytes_read), ("write", q.bytes_written)] {
+            let _ = writeln!(
+                out,
+                "daxd_blk_bytes_total{{queue=\"{}\",direction=\"{direction}\"}} {n}",
+                q.queue
+            );
+        }
+    }
+    family(
+        &mut out,
+        "daxd_blk_flushes_in_flight",
+        "gauge",
+        "FLUSH requests waiting for the region flush, by queue.",
+    );
+    for q in blk {
+        let _ = writeln!(
+            out,
+            "daxd_blk_flushes_in_flight{{queue=\"{}\"}} {}",
+            q.queue, q.flushes_in_flight
+        );
+    }
+    for (name, help, pick) in [
+        (
+            "daxd_blk_flush_latency_seconds",
+            "FLUSH latency, from parsing to completion, by queue.",
+            (|q| &q.flush_latency) as fn(&daxd_blk::stats::QueueMetrics) -> &LatencyHistogram,
+        ),
+        (
+            "daxd_blk_request_latency_seconds",
+            "Service time of every 64th other request, by queue.",
+            |q| &q.request_latency,
+        ),
+    ] {
+        family(&mut out, name, "histogram", help);
+        for q in blk {
+            let h = pick(q);
+            let mut cumulative = 0;
+            for (i, n) in h.counts.iter().enumerate() {
+                cumulative += n;
+                let le = h
+                    .bounds_us
+                    .get(i)
+                    .map_or("+Inf".to_owned(), |us| format!("{}", *us as f64 / 1e6));
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{queue=\"{}\",le=\"{le}\"}} {cumulative}",
+                    q.queue
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_sum{{queue=\"{}\"}} {}",
+                q.queue,
+                h.sum_ns as f64 / 1e9
+            );
+            let _ = writeln!(out, "{name}_count{{queue=\"{}\"}} {cumulative}", q.queue);
+        }
+    }
+    out
+}

@@ -1,0 +1,92 @@
+//! What crosses the control socket: one [`Request`] as a JSON line from the client, one
+//! JSON document back. The same types on both ends, so that a renamed field breaks the
+//! build, not the output.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use daxd_blk::stats::BlkMetrics;
+use daxd_region::Serve;
+use daxd_registry::Snapshot;
+
+/// What a client asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Request {
+    Inspect,
+    /// Grow the disk to `bytes`.
+    Resize {
+        bytes: u64,
+    },
+}
+
+/// What a resize did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resized {
+    pub window: String,
+    pub before: u64,
+    pub size: u64,
+    pub frontend: FrontendNotice,
+}
+
+/// Whether the frontend heard of a new disk size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrontendNotice {
+    /// The size did not change; nothing to tell.
+    Unchanged,
+    /// It acknowledged the config change: the guest sees the new capacity.
+    Told,
+    /// No frontend with a backend channel is connected; the next one reads the new size.
+    NoChannel,
+    /// It has not answered within the wait; it may still act on it.
+    NoAnswer,
+    /// The channel failed (e.g. the frontend just went away).
+    Failed(String),
+}
+
+/// What `daxd inspect` receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inspection {
+    pub region: RegionInfo,
+    pub windows: Vec<WindowInfo>,
+    pub registry: Snapshot,
+    /// The disk's counters (versioned: `blk.version`).
+    pub blk: BlkMetrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionInfo {
+    pub path: PathBuf,
+    pub size: u64,
+    pub frames: u64,
+    pub map_sync: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowInfo {
+    pub name: String,
+    pub offset: u64,
+    pub size: u64,
+    pub serve: ServeKind,
+}
+
+/// How a window is served, as the control protocol spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServeKind {
+    Blk,
+    Pmem,
+    Both,
+}
+
+impl From<Serve> for ServeKind {
+    fn from(serve: Serve) -> ServeKind {
+        match serve {
+            Serve::Blk => ServeKind::Blk,
+            Serve::Pmem => ServeKind::Pmem,
+            Serve::Both => ServeKind::Both,
+        }
+    }
+}

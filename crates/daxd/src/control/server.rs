@@ -1,0 +1,225 @@
+//! The control socket's server side, on the daemon's event loop.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use log::{error, info, warn};
+use vmm_sys_util::epoll::EventSet;
+
+use daxd_blk::BlkDevice;
+use daxd_region::{Layout, LayoutError, Region, Window};
+use daxd_registry::Registry;
+use daxd_vhost_user::ConfigNotifier;
+
+use super::protocol::{FrontendNotice, Inspection, RegionInfo, Request, Resized, WindowInfo};
+use crate::error::Error;
+
+/// How long `daxd resize` waits for the frontend to acknowledge the config change.
+const FRONTEND_WAIT: Duration = Duration::from_secs(5);
+
+impl Inspection {
+    pub(super) fn of(
+        region: &Region,
+        layout: &Layout,
+        registry: &Registry,
+        blk: &BlkDevice,
+    ) -> Inspection {
+        Inspection {
+            region: RegionInfo {
+                path: region.path().to_owned(),
+                size: region.size(),
+                frames: region.frames(),
+                map_sync: region.is_map_sync(),
+            },
+            windows: layout
+                .windows()
+                .iter()
+                .map(|w| WindowInfo {
+                    name: w.name.clone(),
+                    offset: w.offset,
+                    size: w.size,
+                    serve: w.serve.into(),
+                })
+                .collect(),
+            registry: registry.snapshot(),
+            blk: blk.metrics(),
+        }
+    }
+}
+
+/// Serves inspections from the daemon's event loop.
+pub struct ControlSocket {
+    pub(super) listener: UnixListener,
+    path: PathBuf,
+    region: Arc<Region>,
+    /// The layout as it is now: a resize replaces it.
+    layout: Arc<Layout>,
+    registry: Arc<Registry>,
+    blk: Arc<BlkDevice>,
+    notifier: Arc<ConfigNotifier>,
+}
+
+impl ControlSocket {
+    pub fn bind(
+        path: &Path,
+        region: Arc<Region>,
+        layout: Arc<Layout>,
+        registry: Arc<Registry>,
+        blk: Arc<BlkDevice>,
+        notifier: Arc<ConfigNotifier>,
+    ) -> Result<ControlSocket, Error> {
+        let listener = daxd_vhost_user::bind_unix(path).map_err(|source| Error::Control {
+            path: path.to_owned(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(Error::io("make the control socket non-blocking"))?;
+        Ok(ControlSocket {
+            listener,
+            path: path.to_owned(),
+            region,
+            layout,
+            registry,
+            blk,
+            notifier,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(super) fn answer(&mut self, mut stream: UnixStream) {
+        let prepared = stream
+            .set_nonblocking(false)
+            .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(1))))
+            .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(1))));
+        if let Err(e) = prepared {
+            warn!("control socket: cannot answer: {e}");
+            return;
+        }
+        let mut line = String::new();
+        // Nothing sent (EOF or the timeout) asks for an inspection.
+        let _ = BufReader::new(&mut stream).take(4096).read_line(&mut line);
+        let answer = match line.trim() {
+            "" => Ok(Request::Inspect),
+            text => serde_json::from_str::<Request>(text),
+        };
+        let json = match answer {
+            Ok(Request::Inspect) => serde_json::to_vec(&Inspection::of(
+                &self.region,
+                &self.layout,
+                &self.registry,
+                &self.blk,
+            )),
+            Ok(Request::Resize { bytes }) => serde_json::to_vec(&self.resize(bytes)),
+            Err(e) => {
+                warn!("control socket: a request daxd does not understand: {e}");
+                serde_json::to_vec(&Err::<Resized, _>(format!(
+                    "daxd does not understand the request: {e}"
+                )))
+            }
+        };
+        match json {
+            Ok(mut json) => {
+                json.push(b'\n');
+                if let Err(e) = stream.write_all(&json) {
+                    warn!("control socket: cannot answer: {e}");
+                }
+            }
+            Err(e) => error!("control socket: cannot encode the answer: {e}"),
+        }
+    }
+
+    /// Grows the disk window to `bytes` inside the region, and tells the frontend.
+    fn resize(&mut self, bytes: u64) -> Result<Resized, String> {
+        let disk = self.layout.blk().ok_or("daxd serves no disk")?.clone();
+        if disk.serve.pmem() {
+            return Err(format!(
+                "window {} is served as pmem too, and a VMM maps pmem windows at a fixed size; only a window served as blk alone can grow",
+                disk.name
+            ));
+        }
+        let windows = self
+            .layout
+            .windows()
+            .iter()
+            .map(|w| Window {
+                size: if w.name == disk.name { bytes } else { w.size },
+                ..w.clone()
+            })
+            .collect();
+        let layout = Layout::new(self.region.size(), windows, self.layout.allows_overlap())
+            .map_err(|e| match e {
+                LayoutError::BeyondRegion { region_size, .. } => format!(
+                    "{e}. daxd grows the disk inside its region file, which it does not grow while serving: to leave room, start daxd with a larger --size (a sparse region file costs no space until written) and the disk as a window, e.g. --window name=disk,size={},serve=blk",
+                    disk.size.min(region_size)
+                ),
+                e => e.to_string(),
+            })?;
+        let before = self.blk.grow(bytes).map_err(|e| e.to_string())?;
+        self.layout = Arc::new(layout);
+        let frontend = if before == bytes {
+            FrontendNotice::Unchanged
+        } else {
+            info!(
+                "disk window {} grown from {before} to {bytes} bytes",
+                disk.name
+            );
+            let frontend = self.tell_frontend();
+            match &frontend {
+                FrontendNotice::Told => info!("the frontend acknowledged the new disk size"),
+                other => warn!("the frontend was not told of the new disk size: {other:?}"),
+            }
+            frontend
+        };
+        Ok(Resized {
+            window: disk.name,
+            before,
+            size: bytes,
+            frontend,
+        })
+    }
+
+    /// Sends the config change from a thread of its own: the frontend may take its time
+    /// (QEMU reads the config space back first) or never answer, and the event loop must
+    /// not wait on it for longer than [`FRONTEND_WAIT`].
+    fn tell_frontend(&self) -> FrontendNotice {
+        let (done, outcome) = std::sync::mpsc::channel();
+        let notifier = self.notifier.clone();
+        let spawned = std::thread::Builder::new()
+            .name("config-notifier".into())
+            .spawn(move || {
+                daxd_confine::enter_or_exit(daxd_confine::ThreadKind::ConfigNotifier);
+                let _ = done.send(notifier.config_changed());
+            });
+        if let Err(e) = spawned {
+            return FrontendNotice::Failed(format!("cannot start a thread: {e}"));
+        }
+        match outcome.recv_timeout(FRONTEND_WAIT) {
+            Ok(Ok(true)) => FrontendNotice::Told,
+            Ok(Ok(false)) => FrontendNotice::NoChannel,
+            Ok(Err(e)) => FrontendNotice::Failed(e.to_string()),
+            Err(_) => FrontendNotice::NoAnswer,
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlSocket {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        while let Ok((stream, _)) = self.listener.accept() {
+            self.answer(stream);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
+            error!("cannot watch the control socket: {e}");
+        }
+    }
+}
