@@ -2,10 +2,11 @@
 //! daemon's event loop, the client, and the two renderings of an inspection (tables and
 //! Prometheus text).
 //!
-//! Protocol: a client connects and writes one [`Request`] as a JSON line; daxd answers with
-//! one JSON document (an [`Inspection`], or the outcome of a resize) and closes. A client
-//! that sends nothing within a second, or closes its side, gets an inspection, so a stuck
-//! or hostile client holds the event loop for at most the read and write timeouts.
+//! Protocol: a client connects and writes one [`protocol::Request`] as a JSON line; daxd
+//! answers with one JSON document (a [`protocol::Inspection`], or the outcome of a
+//! request) and closes. A client that sends nothing within a second, or closes its side,
+//! gets an inspection, so a stuck or hostile client holds the event loop for at most the
+//! read and write timeouts.
 
 mod client;
 mod prometheus;
