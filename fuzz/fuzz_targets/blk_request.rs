@@ -36,5 +36,6 @@ fuzz_target!(|data: &[u8]| {
             let used = device.complete_flush(&pending, device.flush(), &w.mem);
             assert!(used <= 1);
         }
+        Handled::Later { used, .. } => assert!(u64::from(used) <= writable),
     }
 });

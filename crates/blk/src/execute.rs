@@ -6,7 +6,7 @@
 //! that a pmem window exposes too (dirty marking, layout-busy checks) or guest buffers
 //! that are themselves region pages (pins); neither takes a lock or allocates.
 
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{GuestMemoryBackend, GuestMemoryError};
 
 use daxd_region::{RegionError, SECTOR_SHIFT};
@@ -25,11 +25,16 @@ pub enum ExecError {
     Region(#[from] RegionError),
     #[error(transparent)]
     Busy(#[from] RegistryError),
+    #[error("a fault rule failed it")]
+    Fault(daxd_fault::Status),
 }
 
 impl ExecError {
     pub fn status(&self) -> u8 {
-        VIRTIO_BLK_S_IOERR as u8
+        match self {
+            ExecError::Fault(daxd_fault::Status::Unsupp) => VIRTIO_BLK_S_UNSUPP as u8,
+            _ => VIRTIO_BLK_S_IOERR as u8,
+        }
     }
 }
 
@@ -40,6 +45,8 @@ pub(crate) enum Executed {
     Done(u64),
     /// A FLUSH, left for the caller to complete off the queue.
     Flush,
+    /// A write, discard or write-zeroes that a fault rule dropped: nothing was stored.
+    Dropped,
 }
 
 impl BlkDevice {
@@ -107,6 +114,39 @@ impl BlkDevice {
                 self.zero_ranges(&list, "write zeroes to", DiscardSegment::unmap)?;
                 Ok(Executed::Done(0))
             }
+        }
+    }
+
+    /// Applies a corrupt rule to an executed read or write: XORs disk byte `at` (which the
+    /// request covers) with `mask`, in the guest's buffer for a read, in the region for a
+    /// write.
+    pub(crate) fn corrupt<M: GuestMemoryBackend>(
+        &self,
+        request: &Request,
+        bufs: &mut ChainBuffers,
+        mem: &M,
+        at: u64,
+        mask: u8,
+    ) -> Result<(), ExecError> {
+        match *request {
+            Request::Read { offset, data } if (offset..offset + data.len).contains(&at) => bufs
+                .chain
+                .writable()
+                .try_for_each_slice(mem, data.skip + (at - offset), 1, |slice| {
+                    let mut byte = [0u8];
+                    slice.copy_to(&mut byte[..]);
+                    byte[0] ^= mask;
+                    slice.copy_from(&byte[..]);
+                    Ok::<(), ExecError>(())
+                }),
+            Request::Write { offset, data } if (offset..offset + data.len).contains(&at) => {
+                let mut byte = [0u8];
+                self.region.read_bytes(self.base + at, &mut byte)?;
+                byte[0] ^= mask;
+                self.region.write_bytes(self.base + at, &byte)?;
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 

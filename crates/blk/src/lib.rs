@@ -25,11 +25,13 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{ByteValued, Bytes, GuestMemoryBackend};
 
+pub use daxd_fault::Release;
+use daxd_fault::{Faults, Io, Op, Verdict};
 use daxd_region::{Region, Window, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 use daxd_registry::Registry;
 use daxd_virtio::RefusalLog;
 
-use execute::Executed;
+use execute::{ExecError, Executed};
 pub use request::{ChainBuffers, ParsedChain, Request, RequestError};
 use stats::{BlkMetrics, Kind, QueueStats, METRICS_VERSION};
 use wire::VirtioBlkConfig;
@@ -140,7 +142,7 @@ pub struct DeviceLimits {
 }
 
 /// What [`BlkDevice::handle`] did with a chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub enum Handled {
     /// Completed; the chain's used length.
@@ -148,6 +150,9 @@ pub enum Handled {
     /// A FLUSH, still to be completed with [`BlkDevice::flush`] and
     /// [`BlkDevice::complete_flush`].
     Flush(PendingFlush),
+    /// Executed, with its status written, but to be completed (its used entry published)
+    /// only once `release` says so: a fault rule delays or holds it.
+    Later { used: u32, release: Release },
 }
 
 /// The outcome of one flush of the region ([`BlkDevice::flush`]), for the FLUSH requests
@@ -158,11 +163,13 @@ pub struct Flushed {
 }
 
 /// A FLUSH request waiting for the region to be flushed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingFlush {
     status: vm_memory::GuestAddress,
     queue: usize,
     started: Instant,
+    /// Once flushed, complete it only when this says so (a fault rule delays or holds it).
+    pub release: Option<Release>,
 }
 
 /// Guest physical memory that is a window of the region (a pmem window the VMM mapped from
@@ -189,6 +196,8 @@ pub struct BlkDevice {
     /// Per queue.
     stats: Box<[QueueStats]>,
     region_flushes: AtomicU64,
+    /// Fault rules (none unless a user sets some).
+    faults: Arc<Faults>,
 }
 
 impl BlkDevice {
@@ -223,7 +232,19 @@ impl BlkDevice {
             region_flushes: AtomicU64::new(0),
             config,
             refusals: RefusalLog::new("virtio-blk"),
+            faults: Arc::new(Faults::new(vec![daxd_fault::DISK.to_owned()])),
         })
+    }
+
+    /// The device with `faults` for its rules (shared with the pmem windows and the
+    /// control socket) instead of rules of its own.
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> BlkDevice {
+        self.faults = faults;
+        self
+    }
+
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
     }
 
     pub fn config(&self) -> &BlkConfig {
@@ -372,10 +393,32 @@ impl BlkDevice {
             stats.dropped();
             return Handled::Done(0);
         };
+        let mut release = None;
         let (kind, status, written) = match parsed.request {
             Ok(request) => {
                 let kind = Kind::of(&request);
-                match self.execute(&request, bufs, mem, guest_windows) {
+                let verdict = self
+                    .faults
+                    .check(daxd_fault::DISK, &fault_io(&request, queue));
+                let executed = match verdict {
+                    Verdict::Pass => self.execute(&request, bufs, mem, guest_windows),
+                    Verdict::Fail(status) => Err(ExecError::Fault(status)),
+                    Verdict::Drop => Ok(match request {
+                        Request::Flush => Executed::Done(0),
+                        _ => Executed::Dropped,
+                    }),
+                    Verdict::Corrupt { at, mask } => self
+                        .execute(&request, bufs, mem, guest_windows)
+                        .and_then(|done| {
+                            self.corrupt(&request, bufs, mem, at, mask)?;
+                            Ok(done)
+                        }),
+                    Verdict::Later(later) => {
+                        release = Some(later);
+                        self.execute(&request, bufs, mem, guest_windows)
+                    }
+                };
+                match executed {
                     Ok(Executed::Done(written)) => {
                         let bytes = match request {
                             Request::Read { .. } => written,
@@ -385,13 +428,22 @@ impl BlkDevice {
                         stats.request(kind, VIRTIO_BLK_S_OK as u8, bytes);
                         (kind, VIRTIO_BLK_S_OK as u8, written)
                     }
+                    Ok(Executed::Dropped) => {
+                        stats.request(kind, VIRTIO_BLK_S_OK as u8, 0);
+                        (kind, VIRTIO_BLK_S_OK as u8, 0)
+                    }
                     Ok(Executed::Flush) => {
                         stats.flush_started();
                         return Handled::Flush(PendingFlush {
                             status: status_addr,
                             queue,
                             started: started.unwrap_or_else(Instant::now),
+                            release,
                         });
+                    }
+                    Err(e @ ExecError::Fault(_)) => {
+                        stats.request(kind, e.status(), 0);
+                        (kind, e.status(), 0)
                     }
                     Err(e) => {
                         self.refusals
@@ -421,7 +473,11 @@ impl BlkDevice {
             }
         }
         // written <= the writable stream, which is at most 4 GiB by virtio's chain limit.
-        Handled::Done((written + 1) as u32)
+        let used = (written + 1) as u32;
+        match release {
+            Some(release) => Handled::Later { used, release },
+            None => Handled::Done(used),
+        }
     }
 
     /// The disk's counters, per queue.
@@ -480,6 +536,37 @@ impl BlkDevice {
     /// Requests refused so far (malformed, or failed on the disk).
     pub fn refused_requests(&self) -> u64 {
         self.refusals.count()
+    }
+}
+
+/// A parsed request as fault rules see it.
+fn fault_io(request: &Request, queue: usize) -> Io {
+    let sectors = |offset: u64, len: u64| {
+        let start = offset >> SECTOR_SHIFT;
+        [start, start + len.div_ceil(SECTOR_SIZE)]
+    };
+    let (op, sectors) = match *request {
+        Request::Read { offset, data } => (Op::Read, sectors(offset, data.len)),
+        Request::Write { offset, data } => (Op::Write, sectors(offset, data.len)),
+        Request::Flush => (Op::Flush, [0, 0]),
+        Request::GetId { .. } => (Op::GetId, [0, 0]),
+        Request::Discard(list) | Request::WriteZeroes(list) => {
+            let op = match request {
+                Request::Discard(_) => Op::Discard,
+                _ => Op::WriteZeroes,
+            };
+            // One segment at most (MAX_DISCARD_SEGMENTS).
+            let range = list
+                .as_slice()
+                .first()
+                .map_or([0, 0], |s| [s.sector, s.sector + u64::from(s.sectors)]);
+            (op, range)
+        }
+    };
+    Io {
+        op,
+        queue: u16::try_from(queue).unwrap_or(u16::MAX),
+        sectors,
     }
 }
 

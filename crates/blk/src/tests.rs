@@ -126,6 +126,7 @@ fn complete(f: &Fixture, handled: Handled) -> u32 {
     match handled {
         Handled::Done(used) => used,
         Handled::Flush(pending) => f.device.complete_flush(&pending, f.device.flush(), &f.mem),
+        Handled::Later { used, .. } => used,
     }
 }
 
@@ -815,7 +816,7 @@ fn flushes_are_deferred_and_completed_together() {
         &[],
         &mut f.bufs,
     );
-    let (Handled::Flush(a), Handled::Flush(b)) = (first, second) else {
+    let (Handled::Flush(a), Handled::Flush(b)) = (first.clone(), second.clone()) else {
         panic!("flushes were not deferred: {first:?} {second:?}");
     };
     // Nothing is reported before the flush ran.

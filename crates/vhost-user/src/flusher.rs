@@ -4,6 +4,12 @@
 //! write completed before a queue worker handed it over, since those writes were in the
 //! mapping before this thread took it.
 //!
+//! It also completes the requests a fault rule delays or holds, when they are due: the
+//! queue worker executes them and goes on serving. A delay is as exact as the flush running
+//! at that moment lets it be; a hold is looked at every [`HOLD_POLL`]. A queue that stops
+//! (a settle) and the end of the connection complete everything at once: nothing may be
+//! written into guest memory after the frontend read the rings' state.
+//!
 //! The handover allocates nothing: the queue workers push into a vector made at the start
 //! with room for every FLUSH the queues can have in flight at once, and the thread swaps
 //! it for a second one of its own. (A channel allocates a block every few messages, on the
@@ -11,11 +17,12 @@
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use log::warn;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
-use daxd_blk::{BlkDevice, PendingFlush};
+use daxd_blk::{BlkDevice, PendingFlush, Release};
 
 use crate::dirty_log::{GuestMemory, Vring};
 use crate::queue::{self, Tracking};
@@ -24,29 +31,62 @@ use crate::queue::{self, Tracking};
 /// with very many large queues) grows it once, and it keeps that room.
 const ROOM: usize = 1024;
 
-/// A FLUSH request waiting for the flusher.
-pub(crate) struct FlushJob {
+/// How often held requests are looked at (whether their rule was cleared).
+pub(crate) const HOLD_POLL: Duration = Duration::from_millis(10);
+
+/// Where a chain is completed: its queue and head.
+pub(crate) struct Completion {
     pub vring: Vring,
-    /// The FLUSH stays in flight for a successor until its completion is published.
+    /// The chain stays in flight for a successor until its completion is published.
     pub tracking: Tracking,
     pub head: u16,
-    pub pending: PendingFlush,
 }
 
-impl std::fmt::Debug for FlushJob {
+impl Completion {
+    fn publish(&self, mem: &GuestMemory, used: u32) {
+        if let Err(e) = queue::complete_later(&self.vring, mem, &self.tracking, self.head, used) {
+            warn!("cannot complete a request: {e}");
+        }
+    }
+}
+
+impl std::fmt::Debug for Completion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlushJob")
+        f.debug_struct("Completion")
             .field("queue", &self.tracking.queue)
             .field("head", &self.head)
-            .field("pending", &self.pending)
             .finish_non_exhaustive()
     }
 }
 
+/// What a queue worker hands the thread.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// A FLUSH to flush for and complete.
+    Flush {
+        at: Completion,
+        pending: PendingFlush,
+    },
+    /// A request executed already, to complete with `used` once `release` says so.
+    Later {
+        at: Completion,
+        used: u32,
+        release: Release,
+    },
+}
+
+/// A request executed (or flushed for) and waiting for its release.
+#[derive(Debug)]
+struct Waiting {
+    at: Completion,
+    used: u32,
+    release: Release,
+}
+
 #[derive(Debug, Default)]
 struct Handoff {
-    /// FLUSHes handed over that the thread has not taken yet.
-    jobs: Vec<FlushJob>,
+    /// Jobs handed over that the thread has not taken yet.
+    jobs: Vec<Job>,
     /// Settles asked for so far, and how many of them are answered: a settle is answered
     /// once every FLUSH handed over before it was asked is completed.
     settles_asked: u64,
@@ -116,8 +156,8 @@ impl Flusher {
         Flusher { shared, thread }
     }
 
-    /// Hands a FLUSH over; gives it back if there is no flusher thread.
-    pub(crate) fn send(&self, job: FlushJob) -> Result<(), FlushJob> {
+    /// Hands a job over; gives it back if there is no flusher thread.
+    pub(crate) fn send(&self, job: Job) -> Result<(), Job> {
         let mut handoff = self.shared.lock();
         if handoff.gone {
             return Err(job);
@@ -128,9 +168,9 @@ impl Flusher {
         Ok(())
     }
 
-    /// Returns once every FLUSH handed over so far is completed (its used entry published
-    /// and the driver notified): a queue that is stopping must leave nothing behind that
-    /// writes into guest memory later.
+    /// Returns once every job handed over so far is completed (its used entry published
+    /// and the driver notified), delayed and held requests included: a queue that is
+    /// stopping must leave nothing behind that writes into guest memory later.
     pub(crate) fn settle(&self) {
         let mut handoff = self.shared.lock();
         handoff.settles_asked += 1;
@@ -158,46 +198,97 @@ impl Drop for Flusher {
     }
 }
 
-/// The thread's loop: takes every FLUSH handed over, flushes once for all of them,
-/// completes them, and answers the settles asked before it took them.
+/// The thread's loop: takes every job handed over, flushes once for all the FLUSHes among
+/// them, completes what is due, and answers the settles asked before it took them.
 fn serve(
     shared: &Shared,
     device: &BlkDevice,
     mem: &GuestMemoryAtomic<GuestMemory>,
-    mut batch: Vec<FlushJob>,
+    mut batch: Vec<Job>,
 ) {
+    let mut waiting: Vec<Waiting> = Vec::with_capacity(batch.capacity());
+    let mut answered = 0;
     loop {
         let (answering, closing) = {
             let mut handoff = shared.lock();
-            while handoff.jobs.is_empty()
-                && handoff.settles_answered == handoff.settles_asked
-                && !handoff.closing
-            {
-                handoff = shared.work.wait(handoff).unwrap_or_else(|e| e.into_inner());
+            loop {
+                if !handoff.jobs.is_empty()
+                    || handoff.settles_answered != handoff.settles_asked
+                    || handoff.closing
+                {
+                    break;
+                }
+                let Some(wait) = next_wake(&waiting) else {
+                    handoff = shared.work.wait(handoff).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                };
+                let (guard, timeout) = shared
+                    .work
+                    .wait_timeout(handoff, wait)
+                    .unwrap_or_else(|e| e.into_inner());
+                handoff = guard;
+                if timeout.timed_out() {
+                    break;
+                }
             }
             // The thread's empty vector (with its room) goes back for the next jobs.
             std::mem::swap(&mut handoff.jobs, &mut batch);
             (handoff.settles_asked, handoff.closing)
         };
         let done = batch.is_empty() && closing;
-        if !batch.is_empty() {
-            let mem = mem.memory();
-            let flushed = device.flush();
-            for job in batch.drain(..) {
-                let used = device.complete_flush(&job.pending, flushed, &*mem);
-                if let Err(e) =
-                    queue::complete_later(&job.vring, &mem, &job.tracking, job.head, used)
-                {
-                    warn!("cannot complete a FLUSH request: {e}");
+        let mem = mem.memory();
+        let flushed = batch
+            .iter()
+            .any(|job| matches!(job, Job::Flush { .. }))
+            .then(|| device.flush());
+        for job in batch.drain(..) {
+            let (at, used, release) = match job {
+                Job::Flush { at, pending } => {
+                    let flushed = flushed.expect("flushed for every FLUSH taken");
+                    let used = device.complete_flush(&pending, flushed, &*mem);
+                    match pending.release {
+                        Some(release) => (at, used, release),
+                        None => {
+                            at.publish(&mem, used);
+                            continue;
+                        }
+                    }
                 }
-            }
+                Job::Later { at, used, release } => (at, used, release),
+            };
+            waiting.push(Waiting { at, used, release });
         }
+        // A stopping queue or the connection's end takes everything with it.
+        let everything = answering != answered || closing;
+        let now = Instant::now();
+        waiting.retain(|w| {
+            let due = everything || w.release.due(now);
+            if due {
+                w.at.publish(&mem, w.used);
+            }
+            !due
+        });
+        answered = answering;
         shared.lock().settles_answered = answering;
         shared.answered.notify_all();
         if done {
             return;
         }
     }
+}
+
+/// How long the thread may sleep before a waiting request is due: until the earliest
+/// delay ends, at most [`HOLD_POLL`] while a request is held; `None` with nothing waiting.
+fn next_wake(waiting: &[Waiting]) -> Option<Duration> {
+    let now = Instant::now();
+    waiting
+        .iter()
+        .map(|w| {
+            w.release
+                .at()
+                .map_or(HOLD_POLL, |at| at.saturating_duration_since(now))
+        })
+        .min()
 }
 
 /// Marks the thread gone when it ends, however it ends, so that nobody waits for it.

@@ -22,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::dirty_log::{DirtyLog, GuestMemory, Vring};
-use crate::flusher::{FlushJob, Flusher};
+use crate::flusher::{Completion, Flusher, Job};
 use crate::inflight::{self, InflightArea, Recovery};
 use crate::queue::{self, Tracking};
 use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled};
@@ -186,20 +186,32 @@ impl VhostUserBlkBackend {
                 {
                     Handled::Done(used) => Some(used),
                     Handled::Flush(pending) => {
-                        let job = FlushJob {
+                        let at = Completion {
                             vring: vring.clone(),
                             tracking: tracking.clone(),
                             head,
-                            pending,
                         };
-                        match self.flusher.send(job) {
+                        match self.flusher.send(Job::Flush { at, pending }) {
                             Ok(()) => None,
                             // No flusher thread: flush here.
-                            Err(job) => Some(self.device.complete_flush(
-                                &job.pending,
+                            Err(Job::Flush { pending, .. }) => Some(self.device.complete_flush(
+                                &pending,
                                 self.device.flush(),
                                 &*mem,
                             )),
+                            Err(Job::Later { used, .. }) => Some(used),
+                        }
+                    }
+                    Handled::Later { used, release } => {
+                        let at = Completion {
+                            vring: vring.clone(),
+                            tracking: tracking.clone(),
+                            head,
+                        };
+                        match self.flusher.send(Job::Later { at, used, release }) {
+                            Ok(()) => None,
+                            // No flusher thread to complete it later: now.
+                            Err(_) => Some(used),
                         }
                     }
                 }
