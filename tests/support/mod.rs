@@ -221,6 +221,36 @@ impl QueueHandle {
         completion.ret
     }
 
+    /// Sends two reads of `len` bytes at once (at `first`, then at `second`) and returns
+    /// which completed first (0 or 1) and when each completed, from the submission.
+    pub fn two_reads(&mut self, first: u64, second: u64, len: usize) -> (usize, [Duration; 2]) {
+        assert!(2 * len <= QUEUE_BUF);
+        let buf = self.buf(2 * len).as_mut_ptr();
+        let start = Instant::now();
+        self.q.read(first, buf, len, 0, ReqFlags::empty());
+        // SAFETY: the second half of this handle's buffer, `len` bytes after `buf`.
+        let buf2 = unsafe { buf.add(len) };
+        self.q.read(second, buf2, len, 1, ReqFlags::empty());
+        let mut took = [Duration::ZERO; 2];
+        let mut order = Vec::new();
+        while order.len() < 2 {
+            let mut timeout = Duration::from_secs(30);
+            let n = self
+                .q
+                .do_io(&mut self.completions[..2], 1, Some(&mut timeout), None)
+                .expect("do_io");
+            assert!(n >= 1, "requests did not complete within 30 s");
+            for c in &self.completions[..n] {
+                // SAFETY: do_io initialised the first `n` completions.
+                let c = unsafe { c.assume_init_read() };
+                assert_eq!(c.ret, 0, "read {} failed", c.user_data);
+                took[c.user_data] = start.elapsed();
+                order.push(c.user_data);
+            }
+        }
+        (order[0], took)
+    }
+
     pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, Ret> {
         let buf = self.buf(len).as_mut_ptr();
         self.q.read(offset, buf, len, 0, ReqFlags::empty());
@@ -316,6 +346,20 @@ pub fn daxd_inspect(control: &Path, format: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `daxd ARGS` (a helper command such as `fault add`) and returns its status and what
+/// it printed on standard output and standard error.
+pub fn daxd_command(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_daxd"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The registry as `daxd inspect --json` reports it, read as the registry's own type.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{ArgGroup, Args as ClapArgs, Parser, Subcommand};
 
+use daxd_fault::RuleSpec;
 use daxd_region::{Serve, Window};
 
 /// The command line: serve (no subcommand), or one of the helper commands.
@@ -51,6 +52,66 @@ pub enum Command {
     PrintQemuArgs(Box<PrintArgs>),
     /// Print the system calls each kind of daxd thread may make under --seccomp.
     PrintSeccomp,
+    /// Make a running daxd's storage fail on purpose: add, list and clear fault rules
+    /// (see --fault for the rule syntax). Rules act on requests from the next one on.
+    #[command(subcommand)]
+    Fault(FaultCommand),
+    /// Set a named mark in a running daxd: fault rules with after=NAME act from then on.
+    Mark(MarkArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FaultCommand {
+    /// Add a rule; prints its number.
+    Add(FaultAddArgs),
+    /// List the rules with their hits (requests each acted on).
+    List(FaultListArgs),
+    /// Remove one rule (by number) or all (--all); requests they hold complete.
+    Clear(FaultClearArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct FaultAddArgs {
+    /// The --control-socket of the daxd.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: PathBuf,
+    /// The rule, in the short form or as JSON (see --fault).
+    #[arg(value_name = "RULE", value_parser = parse_rule)]
+    pub rule: RuleSpec,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct FaultListArgs {
+    /// The --control-socket of the daxd.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+#[command(group(ArgGroup::new("which").args(["id", "all"]).required(true)))]
+pub struct FaultClearArgs {
+    /// The --control-socket of the daxd.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: PathBuf,
+    /// The rule's number (from `fault add` or `fault list`).
+    #[arg(value_name = "RULE")]
+    pub id: Option<u64>,
+    /// Every rule.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct MarkArgs {
+    /// The --control-socket of the daxd.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: PathBuf,
+    /// The mark: 1 to 64 letters, digits, '-', '_' or '.'.
+    #[arg(value_name = "NAME")]
+    pub name: String,
 }
 
 /// `--sandbox`.
@@ -253,9 +314,35 @@ pub struct Args {
     #[arg(long, value_name = "ACTION", value_enum, default_value_t = SeccompArg::Kill)]
     pub seccomp: SeccompArg,
 
-    /// UNIX socket on which daxd answers `daxd inspect`.
+    /// UNIX socket on which daxd answers `daxd inspect`, `daxd resize`, `daxd fault` and
+    /// `daxd mark`. Whoever can connect to it can make the guest's storage fail or return
+    /// corrupted data: it is created with --control-socket-mode (owner only by default).
+    /// Neither a guest nor a vhost-user frontend can reach it.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Permission bits of the --control-socket file, in octal (e.g. 660 to let the
+    /// socket's group in too).
+    #[arg(long, value_name = "OCTAL", default_value = "600", value_parser = parse_mode)]
+    pub control_socket_mode: u32,
+
+    /// A fault rule set from the start (repeatable; `daxd fault` changes them at run time).
+    /// Short form: comma-separated key=value fields, e.g.
+    /// op=read,sectors=2048..4096,action=fail. Keys: device=disk|PMEM-WINDOW (default
+    /// disk; a pmem window served on --pmem-socket-path matches op=pmem-flush),
+    /// op=any|read|write|flush|discard|write-zeroes|get-id|pmem-flush, sectors=START..END
+    /// (end exclusive) or sectors=N, queue=N, when=always|once|nth:N|every:N|times:N|
+    /// probability:P (with seed=S: reproducible), after=MARK (acts only once `daxd mark
+    /// MARK` was set), action=fail[:ioerr|:unsupp] (complete with that status, touch
+    /// nothing) | delay:TIME (e.g. 20ms; the queue keeps serving) | hold (complete only
+    /// when the rule is cleared) | drop (acknowledge a write, discard, write-zeroes or
+    /// FLUSH without doing it) | corrupt[:OFFSET[:MASK]] (XOR byte OFFSET of the rule's
+    /// sectors, default 0, with MASK, default 0xff, in what reads return or writes store) |
+    /// bad-blocks (dm-dust: reads of the sectors fail until written; needs sectors=). The
+    /// same rule as JSON: {"op":"read","sectors":[2048,4096],"action":{"fail":"ioerr"}}.
+    /// The first rule that acts on a request decides.
+    #[arg(long = "fault", value_name = "RULE", value_parser = parse_rule)]
+    pub faults: Vec<RuleSpec>,
 
     /// Print the backend's capabilities as JSON (vhost-user.rst) and exit.
     #[arg(long)]
@@ -265,6 +352,19 @@ pub struct Args {
     /// environment, not the command line.
     #[arg(skip)]
     pub activated: Vec<(RawFd, String)>,
+}
+
+/// Parses a fault rule (short form or JSON).
+pub fn parse_rule(text: &str) -> Result<RuleSpec, String> {
+    RuleSpec::parse(text).map_err(|e| e.to_string())
+}
+
+/// Parses permission bits in octal.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| format!("{text:?} is not permission bits in octal (e.g. 600)"))
 }
 
 /// Parses a `--window` option: `name=NAME,offset=SIZE,size=SIZE,serve=blk|pmem|both`.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use daxd_blk::Serial;
+use daxd_fault::RuleSpec;
 use daxd_region::{Layout, RegionConfig, Window};
 use daxd_vhost_user::SocketAddr;
 
@@ -31,6 +32,9 @@ pub struct Config {
     pub pmem_socket: Option<SocketAddr>,
     pub pmem_window: Option<String>,
     pub control_socket: Option<PathBuf>,
+    pub control_socket_mode: u32,
+    /// Fault rules from the start.
+    pub faults: Vec<RuleSpec>,
     pub seccomp: daxd_confine::Mode,
     pub sandbox: daxd_confine::sandbox::SandboxMode,
 }
@@ -90,6 +94,8 @@ impl TryFrom<Args> for Config {
             pmem_socket,
             pmem_window: args.pmem_window,
             control_socket: args.control_socket,
+            control_socket_mode: args.control_socket_mode,
+            faults: args.faults,
             seccomp: args.seccomp.into(),
             sandbox: args.sandbox.into(),
         })

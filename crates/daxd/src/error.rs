@@ -63,6 +63,14 @@ pub enum Error {
     },
     #[error("the resize was refused: {0}")]
     Resize(String),
+    #[error("daxd refused: {0}")]
+    Fault(String),
+    #[error("--fault {rule}")]
+    FaultRule {
+        rule: String,
+        #[source]
+        source: daxd_fault::FaultError,
+    },
     #[error("daxd at {} answered something this daxd does not understand (same version on both ends?)", .path.display())]
     BadInspection {
         path: PathBuf,

@@ -28,12 +28,13 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use daxd_blk::{BlkConfig, BlkDevice, Serial};
+use daxd_fault::Faults;
 use daxd_pmem::PmemDevice;
 use daxd_region::{Layout, Region};
 use daxd_registry::Registry;
 use daxd_vhost_user::{ConfigNotifier, ServeError, Server, SocketAddr, Stopper};
 
-use args::{Cli, Command, PrintArgs, CAPABILITIES};
+use args::{Cli, Command, FaultCommand, PrintArgs, CAPABILITIES};
 use config::Config;
 use error::Error;
 
@@ -61,6 +62,18 @@ fn main() -> ExitCode {
             control::resize(&resize.control_socket, resize.size).map(|text| print!("{text}"))
         }
         Some(Command::PrintQemuArgs(print)) => print_qemu_args(*print),
+        Some(Command::Fault(FaultCommand::Add(add))) => {
+            control::fault_add(&add.control_socket, add.rule).map(|text| print!("{text}"))
+        }
+        Some(Command::Fault(FaultCommand::List(list))) => {
+            control::fault_list(&list.control_socket, list.json).map(|text| print!("{text}"))
+        }
+        Some(Command::Fault(FaultCommand::Clear(clear))) => {
+            control::fault_clear(&clear.control_socket, clear.id).map(|text| print!("{text}"))
+        }
+        Some(Command::Mark(mark)) => {
+            control::mark(&mark.control_socket, &mark.name).map(|text| print!("{text}"))
+        }
         Some(Command::PrintSeccomp) => {
             print!("{}", seccomp_lists());
             Ok(())
@@ -256,9 +269,29 @@ impl Opened {
             sync: config.sync,
             serial,
         };
+        // The devices rules may name: the disk, and the pmem window whose FLUSHes daxd
+        // serves (QEMU serves those of the windows it maps itself).
+        let pmem_window = match &config.pmem_socket {
+            Some(_) => Some(config.pmem_window(&layout)?.clone()),
+            None => None,
+        };
+        let mut devices = vec![daxd_fault::DISK.to_owned()];
+        devices.extend(pmem_window.iter().map(|w| w.name.clone()));
+        let faults = Arc::new(Faults::new(devices));
+        for rule in &config.faults {
+            let text = rule.to_string();
+            let id = faults
+                .add(rule.clone())
+                .map_err(|source| Error::FaultRule {
+                    rule: text.clone(),
+                    source,
+                })?;
+            info!("fault rule {id}: {text}");
+        }
         let blk = Arc::new(
             BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
-                .map_err(Error::Blk)?,
+                .map_err(Error::Blk)?
+                .with_faults(faults.clone()),
         );
         for w in layout.pmem() {
             // A guest's DAX store into a hole would fault in the VMM when the host file
@@ -279,12 +312,12 @@ impl Opened {
         }
         let notifier = Arc::new(ConfigNotifier::default());
         let mut sockets = Vec::new();
-        let pmem = match &config.pmem_socket {
-            Some(addr) => {
-                let window = config.pmem_window(&layout)?.clone();
+        let pmem = match (&config.pmem_socket, pmem_window) {
+            (Some(addr), Some(window)) => {
                 let device =
                     PmemDevice::new(region.clone(), registry.clone(), window, config.queue_size)
-                        .map_err(Error::Pmem)?;
+                        .map_err(Error::Pmem)?
+                        .with_faults(faults.clone());
                 let server = Server::listen(addr, "pmem").map_err(|source| Error::Serve {
                     device: "pmem",
                     source,
@@ -299,12 +332,13 @@ impl Opened {
                 );
                 Some((Arc::new(device), server))
             }
-            None => None,
+            _ => None,
         };
         let control = match &config.control_socket {
             Some(path) => {
                 let control = control::ControlSocket::bind(
                     path,
+                    config.control_socket_mode,
                     region.clone(),
                     layout.clone(),
                     registry.clone(),

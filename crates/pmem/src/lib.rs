@@ -12,6 +12,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Le32, Le64};
 
+use daxd_fault::{Faults, Io, Op, Verdict};
 use daxd_region::{Region, RegionError, Window, PMEM_ALIGN};
 use daxd_registry::Registry;
 use daxd_virtio::{Chain, ChainError, RefusalLog};
@@ -24,6 +25,13 @@ pub const SHMEM_REGION_ID: u8 = 0;
 const VIRTIO_PMEM_REQ_TYPE_FLUSH: u32 = 0;
 /// `virtio_pmem_resp.ret` for a failed request (Linux reports -EIO for any non-zero).
 const RESP_ERROR: u32 = 1;
+
+/// A virtio-pmem FLUSH as fault rules see it.
+const FLUSH_IO: Io = Io {
+    op: Op::PmemFlush,
+    queue: 0,
+    sectors: [0, 0],
+};
 
 /// `struct virtio_pmem_req`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -147,6 +155,8 @@ pub struct PmemDevice {
     window: Window,
     queue_size: u16,
     refusals: RefusalLog,
+    /// Fault rules (none unless a user sets some); they name the window.
+    faults: Arc<Faults>,
 }
 
 impl PmemDevice {
@@ -170,12 +180,20 @@ impl PmemDevice {
             return Err(PmemError::QueueSize(queue_size));
         }
         Ok(PmemDevice {
+            faults: Arc::new(Faults::new(vec![window.name.clone()])),
             region,
             registry,
             window,
             queue_size,
             refusals: RefusalLog::new("virtio-pmem"),
         })
+    }
+
+    /// The device with `faults` for its rules (shared with the disk and the control
+    /// socket) instead of rules of its own.
+    pub fn with_faults(mut self, faults: Arc<Faults>) -> PmemDevice {
+        self.faults = faults;
+        self
     }
 
     pub fn region(&self) -> &Arc<Region> {
@@ -228,15 +246,11 @@ impl PmemDevice {
             return 0;
         };
         let ret = match parsed.request {
-            Ok(Request::Flush) => match self.flush() {
-                Ok(()) => 0,
-                Err(e) => {
-                    self.refusals.refused(format_args!(
-                        "flush of window {} failed: {e}",
-                        self.window.name
-                    ));
-                    RESP_ERROR
-                }
+            Ok(Request::Flush) => match self.faults.check(&self.window.name, &FLUSH_IO) {
+                Verdict::Fail(_) => RESP_ERROR,
+                // Acknowledged without making anything durable: a lost flush.
+                Verdict::Drop => 0,
+                _ => self.flush_or_refuse(),
             },
             Err(e) => {
                 self.refusals
@@ -251,6 +265,20 @@ impl PmemDevice {
                 self.refusals
                     .refused(format_args!("cannot write the response: {e}"));
                 0
+            }
+        }
+    }
+
+    /// Flushes for a FLUSH request: its `ret`.
+    fn flush_or_refuse(&self) -> u32 {
+        match self.flush() {
+            Ok(()) => 0,
+            Err(e) => {
+                self.refusals.refused(format_args!(
+                    "flush of window {} failed: {e}",
+                    self.window.name
+                ));
+                RESP_ERROR
             }
         }
     }

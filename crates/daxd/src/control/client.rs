@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::prometheus::prometheus;
+use daxd_fault::{RuleInfo, RuleSpec};
+
 use super::protocol::{FrontendNotice, Inspection, Request, Resized};
 use super::tables::tables;
 use crate::error::Error;
@@ -68,6 +70,44 @@ pub fn resize(control_socket: &Path, bytes: u64) -> Result<String, Error> {
         let _ = writeln!(text, "({e})");
     }
     Ok(text)
+}
+
+/// `daxd fault add`: adds a rule to a running daxd; prints its number.
+pub fn fault_add(control_socket: &Path, rule: RuleSpec) -> Result<String, Error> {
+    let text = rule.to_string();
+    let added: Result<u64, String> = ask(control_socket, Request::FaultAdd { rule })?;
+    let id = added.map_err(Error::Fault)?;
+    Ok(format!("rule {id}: {text}\n"))
+}
+
+/// `daxd fault list`: the rules of a running daxd and their hits, as a table or JSON.
+pub fn fault_list(control_socket: &Path, json: bool) -> Result<String, Error> {
+    let rules: Vec<RuleInfo> = ask(control_socket, Request::FaultList)?;
+    if json {
+        let mut text = serde_json::to_string(&rules).expect("rules encode");
+        text.push('\n');
+        return Ok(text);
+    }
+    Ok(super::tables::fault_table(&rules))
+}
+
+/// `daxd fault clear`: removes rule `id`, or every rule; held requests complete.
+pub fn fault_clear(control_socket: &Path, id: Option<u64>) -> Result<String, Error> {
+    let cleared: Result<usize, String> = ask(control_socket, Request::FaultClear { id })?;
+    let n = cleared.map_err(Error::Fault)?;
+    Ok(format!("{n} rule(s) cleared\n"))
+}
+
+/// `daxd mark`: sets a named mark in a running daxd.
+pub fn mark(control_socket: &Path, name: &str) -> Result<String, Error> {
+    let marked: Result<(), String> = ask(
+        control_socket,
+        Request::Mark {
+            name: name.to_owned(),
+        },
+    )?;
+    marked.map_err(Error::Fault)?;
+    Ok(format!("mark {name} set\n"))
 }
 
 /// Sends `request` and reads the answer.

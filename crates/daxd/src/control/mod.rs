@@ -14,7 +14,7 @@ mod protocol;
 mod server;
 mod tables;
 
-pub use client::{inspect, resize, Format};
+pub use client::{fault_add, fault_clear, fault_list, inspect, mark, resize, Format};
 pub use server::ControlSocket;
 
 #[cfg(test)]
@@ -102,6 +102,7 @@ mod tests {
         let path = dir.path().join("control.sock");
         let mut socket = ControlSocket::bind(
             &path,
+            0o600,
             region.clone(),
             layout.clone(),
             registry.clone(),

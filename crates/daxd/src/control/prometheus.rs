@@ -140,5 +140,20 @@ pub fn prometheus(v: &Inspection) -> String {
             let _ = writeln!(out, "{name}_count{{queue=\"{}\"}} {cumulative}", q.queue);
         }
     }
+    if !v.faults.is_empty() {
+        family(
+            &mut out,
+            "daxd_fault_hits_total",
+            "counter",
+            "Requests a fault rule acted on, by rule number.",
+        );
+        for rule in &v.faults {
+            let _ = writeln!(
+                out,
+                "daxd_fault_hits_total{{rule=\"{}\"}} {}",
+                rule.id, rule.hits
+            );
+        }
+    }
     out
 }

@@ -7,17 +7,32 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use daxd_blk::stats::BlkMetrics;
+use daxd_fault::{RuleInfo, RuleSpec};
 use daxd_region::Serve;
 use daxd_registry::Snapshot;
 
 /// What a client asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Request {
     Inspect,
     /// Grow the disk to `bytes`.
     Resize {
         bytes: u64,
+    },
+    /// Add a fault rule; answered with its number.
+    FaultAdd {
+        rule: RuleSpec,
+    },
+    /// The fault rules and their hits.
+    FaultList,
+    /// Remove rule `id`, or every rule; answered with how many went.
+    FaultClear {
+        id: Option<u64>,
+    },
+    /// Set a named mark (rules `after=NAME` act from then on).
+    Mark {
+        name: String,
     },
 }
 
@@ -47,13 +62,16 @@ pub enum FrontendNotice {
 }
 
 /// What `daxd inspect` receives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Inspection {
     pub region: RegionInfo,
     pub windows: Vec<WindowInfo>,
     pub registry: Snapshot,
     /// The disk's counters (versioned: `blk.version`).
     pub blk: BlkMetrics,
+    /// The fault rules set, with their hits.
+    #[serde(default)]
+    pub faults: Vec<RuleInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

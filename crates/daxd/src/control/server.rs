@@ -47,6 +47,7 @@ impl Inspection {
                 .collect(),
             registry: registry.snapshot(),
             blk: blk.metrics(),
+            faults: blk.faults().list(),
         }
     }
 }
@@ -64,18 +65,28 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
+    /// Creates the socket at `path` with permission bits `mode`. The file never has
+    /// wider permissions than `mode`, not even between its creation and a chmod: it is
+    /// created under a umask that leaves the owner alone, on the main thread before any
+    /// other thread runs (the umask is the process's).
     pub fn bind(
         path: &Path,
+        mode: u32,
         region: Arc<Region>,
         layout: Arc<Layout>,
         registry: Arc<Registry>,
         blk: Arc<BlkDevice>,
         notifier: Arc<ConfigNotifier>,
     ) -> Result<ControlSocket, Error> {
-        let listener = daxd_vhost_user::bind_unix(path).map_err(|source| Error::Control {
+        let umask = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+        let bound = daxd_vhost_user::bind_unix(path);
+        rustix::process::umask(umask);
+        let listener = bound.map_err(|source| Error::Control {
             path: path.to_owned(),
             source,
         })?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .map_err(Error::io("set the control socket's permissions"))?;
         listener
             .set_nonblocking(true)
             .map_err(Error::io("make the control socket non-blocking"))?;
@@ -118,6 +129,30 @@ impl ControlSocket {
                 &self.blk,
             )),
             Ok(Request::Resize { bytes }) => serde_json::to_vec(&self.resize(bytes)),
+            Ok(Request::FaultAdd { rule }) => {
+                let text = rule.to_string();
+                let added = self.blk.faults().add(rule).map_err(|e| e.to_string());
+                match &added {
+                    Ok(id) => info!("fault rule {id} added: {text}"),
+                    Err(e) => warn!("fault rule refused ({text}): {e}"),
+                }
+                serde_json::to_vec(&added)
+            }
+            Ok(Request::FaultList) => serde_json::to_vec(&self.blk.faults().list()),
+            Ok(Request::FaultClear { id }) => {
+                let cleared = self.blk.faults().clear(id).map_err(|e| e.to_string());
+                if let Ok(n) = &cleared {
+                    info!("{n} fault rule(s) cleared");
+                }
+                serde_json::to_vec(&cleared)
+            }
+            Ok(Request::Mark { name }) => {
+                let marked = self.blk.faults().mark(&name).map_err(|e| e.to_string());
+                if marked.is_ok() {
+                    info!("mark {name} set");
+                }
+                serde_json::to_vec(&marked)
+            }
             Err(e) => {
                 warn!("control socket: a request daxd does not understand: {e}");
                 serde_json::to_vec(&Err::<Resized, _>(format!(

@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use daxd_blk::stats::LatencyHistogram;
+use daxd_fault::RuleInfo;
 use daxd_region::PAGE_SIZE;
 use daxd_registry::{FrameRange, Target};
 
@@ -129,6 +130,38 @@ pub(super) fn tables(v: &Inspection) -> String {
         blk.region_flushes,
         blk.queues.iter().map(|q| q.flushes_in_flight).sum::<u64>()
     );
+    if v.faults.is_empty() {
+        let _ = writeln!(out, "\nfault rules: none");
+    } else {
+        let _ = write!(out, "\n{}", fault_table(&v.faults));
+    }
+    out
+}
+
+/// The fault rules, one a line, with their hits.
+pub(super) fn fault_table(rules: &[RuleInfo]) -> String {
+    if rules.is_empty() {
+        return "no fault rules\n".to_owned();
+    }
+    let mut out = String::from("RULE  HITS       MATCHED    RULE TEXT\n");
+    for r in rules {
+        let mut notes = String::new();
+        if !r.armed {
+            let _ = write!(
+                notes,
+                " (waiting for mark {})",
+                r.spec.after.as_deref().unwrap_or("?")
+            );
+        }
+        if let Some(bad) = r.bad_sectors {
+            let _ = write!(notes, " ({bad} sectors still bad)");
+        }
+        let _ = writeln!(
+            out,
+            "{:<5} {:<10} {:<10} {}{notes}",
+            r.id, r.hits, r.matched, r.rule
+        );
+    }
     out
 }
 
