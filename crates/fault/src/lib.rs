@@ -4,8 +4,9 @@
 //! A device asks [`Faults::check`] about each request it is about to execute and does what
 //! the [`Verdict`] says: execute it, fail it, drop it, corrupt a byte, or complete it later.
 //! With no rule set, the check is one relaxed load. Rules are matched in the order they
-//! were added; the first that acts on a request decides (bad-blocks rules also heal the
-//! sectors a write touches, whether or not another rule acts on it).
+//! were added; the first that acts on a request decides, and later rules do not see it
+//! (their `when` does not count it). Bad-blocks rules are the exception: a write heals the
+//! sectors it touches whether or not another rule acts on it.
 
 pub mod spec;
 

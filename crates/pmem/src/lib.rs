@@ -358,6 +358,40 @@ mod tests {
     }
 
     #[test]
+    fn fault_rules_fail_or_drop_a_flush_without_flushing() {
+        let (_dir, dev, mem, mut chain) = device();
+        let faults = Arc::new(Faults::new(vec!["disk".into(), "pm0".into()]));
+        let dev = dev.with_faults(faults.clone());
+        mem.write_obj(VIRTIO_PMEM_REQ_TYPE_FLUSH, GuestAddress(0x1000))
+            .unwrap();
+        let mut flush = || {
+            let epoch = dev.registry().snapshot().epoch;
+            assert_eq!(
+                dev.handle([d(0x1000, 4, 0), d(0x2000, 4, W)], &mem, &mut chain),
+                4
+            );
+            (ret(&mem), dev.registry().snapshot().epoch > epoch)
+        };
+        faults
+            .add("device=pm0,when=once,action=fail".parse().unwrap())
+            .unwrap();
+        faults
+            .add(
+                "device=pm0,op=pmem-flush,when=once,action=drop"
+                    .parse()
+                    .unwrap(),
+            )
+            .unwrap();
+        // Rules on the disk do not touch the window.
+        faults.add("action=fail".parse().unwrap()).unwrap();
+        assert_eq!(flush(), (RESP_ERROR, false), "failed, nothing flushed");
+        assert_eq!(flush(), (0, false), "acknowledged, nothing flushed");
+        assert_eq!(flush(), (0, true), "flushed");
+        let hits: Vec<u64> = faults.list().iter().map(|r| r.hits).collect();
+        assert_eq!(hits, [1, 1, 0]);
+    }
+
+    #[test]
     fn malformed_requests_get_an_error_or_are_dropped() {
         let (_dir, dev, mem, mut chain) = device();
         mem.write_obj(7u32, GuestAddress(0x1000)).unwrap();
