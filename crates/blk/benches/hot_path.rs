@@ -20,7 +20,8 @@
 //! machine shows as a spread between rounds rather than as a difference between them.
 //!
 //! Set DAXD_BENCH_ITERS to change the number of requests per queue and case (default
-//! 1,000,000).
+//! 1,000,000), and DAXD_BENCH_FAULT_RULES to a number of fault rules that every request is
+//! matched against and none acts on (default none: the cost of rules being possible).
 
 use std::fs::OpenOptions;
 use std::hint::black_box;
@@ -114,6 +115,16 @@ fn main() {
     )
     .unwrap();
     let registry = Arc::new(Registry::new(region.frames()));
+    let faults = Arc::new(daxd_fault::Faults::new(vec!["disk".into()]));
+    let rules: u64 = std::env::var("DAXD_BENCH_FAULT_RULES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for rule in 0..rules {
+        // Each matches the device and the queue, then misses on the operation.
+        let text = format!("queue={},op=get-id,action=fail", rule % 2);
+        faults.add(text.parse().unwrap()).unwrap();
+    }
     let device = Arc::new(
         BlkDevice::new(
             region,
@@ -127,7 +138,8 @@ fn main() {
                 serial: Serial::new("bench").unwrap(),
             },
         )
-        .unwrap(),
+        .unwrap()
+        .with_faults(faults),
     );
     let guest_window = GuestWindow {
         gpa: WINDOW_GPA,

@@ -142,7 +142,7 @@ pub struct DeviceLimits {
 }
 
 /// What [`BlkDevice::handle`] did with a chain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
 pub enum Handled {
     /// Completed; the chain's used length.
@@ -163,7 +163,7 @@ pub struct Flushed {
 }
 
 /// A FLUSH request waiting for the region to be flushed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingFlush {
     status: vm_memory::GuestAddress,
     queue: usize,
@@ -397,26 +397,13 @@ impl BlkDevice {
         let (kind, status, written) = match parsed.request {
             Ok(request) => {
                 let kind = Kind::of(&request);
-                let verdict = self
-                    .faults
-                    .check(daxd_fault::DISK, &fault_io(&request, queue));
-                let executed = match verdict {
-                    Verdict::Pass => self.execute(&request, bufs, mem, guest_windows),
-                    Verdict::Fail(status) => Err(ExecError::Fault(status)),
-                    Verdict::Drop => Ok(match request {
-                        Request::Flush => Executed::Done(0),
-                        _ => Executed::Dropped,
-                    }),
-                    Verdict::Corrupt { at, mask } => self
-                        .execute(&request, bufs, mem, guest_windows)
-                        .and_then(|done| {
-                            self.corrupt(&request, bufs, mem, at, mask)?;
-                            Ok(done)
-                        }),
-                    Verdict::Later(later) => {
-                        release = Some(later);
-                        self.execute(&request, bufs, mem, guest_windows)
-                    }
+                let executed = if self.faults.any() {
+                    let (executed, later) =
+                        self.execute_with_faults(&request, queue, bufs, mem, guest_windows);
+                    release = later;
+                    executed
+                } else {
+                    self.execute(&request, bufs, mem, guest_windows)
                 };
                 match executed {
                     Ok(Executed::Done(written)) => {
@@ -477,6 +464,44 @@ impl BlkDevice {
         match release {
             Some(release) => Handled::Later { used, release },
             None => Handled::Done(used),
+        }
+    }
+
+    /// Executes `request` as the fault rules say: not at all (a failure, a dropped write),
+    /// with a byte corrupted, or with its completion left for later (the release).
+    #[cold]
+    #[inline(never)]
+    fn execute_with_faults<M: GuestMemoryBackend>(
+        &self,
+        request: &Request,
+        queue: usize,
+        bufs: &mut ChainBuffers,
+        mem: &M,
+        guest_windows: &[GuestWindow],
+    ) -> (Result<Executed, ExecError>, Option<Release>) {
+        match self
+            .faults
+            .check(daxd_fault::DISK, &fault_io(request, queue))
+        {
+            Verdict::Pass => (self.execute(request, bufs, mem, guest_windows), None),
+            Verdict::Fail(status) => (Err(ExecError::Fault(status)), None),
+            Verdict::Drop => {
+                let dropped = match request {
+                    Request::Flush => Executed::Done(0),
+                    _ => Executed::Dropped,
+                };
+                (Ok(dropped), None)
+            }
+            Verdict::Corrupt { at, mask } => {
+                let executed = self
+                    .execute(request, bufs, mem, guest_windows)
+                    .and_then(|done| self.corrupt(request, bufs, mem, at, mask).map(|()| done));
+                (executed, None)
+            }
+            Verdict::Later(release) => (
+                self.execute(request, bufs, mem, guest_windows),
+                Some(release),
+            ),
         }
     }
 

@@ -816,7 +816,7 @@ fn flushes_are_deferred_and_completed_together() {
         &[],
         &mut f.bufs,
     );
-    let (Handled::Flush(a), Handled::Flush(b)) = (first.clone(), second.clone()) else {
+    let (Handled::Flush(a), Handled::Flush(b)) = (first, second) else {
         panic!("flushes were not deferred: {first:?} {second:?}");
     };
     // Nothing is reported before the flush ran.

@@ -333,14 +333,14 @@ pub struct Args {
     /// op=any|read|write|flush|discard|write-zeroes|get-id|pmem-flush, sectors=START..END
     /// (end exclusive) or sectors=N, queue=N, when=always|once|nth:N|every:N|times:N|
     /// probability:P (with seed=S: reproducible), after=MARK (acts only once `daxd mark
-    /// MARK` was set), action=fail[:ioerr|:unsupp] (complete with that status, touch
-    /// nothing) | delay:TIME (e.g. 20ms; the queue keeps serving) | hold (complete only
-    /// when the rule is cleared) | drop (acknowledge a write, discard, write-zeroes or
-    /// FLUSH without doing it) | corrupt[:OFFSET[:MASK]] (XOR byte OFFSET of the rule's
-    /// sectors, default 0, with MASK, default 0xff, in what reads return or writes store) |
-    /// bad-blocks (dm-dust: reads of the sectors fail until written; needs sectors=). The
-    /// same rule as JSON: {"op":"read","sectors":[2048,4096],"action":{"fail":"ioerr"}}.
-    /// The first rule that acts on a request decides.
+    /// MARK` was set), action= one of: fail, fail:ioerr or fail:unsupp (complete with that
+    /// status, touch nothing); delay:TIME (e.g. 20ms; the queue keeps serving); hold
+    /// (complete only when the rule is cleared); drop (acknowledge a write, discard,
+    /// write-zeroes or FLUSH without doing it); corrupt, corrupt:OFFSET or
+    /// corrupt:OFFSET:MASK (XOR byte OFFSET of the rule's sectors, default 0, with MASK,
+    /// default 0xff, in what reads return or writes store); bad-blocks (dm-dust: reads of
+    /// the sectors fail until written; needs sectors=). A rule can also be given as JSON
+    /// (docs/faults.md). The first rule that acts on a request decides.
     #[arg(long = "fault", value_name = "RULE", value_parser = parse_rule)]
     pub faults: Vec<RuleSpec>,
 

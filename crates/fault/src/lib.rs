@@ -78,35 +78,16 @@ pub enum Verdict {
     Later(Release),
 }
 
-/// When a request executed now may be completed.
-#[derive(Debug, Clone)]
+/// When a request executed now may be completed: plain data, so that a request that no
+/// rule touched carries nothing to drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
     At(Instant),
-    /// When the rule that holds it is cleared.
-    WhenCleared(Held),
+    /// When rule `id` (which holds it) is cleared; [`Faults::due`] tells.
+    WhenCleared(u64),
 }
-
-impl PartialEq for Release {
-    fn eq(&self, other: &Release) -> bool {
-        match (self, other) {
-            (Release::At(a), Release::At(b)) => a == b,
-            (Release::WhenCleared(a), Release::WhenCleared(b)) => Arc::ptr_eq(&a.0, &b.0),
-            _ => false,
-        }
-    }
-}
-
-impl Eq for Release {}
 
 impl Release {
-    /// Whether the request may be completed at `now`.
-    pub fn due(&self, now: Instant) -> bool {
-        match self {
-            Release::At(at) => *at <= now,
-            Release::WhenCleared(held) => held.0.cleared.load(Ordering::Acquire),
-        }
-    }
-
     /// The time at which it is due, if it is a time.
     pub fn at(&self) -> Option<Instant> {
         match self {
@@ -115,10 +96,6 @@ impl Release {
         }
     }
 }
-
-/// A rule that holds requests, to see whether it was cleared.
-#[derive(Debug, Clone)]
-pub struct Held(Arc<Rule>);
 
 /// A rule as listed: its number, its text, and how often it acted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,7 +122,6 @@ struct Rule {
     hits: AtomicU64,
     matched: AtomicU64,
     armed: AtomicBool,
-    cleared: AtomicBool,
     bad: Option<BadSectors>,
 }
 
@@ -280,7 +256,6 @@ impl Faults {
             hits: AtomicU64::new(0),
             matched: AtomicU64::new(0),
             armed: AtomicBool::new(armed),
-            cleared: AtomicBool::new(false),
             bad,
         });
         let mut rules = Vec::clone(&self.rules.load());
@@ -304,9 +279,6 @@ impl Faults {
         }
         self.any.store(!kept.is_empty(), Ordering::Release);
         self.rules.store(Arc::new(kept));
-        for rule in &gone {
-            rule.cleared.store(true, Ordering::Release);
-        }
         Ok(gone.len())
     }
 
@@ -342,10 +314,26 @@ impl Faults {
         Ok(())
     }
 
+    /// Whether a request executed with `release` may be completed at `now`. Rule numbers
+    /// are never reused, so a rule that is gone was cleared.
+    pub fn due(&self, release: &Release, now: Instant) -> bool {
+        match *release {
+            Release::At(at) => at <= now,
+            Release::WhenCleared(id) => !self.rules.load().iter().any(|rule| rule.id == id),
+        }
+    }
+
+    /// Whether any rule is set: a device that finds none need not describe its request
+    /// (one relaxed load).
+    #[inline]
+    pub fn any(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
     /// What `device` (`disk` or a pmem window's name) does with `io`.
     #[inline]
     pub fn check(&self, device: &str, io: &Io) -> Verdict {
-        if !self.any.load(Ordering::Relaxed) {
+        if !self.any() {
             return Verdict::Pass;
         }
         self.check_rules(device, io)
@@ -411,7 +399,7 @@ impl Faults {
                 Action::DelayMs(ms) => {
                     Verdict::Later(Release::At(Instant::now() + Duration::from_millis(ms)))
                 }
-                Action::Hold => Verdict::Later(Release::WhenCleared(Held(rule.clone()))),
+                Action::Hold => Verdict::Later(Release::WhenCleared(rule.id)),
             };
         }
         verdict

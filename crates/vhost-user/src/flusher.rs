@@ -262,7 +262,7 @@ fn serve(
         let everything = answering != answered || closing;
         let now = Instant::now();
         waiting.retain(|w| {
-            let due = everything || w.release.due(now);
+            let due = everything || device.faults().due(&w.release, now);
             if due {
                 w.at.publish(&mem, w.used);
             }
