@@ -8,6 +8,7 @@ mod cloud_hypervisor;
 mod confine;
 mod faults;
 mod guest_blk;
+mod guest_faults;
 mod guest_pmem;
 mod hostile_frontend;
 mod libvirt;

@@ -466,6 +466,7 @@ pub fn guest_script(dir: &Path, name: &str, script: &str) -> PathBuf {
         "pmem-cases.sh",
         "cut-cases.sh",
         "ch-cases.sh",
+        "fault-cases.sh",
     ] {
         let path = repo_root().join("resources/guest").join(lib);
         prelude += &format!(". /host{}\n", path.display());
