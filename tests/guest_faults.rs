@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::guest::{boot, results, Vm};
+use crate::support::guest::{boot, print_qemu_args, results, sid_qemu, Vm};
 use crate::support::{daxd_command, test_dir, Backend};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
@@ -179,4 +179,84 @@ fn a_guest_meets_the_faults_its_tester_sets() {
     assert!(only("flush-cleared") >= 1, "{report}");
     assert!(only("write-cleared") >= 1, "{report}");
     drop(daxd);
+}
+
+/// A guest's fsync on a DAX file fails when a rule fails the virtio-pmem FLUSH that daxd
+/// serves (QEMU 11.1, the window in vhost-user shared memory). With QEMU 10, which maps
+/// the window from the file and serves its FLUSH itself, daxd never sees the FLUSH and
+/// refuses rules that name the window (tests/faults.rs).
+#[test]
+#[ignore = "needs QEMU 11.1 (ci/build-sid-root.sh) and the test guest; run by ci/test.sh"]
+fn a_failing_virtio_pmem_flush_fails_the_guests_fsync_on_dax() {
+    let dir = test_dir("daxd-guest-pmem-faults-");
+    let d = dir.path();
+    let region = d.join("region.img");
+    let control = d.join("control.sock");
+    let pmem_socket = d.join("pmem.sock");
+    let args: Vec<String> = [
+        "--size",
+        "256M",
+        "--window",
+        "name=disk,size=128M,serve=blk",
+        "--window",
+        "name=pm0,offset=128M,size=128M,serve=pmem",
+        "--pmem-socket-path",
+        pmem_socket.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut serve: Vec<&str> = args.iter().map(String::as_str).collect();
+    serve.extend(["--control-socket", control.to_str().unwrap()]);
+    let daxd = Backend::start_daxd(d, &region, &serve);
+    let mut print = vec![
+        "--region".to_owned(),
+        region.display().to_string(),
+        "--socket-path".to_owned(),
+        daxd.socket.display().to_string(),
+    ];
+    print.extend(args);
+    let printed = print_qemu_args(&print);
+    let line = |prefix: &str| {
+        printed
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("print-qemu-args printed no {prefix} line:\n{printed}"))
+            .to_owned()
+    };
+    let vm = Vm {
+        memory: line("-m ").split_whitespace().nth(1).unwrap().to_owned(),
+        extra: line("-chardev socket,id=daxd-pmem-")
+            .split_whitespace()
+            .map(String::from)
+            .collect(),
+        qemu: sid_qemu(d),
+        ..Vm::blk(&daxd.socket, 1)
+    };
+    let mut seen: BTreeMap<&'static str, BTreeMap<String, u64>> = BTreeMap::new();
+    let run = boot(
+        d,
+        "pmem-faults",
+        &vm,
+        "run_case pmem_flush_error case_pmem_flush_error\n",
+        BOOT_TIMEOUT,
+        &mut |step, _| match step {
+            "pmem-flush-rule" => {
+                seen.insert("pmem-flush-rule", hits(&control));
+                fault(&control, &["add", "device=pm0,action=fail"]);
+            }
+            "pmem-flush-cleared" => {
+                seen.insert("pmem-flush-cleared", hits(&control));
+                fault(&control, &["clear", "--all"]);
+            }
+            other => panic!("unexpected step {other}"),
+        },
+    );
+    run.assert_passed(&["pmem_flush_error"], &format!("hits: {seen:?}"));
+    let hits = seen["pmem-flush-cleared"]["device=pm0,action=fail"];
+    assert!(
+        hits >= 1,
+        "the rule acted on {hits} FLUSHes; console log {}",
+        run.console_log.display()
+    );
+    assert!(daxd.terminate().success());
 }

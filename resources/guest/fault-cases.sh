@@ -165,3 +165,25 @@ case_write_error() {
     umount /host/mnt
     true
 }
+
+# pmem_flush_error: ext4 with DAX on /dev/pmem0 (virtio-pmem whose FLUSH daxd serves);
+# a rule that fails the window's FLUSHes (step pmem-flush-rule) makes fsync of a DAX file
+# fail with EIO; cleared (step pmem-flush-cleared), fsync works.
+case_pmem_flush_error() {
+    [ -b /dev/pmem0 ] || { fail "no /dev/pmem0"; return; }
+    host mkfs.ext4 -q -F -b 4096 -E nodiscard,lazy_itable_init=0,lazy_journal_init=0 /dev/pmem0 \
+        || { fail "mkfs.ext4 failed"; return; }
+    mount -o dax /dev/pmem0 /host/mnt || { fail "mount -o dax failed"; return; }
+    grep -q "^/dev/pmem0 /host/mnt ext4 .*dax=always" /proc/mounts \
+        || fail "not mounted with dax=always: $(grep pmem0 /proc/mounts)"
+    host dd if=/dev/urandom of=/mnt/before bs=4k count=4 conv=fsync status=none \
+        || fail "fsync failed before any rule"
+    wait_host pmem-flush-rule || return
+    if host dd if=/dev/urandom of=/mnt/synced bs=4k count=4 conv=fsync status=none 2> /tmp/dd.err; then
+        fail "fsync of a DAX file succeeded although the window's FLUSH fails"
+    fi
+    grep -qE "Input/output error|Read-only file system" /tmp/dd.err || fail "dd failed with '$(cat /tmp/dd.err)'"
+    echo "RESULT pmem_fsync_error $(tr ' ' _ < /tmp/dd.err | cut -c1-80)"
+    wait_host pmem-flush-cleared || return
+    umount /host/mnt
+}
