@@ -8,11 +8,18 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # The shared folder next to this checkout, or next to the local repository it was cloned
 # from (a CI run in a fresh clone).
+# The newest tarball in the first shared/ folder that has one. Nothing pipes into head:
+# under pipefail the writer would die of SIGPIPE and fail the assignment below.
 find_tarball() {
     origin=$(git -C "$root" config --get remote.origin.url 2>/dev/null || true)
     for shared in "$root/../shared" ${origin:+"$origin/../shared"}; do
-        ls "$shared"/cloud-hypervisor/cloud-hypervisor-*.tar.xz 2>/dev/null | sort | tail -n 1
-    done | head -n 1
+        found=$( (find "$shared/cloud-hypervisor" -maxdepth 1 -name 'cloud-hypervisor-*.tar.xz' 2>/dev/null || true) \
+            | sort | tail -n 1)
+        if [ -n "$found" ]; then
+            echo "$found"
+            return
+        fi
+    done
 }
 tarball=${CLOUD_HYPERVISOR_TARBALL:-$(find_tarball)}
 [ -n "$tarball" ] && [ -r "$tarball" ] || {
