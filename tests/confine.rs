@@ -43,9 +43,12 @@ fn filters_by_thread(pid: u32) -> BTreeMap<String, Vec<u32>> {
 }
 
 /// Starts daxd with 2 queues, has a client write, flush and read, and returns the filter
-/// counts of its threads while the client is still connected.
+/// counts of its threads while the client is still connected, once the threads are
+/// `settled` (or after 10 s): the connection that probed the socket at start may still be
+/// ending, and the backend for the next frontend still starting, when the client is done.
 fn threads_of_a_serving_daxd(
     extra: &[&str],
+    settled: impl Fn(&BTreeMap<String, Vec<u32>>) -> bool,
 ) -> (BTreeMap<String, Vec<u32>>, Backend, tempfile::TempDir) {
     let dir = test_dir("daxd-confine-");
     let region = dir.path().join("region.img");
@@ -64,7 +67,12 @@ fn threads_of_a_serving_daxd(
     client.queues[1].write(8192, &pattern(3, 4096)).unwrap();
     client.queues[1].flush().unwrap();
     assert_eq!(client.queues[0].read(8192, 4096).unwrap(), pattern(3, 4096));
-    let threads = filters_by_thread(daxd.pid());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut threads = filters_by_thread(daxd.pid());
+    while !settled(&threads) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        threads = filters_by_thread(daxd.pid());
+    }
     // The main thread's control socket, under its filter.
     daxd_inspect(&control, &["--json"]);
     drop(client);
@@ -73,7 +81,6 @@ fn threads_of_a_serving_daxd(
 
 #[test]
 fn every_daxd_thread_runs_under_its_own_filter() {
-    let (threads, daxd, _dir) = threads_of_a_serving_daxd(&[]);
     // One filter where main started the thread and it added nothing yet (main, the
     // server, the thread that waits for the connection to end); two where a thread
     // narrowed the filter it inherited. The flusher and queue workers are there twice:
@@ -89,6 +96,7 @@ fn every_daxd_thread_runs_under_its_own_filter() {
     .into_iter()
     .map(|(name, filters)| (name.to_owned(), filters))
     .collect();
+    let (threads, daxd, _dir) = threads_of_a_serving_daxd(&[], |threads| threads == &expected);
     assert_eq!(threads, expected);
     // The shutdown (stopping the servers, the final fdatasync, removing the sockets) runs
     // under the main thread's filter too.
@@ -98,7 +106,11 @@ fn every_daxd_thread_runs_under_its_own_filter() {
 
 #[test]
 fn seccomp_none_installs_no_filter() {
-    let (threads, daxd, _dir) = threads_of_a_serving_daxd(&["--seccomp", "none"]);
+    // Every thread there, as in every_daxd_thread_runs_under_its_own_filter.
+    let (threads, daxd, _dir) = threads_of_a_serving_daxd(&["--seccomp", "none"], |threads| {
+        threads.get("vring_worker").map(Vec::len) == Some(4)
+            && threads.get("daxd-blk-conn").map(Vec::len) == Some(1)
+    });
     assert!(
         threads.values().flatten().all(|&filters| filters == 0),
         "{threads:?}"
