@@ -7,7 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    daxd_command, daxd_inspect, file_bytes, pattern, refused_start, Backend, Client,
+    daxd_command, daxd_fault as fault, daxd_inspect, file_bytes, pattern, refused_start, Backend,
+    Client,
 };
 
 const EIO: i32 = -5;
@@ -26,20 +27,6 @@ fn daxd_with_control(dir: &Path, extra: &[&str]) -> (Backend, std::path::PathBuf
     args.extend_from_slice(extra);
     let daxd = Backend::start_daxd(dir, &dir.join("region.img"), &args);
     (daxd, control)
-}
-
-/// `daxd fault ARGS --control-socket CONTROL`; asserts success, returns standard output.
-fn fault(control: &Path, args: &[&str]) -> String {
-    let mut all = vec![
-        "fault",
-        args[0],
-        "--control-socket",
-        control.to_str().unwrap(),
-    ];
-    all.extend_from_slice(&args[1..]);
-    let (ok, out, err) = daxd_command(&all);
-    assert!(ok, "daxd {all:?}: {err}");
-    out
 }
 
 /// The rules' hits as `daxd fault list --json` reports them, by rule number.

@@ -9,26 +9,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::guest::{boot, print_qemu_args, results, sid_qemu, Vm};
-use crate::support::{daxd_command, test_dir, Backend};
+use crate::support::{daxd_fault as fault, test_dir, Backend};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 /// Where the bad-blocks case puts its bad sectors (beyond fio's 64 MiB and the ext4
 /// cases run later on a fresh file system).
 const BAD_SECTOR: u64 = 200_000;
 const DELAY_MS: u64 = 20;
-
-fn fault(control: &Path, args: &[&str]) -> String {
-    let mut all = vec![
-        "fault",
-        args[0],
-        "--control-socket",
-        control.to_str().unwrap(),
-    ];
-    all.extend_from_slice(&args[1..]);
-    let (ok, out, err) = daxd_command(&all);
-    assert!(ok, "daxd {all:?}: {err}");
-    out
-}
 
 /// Each rule's hits, by its text.
 fn hits(control: &Path) -> BTreeMap<String, u64> {

@@ -362,6 +362,21 @@ pub fn daxd_command(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `daxd fault SUBCOMMAND --control-socket CONTROL ARGS...` (`args` starts with the
+/// subcommand); asserts success and returns what it printed.
+pub fn daxd_fault(control: &Path, args: &[&str]) -> String {
+    let mut all = vec![
+        "fault",
+        args[0],
+        "--control-socket",
+        control.to_str().unwrap(),
+    ];
+    all.extend_from_slice(&args[1..]);
+    let (ok, out, err) = daxd_command(&all);
+    assert!(ok, "daxd {all:?}: {err}");
+    out
+}
+
 /// The registry as `daxd inspect --json` reports it, read as the registry's own type.
 pub fn inspect(control: &Path) -> daxd_registry::Snapshot {
     let mut inspection: serde_json::Value =

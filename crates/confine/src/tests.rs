@@ -63,17 +63,7 @@ const CHILD: &str = "DAXD_CONFINE_CHILD";
 
 /// Runs [`child_queue_worker_calls_socket`] in a process of its own, in `mode`.
 fn queue_worker_calls_socket(mode: &str) -> std::process::Output {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "tests::child_queue_worker_calls_socket",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD, mode)
-        .output()
-        .unwrap()
+    child("tests::child_queue_worker_calls_socket", mode)
 }
 
 /// A confined queue worker that still does its work, then makes a
