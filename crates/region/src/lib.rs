@@ -343,7 +343,11 @@ impl Region {
     ) -> Result<(), RegionError> {
         let mut done = 0;
         while done < dst.len() {
-            let rest = self.rest_of(&dst, done, offset)?;
+            let rest = dst.offset(done).map_err(|_| RegionError::OutOfRange {
+                offset,
+                len: dst.len() as u64,
+                size: self.size(),
+            })?;
             match pread_volatile(&self.file, &rest, offset + done as u64) {
                 Ok(0) => {
                     return Err(self.io_error("read", io::ErrorKind::UnexpectedEof.into()));
@@ -354,20 +358,6 @@ impl Region {
             }
         }
         Ok(())
-    }
-
-    /// `slice` from byte `done` on, of a request at region byte `offset`.
-    fn rest_of<'a, B: BitmapSlice>(
-        &self,
-        slice: &VolatileSlice<'a, B>,
-        done: usize,
-        offset: u64,
-    ) -> Result<VolatileSlice<'a, B>, RegionError> {
-        slice.offset(done).map_err(|_| RegionError::OutOfRange {
-            offset,
-            len: slice.len() as u64,
-            size: self.size(),
-        })
     }
 
     /// Copies `src` (guest memory) into the region at `offset`. Where the file is known
@@ -388,8 +378,9 @@ impl Region {
             return Ok(());
         }
         self.pwrite_loop(offset, src.len(), |done, at| {
-            pwrite_volatile(&self.file, &self.rest_of(&src, done, offset)?, at)
-                .map_err(WriteError::Errno)
+            // `done` < `src.len()`: the offset is inside the slice.
+            let rest = src.offset(done).map_err(|_| rustix::io::Errno::FAULT)?;
+            pwrite_volatile(&self.file, &rest, at)
         })?;
         self.note_data(offset, src.len() as u64);
         Ok(())
@@ -419,7 +410,7 @@ impl Region {
 
     fn pwrite_all(&self, offset: u64, buf: &[u8]) -> Result<(), RegionError> {
         self.pwrite_loop(offset, buf.len(), |done, at| {
-            rustix::io::pwrite(&*self.file, &buf[done..], at).map_err(WriteError::Errno)
+            rustix::io::pwrite(&*self.file, &buf[done..], at)
         })
     }
 
@@ -429,7 +420,7 @@ impl Region {
         &self,
         offset: u64,
         len: usize,
-        mut pwrite: impl FnMut(usize, u64) -> Result<usize, WriteError>,
+        mut pwrite: impl FnMut(usize, u64) -> rustix::io::Result<usize>,
     ) -> Result<(), RegionError> {
         let mut done = 0;
         while done < len {
@@ -439,16 +430,15 @@ impl Region {
                     return Err(self.io_error("write", io::ErrorKind::WriteZero.into()));
                 }
                 Ok(n) => done += n,
-                Err(WriteError::Errno(rustix::io::Errno::NOSPC)) => {
+                Err(rustix::io::Errno::NOSPC) => {
                     return Err(RegionError::NoSpace {
                         path: self.path.clone(),
                         offset: at,
                         len: (len - done) as u64,
                     })
                 }
-                Err(WriteError::Errno(rustix::io::Errno::INTR)) => {}
-                Err(WriteError::Errno(e)) => return Err(self.io_error("write", e.into())),
-                Err(WriteError::Region(e)) => return Err(e),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(self.io_error("write", e.into())),
             }
         }
         Ok(())
@@ -590,16 +580,9 @@ impl Region {
     }
 }
 
-/// Why one pwrite of [`Region::pwrite_loop`] failed.
-enum WriteError {
-    Errno(rustix::io::Errno),
-    Region(RegionError),
-}
-
-impl From<RegionError> for WriteError {
-    fn from(e: RegionError) -> WriteError {
-        WriteError::Region(e)
-    }
+/// The error of the system call just made through libc.
+fn last_errno() -> rustix::io::Errno {
+    rustix::io::Errno::from_io_error(&io::Error::last_os_error()).unwrap_or(rustix::io::Errno::IO)
 }
 
 /// pread(2) from `file` at `offset` straight into `dst` (guest memory), as vm-memory's
@@ -632,10 +615,7 @@ fn pread_volatile<B: BitmapSlice>(
         Err(_) => {
             // A partial read may have happened.
             dst.bitmap().mark_dirty(0, dst.len());
-            Err(
-                rustix::io::Errno::from_io_error(&io::Error::last_os_error())
-                    .unwrap_or(rustix::io::Errno::IO),
-            )
+            Err(last_errno())
         }
     }
 }
@@ -659,10 +639,7 @@ fn pwrite_volatile<B: BitmapSlice>(
             offset as libc::off_t,
         )
     };
-    usize::try_from(written).map_err(|_| {
-        rustix::io::Errno::from_io_error(&io::Error::last_os_error())
-            .unwrap_or(rustix::io::Errno::IO)
-    })
+    usize::try_from(written).map_err(|_| last_errno())
 }
 
 fn check_size(size: u64) -> Result<(), RegionError> {
