@@ -428,13 +428,12 @@ impl BlkDevice {
                             release,
                         });
                     }
-                    Err(e @ ExecError::Fault(_)) => {
-                        stats.request(kind, e.status(), 0);
-                        (kind, e.status(), 0)
-                    }
                     Err(e) => {
-                        self.refusals
-                            .refused(format_args!("request {request:?} failed: {e}"));
+                        // A fault rule's failure is what the user asked for: not logged.
+                        if !matches!(e, ExecError::Fault(_)) {
+                            self.refusals
+                                .refused(format_args!("request {request:?} failed: {e}"));
+                        }
                         stats.request(kind, e.status(), 0);
                         (kind, e.status(), 0)
                     }
@@ -566,27 +565,23 @@ impl BlkDevice {
 
 /// A parsed request as fault rules see it.
 fn fault_io(request: &Request, queue: usize) -> Io {
-    let sectors = |offset: u64, len: u64| {
+    let span = |offset: u64, len: u64| {
         let start = offset >> SECTOR_SHIFT;
         [start, start + len.div_ceil(SECTOR_SIZE)]
     };
-    let (op, sectors) = match *request {
-        Request::Read { offset, data } => (Op::Read, sectors(offset, data.len)),
-        Request::Write { offset, data } => (Op::Write, sectors(offset, data.len)),
+    // One segment at most (MAX_DISCARD_SEGMENTS).
+    let segment = |list: &request::DiscardList| {
+        list.as_slice()
+            .first()
+            .map_or([0, 0], |s| [s.sector, s.sector + u64::from(s.sectors)])
+    };
+    let (op, sectors) = match request {
+        Request::Read { offset, data } => (Op::Read, span(*offset, data.len)),
+        Request::Write { offset, data } => (Op::Write, span(*offset, data.len)),
         Request::Flush => (Op::Flush, [0, 0]),
         Request::GetId { .. } => (Op::GetId, [0, 0]),
-        Request::Discard(list) | Request::WriteZeroes(list) => {
-            let op = match request {
-                Request::Discard(_) => Op::Discard,
-                _ => Op::WriteZeroes,
-            };
-            // One segment at most (MAX_DISCARD_SEGMENTS).
-            let range = list
-                .as_slice()
-                .first()
-                .map_or([0, 0], |s| [s.sector, s.sector + u64::from(s.sectors)]);
-            (op, range)
-        }
+        Request::Discard(list) => (Op::Discard, segment(list)),
+        Request::WriteZeroes(list) => (Op::WriteZeroes, segment(list)),
     };
     Io {
         op,
