@@ -207,9 +207,8 @@ fn serve(
     mut batch: Vec<Job>,
 ) {
     let mut waiting: Vec<Waiting> = Vec::with_capacity(batch.capacity());
-    let mut answered = 0;
     loop {
-        let (answering, closing) = {
+        let (answering, settling, closing) = {
             let mut handoff = shared.lock();
             loop {
                 if !handoff.jobs.is_empty()
@@ -233,7 +232,8 @@ fn serve(
             }
             // The thread's empty vector (with its room) goes back for the next jobs.
             std::mem::swap(&mut handoff.jobs, &mut batch);
-            (handoff.settles_asked, handoff.closing)
+            let settling = handoff.settles_asked != handoff.settles_answered;
+            (handoff.settles_asked, settling, handoff.closing)
         };
         let done = batch.is_empty() && closing;
         let mem = mem.memory();
@@ -259,7 +259,7 @@ fn serve(
             waiting.push(Waiting { at, used, release });
         }
         // A stopping queue or the connection's end takes everything with it.
-        let everything = answering != answered || closing;
+        let everything = settling || closing;
         let now = Instant::now();
         waiting.retain(|w| {
             let due = everything || device.faults().due(&w.release, now);
@@ -268,7 +268,6 @@ fn serve(
             }
             !due
         });
-        answered = answering;
         shared.lock().settles_answered = answering;
         shared.answered.notify_all();
         if done {

@@ -179,48 +179,55 @@ impl VhostUserBlkBackend {
             },
             &tracking,
             resubmit,
-            |head, descriptors| {
-                match self
-                    .device
-                    .handle(queue, descriptors, &*mem, &limits, &guest_windows, bufs)
-                {
-                    Handled::Done(used) => Some(used),
-                    Handled::Flush(pending) => {
-                        let at = Completion {
-                            vring: vring.clone(),
-                            tracking: tracking.clone(),
-                            head,
-                        };
-                        match self.flusher.send(Job::Flush { at, pending }) {
-                            Ok(()) => None,
-                            // No flusher thread: flush here.
-                            Err(Job::Flush { pending, .. }) => Some(self.device.complete_flush(
-                                &pending,
-                                self.device.flush(),
-                                &*mem,
-                            )),
-                            Err(Job::Later { used, .. }) => Some(used),
-                        }
-                    }
-                    Handled::Later { used, release } => {
-                        let at = Completion {
-                            vring: vring.clone(),
-                            tracking: tracking.clone(),
-                            head,
-                        };
-                        match self.flusher.send(Job::Later { at, used, release }) {
-                            Ok(()) => None,
-                            // No flusher thread to complete it later: now.
-                            Err(_) => Some(used),
-                        }
-                    }
-                }
+            |head, descriptors| match self.device.handle(
+                queue,
+                descriptors,
+                &*mem,
+                &limits,
+                &guest_windows,
+                bufs,
+            ) {
+                Handled::Done(used) => Some(used),
+                handled => self.complete_off_queue(vring, &tracking, head, handled, &mem),
             },
         )
     }
 }
 
 impl VhostUserBlkBackend {
+    /// Hands a FLUSH, or a request a fault rule delays or holds, to the flusher thread to
+    /// be completed there; returns the used length when it is to be completed now instead
+    /// (there is no flusher thread).
+    fn complete_off_queue(
+        &self,
+        vring: &Vring,
+        tracking: &Tracking,
+        head: u16,
+        handled: Handled,
+        mem: &GuestMemory,
+    ) -> Option<u32> {
+        let at = Completion {
+            vring: vring.clone(),
+            tracking: tracking.clone(),
+            head,
+        };
+        let job = match handled {
+            Handled::Done(used) => return Some(used),
+            Handled::Flush(pending) => Job::Flush { at, pending },
+            Handled::Later { used, release } => Job::Later { at, used, release },
+        };
+        match self.flusher.send(job) {
+            Ok(()) => None,
+            Err(Job::Flush { pending, .. }) => Some(self.device.complete_flush(
+                &pending,
+                self.device.flush(),
+                mem,
+            )),
+            // Nobody to complete it later: now, without the delay or hold.
+            Err(Job::Later { used, .. }) => Some(used),
+        }
+    }
+
     /// Finds guest memory backed by the region file (QEMU puts a `memory-backend-file`
     /// pmem window into every vhost-user backend's memory table) and keeps the registry in
     /// step: such pages are guest-visible, so they get descriptors. Files are matched by
