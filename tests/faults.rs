@@ -317,3 +317,40 @@ fn only_the_control_socket_sets_rules_and_it_is_owner_only() {
     assert_eq!(mode, 0o660);
     assert!(daxd.terminate().success());
 }
+
+/// A held request is completed when its queue stops (`GET_VRING_BASE`, as QEMU sends
+/// before a migration or when the VM stops), not later: the ring's state the frontend
+/// reads is final, and nothing is written into guest memory afterwards.
+#[test]
+fn a_stopping_queue_completes_what_a_rule_holds() {
+    use crate::support::frontend::{Connection, GuestMem, USED_RING};
+    use vhost::VhostBackend;
+    let dir = tempfile::tempdir().unwrap();
+    let region = dir.path().join("region.img");
+    let (daxd, _control) = daxd_with_control(dir.path(), &["--fault", "op=write,action=hold"]);
+    let mem = GuestMem::new();
+    let c = Connection::start(&daxd.socket, &mem, &mut None, 0);
+    mem.put_write(0, 16, &pattern(4, 4096));
+    mem.make_available(&[0]);
+    c.kick();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(mem.used_idx(), 0, "a held write was completed");
+    assert_eq!(file_bytes(&region, 16 * SECTOR, 4096), pattern(4, 4096));
+    let base = c.frontend.get_vring_base(0).unwrap() as u16;
+    assert_eq!(base, 1);
+    assert_eq!(
+        mem.used_idx(),
+        1,
+        "GET_VRING_BASE was answered before the held write was completed"
+    );
+    assert_eq!(mem.status(0), 0);
+    let ring = mem.bytes(USED_RING, 256);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        mem.bytes(USED_RING, 256),
+        ring,
+        "the used ring changed after the stop"
+    );
+    drop(c);
+    assert!(daxd.terminate().success());
+}
