@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    daxd_command, daxd_fault as fault, daxd_inspect, file_bytes, pattern, refused_start, Backend,
-    Client,
+    daxd_command, daxd_fault as fault, daxd_inspect, fault_rules, file_bytes, pattern,
+    refused_start, Backend, Client,
 };
 
 const EIO: i32 = -5;
@@ -31,13 +31,9 @@ fn daxd_with_control(dir: &Path, extra: &[&str]) -> (Backend, std::path::PathBuf
 
 /// The rules' hits as `daxd fault list --json` reports them, by rule number.
 fn hits(control: &Path) -> Vec<(u64, u64)> {
-    let rules: serde_json::Value =
-        serde_json::from_str(&fault(control, &["list", "--json"])).unwrap();
-    rules
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| (r["id"].as_u64().unwrap(), r["hits"].as_u64().unwrap()))
+    fault_rules(control)
+        .into_iter()
+        .map(|rule| (rule.id, rule.hits))
         .collect()
 }
 
@@ -225,27 +221,22 @@ fn bad_rules_are_refused_with_a_reason_and_daxd_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     // At start: refused before anything is served.
     let socket = dir.path().join("refused.sock");
-    let err = refused_start(&[
-        "--region",
-        dir.path().join("r.img").to_str().unwrap(),
-        "--size",
-        "4M",
-        "--socket-path",
-        socket.to_str().unwrap(),
-        "--fault",
-        "op=read,action=drop",
-    ]);
+    let region = dir.path().join("r.img");
+    let refused_rule = |rule: &str| {
+        refused_start(&[
+            "--region",
+            region.to_str().unwrap(),
+            "--size",
+            "4M",
+            "--socket-path",
+            socket.to_str().unwrap(),
+            "--fault",
+            rule,
+        ])
+    };
+    let err = refused_rule("op=read,action=drop");
     assert!(err.contains("action drop does not apply to read"), "{err}");
-    let err = refused_start(&[
-        "--region",
-        dir.path().join("r.img").to_str().unwrap(),
-        "--size",
-        "4M",
-        "--socket-path",
-        socket.to_str().unwrap(),
-        "--fault",
-        "device=pm0,action=fail",
-    ]);
+    let err = refused_rule("device=pm0,action=fail");
     assert!(
         err.contains("daxd serves no such device here (devices: disk)"),
         "{err}"
@@ -254,22 +245,15 @@ fn bad_rules_are_refused_with_a_reason_and_daxd_keeps_serving() {
     // At run time: the command says why; the rules and the disk are as they were.
     let (daxd, control) = daxd_with_control(dir.path(), &[]);
     let c = control.to_str().unwrap();
-    let (ok, _, err) = daxd_command(&[
-        "fault",
-        "add",
-        "--control-socket",
-        c,
-        "when=nth:0,action=fail",
-    ]);
-    assert!(!ok && err.contains("nth must be at least 1"), "{err}");
-    let (ok, _, err) = daxd_command(&[
-        "fault",
-        "add",
-        "--control-socket",
-        c,
-        "device=pm0,action=fail",
-    ]);
-    assert!(!ok && err.contains("no such device"), "{err}");
+    let refused_add = |rule: &str| {
+        let (ok, _, err) = daxd_command(&["fault", "add", "--control-socket", c, rule]);
+        assert!(!ok, "daxd fault add {rule} succeeded");
+        err
+    };
+    let err = refused_add("when=nth:0,action=fail");
+    assert!(err.contains("nth must be at least 1"), "{err}");
+    let err = refused_add("device=pm0,action=fail");
+    assert!(err.contains("no such device"), "{err}");
     let (ok, _, err) = daxd_command(&["fault", "clear", "--control-socket", c, "7"]);
     assert!(!ok && err.contains("no rule 7"), "{err}");
     let (ok, _, err) = daxd_command(&["mark", "--control-socket", c, "a/b"]);

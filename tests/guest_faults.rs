@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::guest::{boot, print_qemu_args, results, sid_qemu, Vm};
-use crate::support::{daxd_fault as fault, test_dir, Backend};
+use crate::support::guest::{boot, print_qemu_args, printed_line, results, sid_qemu, Vm};
+use crate::support::{daxd_fault as fault, fault_rules, test_dir, Backend};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(400);
 /// Where the bad-blocks case puts its bad sectors (beyond fio's 64 MiB and the ext4
@@ -19,18 +19,9 @@ const DELAY_MS: u64 = 20;
 
 /// Each rule's hits, by its text.
 fn hits(control: &Path) -> BTreeMap<String, u64> {
-    let rules: serde_json::Value =
-        serde_json::from_str(&fault(control, &["list", "--json"])).unwrap();
-    rules
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["rule"].as_str().unwrap().to_owned(),
-                r["hits"].as_u64().unwrap(),
-            )
-        })
+    fault_rules(control)
+        .into_iter()
+        .map(|rule| (rule.rule, rule.hits))
         .collect()
 }
 
@@ -203,13 +194,7 @@ fn a_failing_virtio_pmem_flush_fails_the_guests_fsync_on_dax() {
     ];
     print.extend(args);
     let printed = print_qemu_args(&print);
-    let line = |prefix: &str| {
-        printed
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("print-qemu-args printed no {prefix} line:\n{printed}"))
-            .to_owned()
-    };
+    let line = |prefix: &str| printed_line(&printed, prefix);
     let vm = Vm {
         memory: line("-m ").split_whitespace().nth(1).unwrap().to_owned(),
         extra: line("-chardev socket,id=daxd-pmem-")

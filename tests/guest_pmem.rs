@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use daxd_registry::{Snapshot, Target};
 
 use crate::support::guest::{
-    boot, host_tool, nvdimm_alternative, print_qemu_args, results, sid_qemu, Vm,
+    boot, host_tool, nvdimm_alternative, print_qemu_args, printed_line, results, sid_qemu, Vm,
 };
 use crate::support::{file_bytes, inspect, pattern, Backend};
 
@@ -87,13 +87,7 @@ fn suite(kind: Kind) {
         backend.socket.display().to_string(),
     ]);
     let printed = print_qemu_args(&print_args);
-    let line = |prefix: &str| {
-        printed
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .unwrap_or_else(|| panic!("print-qemu-args printed no {prefix} line:\n{printed}"))
-            .to_owned()
-    };
+    let line = |prefix: &str| printed_line(&printed, prefix);
     let memory_line = line("-m ");
     let memory = memory_line.split_whitespace().nth(1).unwrap().to_owned();
     let pmem_line = match kind {

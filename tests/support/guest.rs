@@ -489,6 +489,15 @@ pub fn host_tool(program: &str, args: &[&str]) -> (bool, Vec<u8>, String) {
     )
 }
 
+/// The line of `printed` (what `daxd print-qemu-args` printed) that starts with `prefix`.
+pub fn printed_line(printed: &str, prefix: &str) -> String {
+    printed
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("print-qemu-args printed no {prefix} line:\n{printed}"))
+        .to_owned()
+}
+
 /// What `daxd print-qemu-args` prints for daxd's `args` (which name the region and the
 /// socket), to build a guest's QEMU options from.
 pub fn print_qemu_args<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {

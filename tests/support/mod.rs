@@ -377,6 +377,12 @@ pub fn daxd_fault(control: &Path, args: &[&str]) -> String {
     out
 }
 
+/// The fault rules as `daxd fault list --json` reports them, read as daxd's own type.
+pub fn fault_rules(control: &Path) -> Vec<daxd_fault::RuleInfo> {
+    serde_json::from_str(&daxd_fault(control, &["list", "--json"]))
+        .expect("fault list --json prints the rules")
+}
+
 /// The registry as `daxd inspect --json` reports it, read as the registry's own type.
 pub fn inspect(control: &Path) -> daxd_registry::Snapshot {
     let mut inspection: serde_json::Value =
