@@ -336,8 +336,14 @@ where
                             Ordering::Release,
                         )
                         .unwrap();
-                    let chain = queue.pop_descriptor_chain(&*mem).unwrap();
-                    let head = chain.head_index();
+                    let head = queue.pop_descriptor_chain(&*mem).unwrap().head_index();
+                    // Walked as daxd's queue walks it.
+                    let chain = daxd_virtio::ChainWalk::new(
+                        &*mem,
+                        GuestAddress(queue.desc_table()),
+                        queue.size(),
+                        head,
+                    );
                     let used = device.handle(q as usize, chain, &*mem, &limits, windows, &mut bufs);
                     let Handled::Done(used) = used else {
                         panic!("request {i} was not completed: {used:?}");

@@ -23,7 +23,7 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{ByteValued, Bytes, GuestMemoryBackend};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 pub use daxd_fault::Release;
 use daxd_fault::{Faults, Io, Op, Verdict};
@@ -445,7 +445,7 @@ impl BlkDevice {
                 (Kind::Invalid, e.status(), 0)
             }
         };
-        if let Err(e) = mem.write_obj(status, status_addr) {
+        if let Err(e) = put_status(mem, status_addr, status) {
             // Checked while parsing; only a memory table change under our feet gets here.
             self.refusals.refused(format_args!(
                 "cannot write status at {:#x}: {e}",
@@ -546,7 +546,7 @@ impl BlkDevice {
         if let Some(stats) = self.stats.get(flush.queue) {
             stats.flush_completed(flushed.status, flush.started.elapsed());
         }
-        match mem.write_obj(flushed.status, flush.status) {
+        match put_status(mem, flush.status, flushed.status) {
             Ok(()) => 1,
             Err(e) => {
                 let at = flush.status.0;
@@ -588,6 +588,19 @@ fn fault_io(request: &Request, queue: usize) -> Io {
         queue: u16::try_from(queue).unwrap_or(u16::MAX),
         sectors,
     }
+}
+
+/// Writes a request's status byte with one store into the region that holds it: the
+/// general `Bytes::write_obj` walks vm-memory's iterator over regions, whose inlining, and
+/// with it every request's cost, varies from build to build.
+fn put_status<M: GuestMemoryBackend>(
+    mem: &M,
+    at: GuestAddress,
+    status: u8,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    GuestMemoryBackend::get_slice(mem, at, 1)?
+        .write_obj(status, 0)
+        .map_err(Into::into)
 }
 
 #[cfg(test)]

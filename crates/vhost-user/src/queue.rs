@@ -7,12 +7,11 @@ use std::time::{Duration, Instant};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
-use daxd_virtio::{chain_at, RefusalLog};
+use daxd_virtio::{ChainWalk, RefusalLog};
 use log::warn;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::vring_avail;
-use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -136,24 +135,8 @@ impl Tracking {
     }
 }
 
-/// A chain's descriptors: from the available ring, or read again by head for a request an
-/// earlier backend took and did not complete.
-#[derive(Debug)]
-pub(crate) enum Descriptors<'m> {
-    Ring(DescriptorChain<&'m GuestMemory>),
-    Again(std::vec::IntoIter<Descriptor>),
-}
-
-impl Iterator for Descriptors<'_> {
-    type Item = Descriptor;
-
-    fn next(&mut self) -> Option<Descriptor> {
-        match self {
-            Descriptors::Ring(chain) => chain.next(),
-            Descriptors::Again(descriptors) => descriptors.next(),
-        }
-    }
-}
+/// A chain's descriptors, as the devices read them.
+pub(crate) type Descriptors<'m> = ChainWalk<'m, GuestMemory>;
 
 /// Serves the chains in `resubmit` (heads an earlier backend took from the ring, oldest
 /// first), then every available chain of `vring`, with `handle`, which returns the chain's
@@ -188,16 +171,13 @@ pub(crate) fn drain(
     let mut served = 0u64;
     for head in resubmit {
         let queue = state.get_queue();
-        let descriptors = match chain_at(mem, GuestAddress(queue.desc_table()), queue.size(), head)
-        {
-            Ok(descriptors) => descriptors,
-            Err(e) => {
-                // Released without a status, as a malformed chain from the ring would be.
-                warn!("cannot read request {head} again after a restart: {e}");
-                Vec::new()
-            }
-        };
-        if let Some(used) = handle(head, Descriptors::Again(descriptors.into_iter())) {
+        let mut descriptors =
+            ChainWalk::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
+        if let Err(e) = descriptors.check() {
+            // Released without a status: what the earlier backend took is not a request.
+            warn!("cannot read request {head} again after a restart: {e}");
+        }
+        if let Some(used) = handle(head, descriptors) {
             tracking.publish(&mut state, mem, head, used)?;
             completed = true;
         }
@@ -227,7 +207,10 @@ pub(crate) fn drain(
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
             let head = chain.head_index();
             tracking.take(head);
-            if let Some(used) = handle(head, Descriptors::Ring(chain)) {
+            let queue = state.get_queue();
+            let descriptors =
+                ChainWalk::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
+            if let Some(used) = handle(head, descriptors) {
                 tracking.publish(&mut state, mem, head, used)?;
                 completed = true;
                 served = served.saturating_add(REQUEST_BYTES + u64::from(used));

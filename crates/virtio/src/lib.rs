@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use log::warn;
 
 pub use chain::{Chain, ChainError, Segment, Stream};
-pub use ring::{chain_at, RingError};
+pub use ring::{ChainWalk, RingError};
 
 /// Exactly `size` bytes of a config space from `offset`, zero beyond what the device
 /// defines: frontends read their own `sizeof` of the config struct, and vhost-user
