@@ -10,7 +10,7 @@ use std::sync::Arc;
 use daxd_virtio::{ChainWalk, RefusalLog};
 use log::warn;
 use vhost_user_backend::VringT;
-use virtio_bindings::virtio_ring::vring_avail;
+use virtio_bindings::virtio_ring::{vring_avail, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::QueueT;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::event::{
@@ -265,16 +265,30 @@ const NOTIFY_EARLY_EVERY: u64 = 256 << 10;
 /// memory lookups and ring work, about what copying a page costs.
 const REQUEST_BYTES: u64 = 4096;
 
-/// Notifies the driver if the used entries added since the last check call for it.
+/// Notifies the driver if the used entries added since the last check call for it: with
+/// EVENT_IDX, when the used index passed the driver's `used_event`; without, unless the
+/// driver set `VRING_AVAIL_F_NO_INTERRUPT` (it is polling the used ring, and the device
+/// SHOULD NOT interrupt, VIRTIO 1.2, 2.7.10). virtio-queue 0.18's `needs_notification`
+/// does not read the flag ("isn't supported yet"), so it is read here, after the full
+/// fence that call makes between the used index written and the driver's flags read.
 fn notify_if_needed(state: &mut VringState, mem: &GuestMemory) -> io::Result<()> {
-    if state
-        .get_queue_mut()
-        .needs_notification(mem)
-        .map_err(io::Error::other)?
-    {
-        state.signal_used_queue()?;
+    let queue = state.get_queue_mut();
+    if !queue.needs_notification(mem).map_err(io::Error::other)? {
+        return Ok(());
     }
-    Ok(())
+    if !queue.event_idx_enabled() && driver_declines_interrupts(queue.avail_ring(), mem)? {
+        return Ok(());
+    }
+    state.signal_used_queue()
+}
+
+/// Whether the available ring's flags say `VRING_AVAIL_F_NO_INTERRUPT`.
+fn driver_declines_interrupts(avail_ring: u64, mem: &GuestMemory) -> io::Result<bool> {
+    let flags = mem
+        .get_slice(GuestAddress(avail_ring), std::mem::size_of::<u16>())
+        .and_then(|s| Ok(s.load::<u16>(0, Ordering::Acquire)?))
+        .map_err(io::Error::other)?;
+    Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
 }
 
 /// How many chains the available ring claims beyond what was taken, if that is more than
@@ -499,6 +513,48 @@ mod notification_tests {
                 after,
                 "EVENT_IDX {event_idx}: no notification after the batch"
             );
+        }
+    }
+
+    #[test]
+    fn without_event_idx_a_driver_that_declines_interrupts_gets_none() {
+        for (flags, expected) in [(VRING_AVAIL_F_NO_INTERRUPT as u16, false), (0, true)] {
+            let (vring, mem, call) = ring_with(4, false);
+            mem.memory().write_obj(flags, GuestAddress(AVAIL)).unwrap();
+            let refusals = RefusalLog::new("test");
+            let settings = Settings {
+                event_idx: false,
+                poll: None,
+                refusals: &refusals,
+            };
+            let tracking = Tracking::default();
+            // Three chains complete in the batch, the fourth later from another thread (a
+            // FLUSH does).
+            drain(
+                &vring,
+                &mem.memory(),
+                &settings,
+                &tracking,
+                Vec::new(),
+                |head, _| (head != 3).then_some(1),
+            )
+            .unwrap();
+            assert_eq!(
+                notified(&call),
+                expected,
+                "avail flags {flags:#x}: interrupt sent at the end of the batch"
+            );
+            complete_later(&vring, &mem.memory(), &tracking, 3, 1).unwrap();
+            assert_eq!(
+                notified(&call),
+                expected,
+                "avail flags {flags:#x}: interrupt sent for a later completion"
+            );
+            let used = mem
+                .memory()
+                .read_obj::<u16>(GuestAddress(USED + 2))
+                .unwrap();
+            assert_eq!(used, 4, "the completions are in the used ring either way");
         }
     }
 }
