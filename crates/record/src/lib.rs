@@ -1,0 +1,30 @@
+//! What a host power cut may leave of daxd's disk.
+//!
+//! While recording (`daxd --record DIR`), the disk's device appends every write, discard
+//! and write-zeroes it stored and every FLUSH it made durable to a log ([`DiskLog`]), in
+//! the order daxd stored them, and a test's named marks between them. The format is
+//! dm-log-writes' (the kernel's `device-mapper/log-writes.rst`), so the tools written for
+//! it (xfstests' `replay-log`) read daxd's logs too: a super block, then per entry a
+//! 512-byte header block and the entry's data.
+//!
+//! [`states`] then enumerates the crash states the log allows: each FLUSH point
+//! (everything stored before the FLUSH, nothing after) and, between two FLUSH points,
+//! seeded samples in which every 4 KiB block written since the earlier one holds any of
+//! the versions written to it, or its old content: the page cache writes back any subset,
+//! in any order.
+
+pub mod format;
+pub mod reader;
+pub mod states;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+pub use format::LogError;
+pub use reader::{Entry, LogReader, Op};
+pub use writer::{DiskLog, FlushSlot};
+
+/// Bytes per block a crash keeps or loses as a whole: a page of the host's page cache,
+/// which is written back whole.
+pub const BLOCK: u64 = 4096;
