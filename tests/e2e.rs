@@ -6,6 +6,7 @@ mod blkio_client;
 mod ci_scripts;
 mod cloud_hypervisor;
 mod confine;
+mod crash_states;
 mod faults;
 mod guest_blk;
 mod guest_faults;

@@ -27,6 +27,7 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
 pub use daxd_fault::Release;
 use daxd_fault::{Faults, Io, Op, Verdict};
+use daxd_record::{DiskLog, FlushSlot};
 use daxd_region::{Region, Window, PAGE_SIZE, SECTOR_SHIFT, SECTOR_SIZE};
 use daxd_registry::Registry;
 use daxd_virtio::RefusalLog;
@@ -170,6 +171,8 @@ pub struct PendingFlush {
     started: Instant,
     /// Once flushed, complete it only when this says so (a fault rule delays or holds it).
     pub release: Option<Release>,
+    /// Its place in the write log, while recording.
+    logged: Option<FlushSlot>,
 }
 
 /// Guest physical memory that is a window of the region (a pmem window the VMM mapped from
@@ -198,6 +201,8 @@ pub struct BlkDevice {
     region_flushes: AtomicU64,
     /// Fault rules (none unless a user sets some).
     faults: Arc<Faults>,
+    /// Where stored writes and FLUSHes are logged (`--record`).
+    record: Option<Arc<DiskLog>>,
 }
 
 impl BlkDevice {
@@ -233,6 +238,7 @@ impl BlkDevice {
             config,
             refusals: RefusalLog::new("virtio-blk"),
             faults: Arc::new(Faults::new(vec![daxd_fault::DISK.to_owned()])),
+            record: None,
         })
     }
 
@@ -245,6 +251,22 @@ impl BlkDevice {
 
     pub fn faults(&self) -> &Arc<Faults> {
         &self.faults
+    }
+
+    /// The device, logging every write, discard and write-zeroes it stores and every
+    /// FLUSH it makes durable to `log`.
+    pub fn with_record(mut self, log: Arc<DiskLog>) -> BlkDevice {
+        self.record = Some(log);
+        self
+    }
+
+    /// Sets a named mark: for fault rules that wait for it, and in the write log.
+    pub fn mark(&self, name: &str) -> Result<(), daxd_fault::FaultError> {
+        self.faults.mark(name)?;
+        if let Some(log) = &self.record {
+            log.mark(name);
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &BlkConfig {
@@ -405,6 +427,9 @@ impl BlkDevice {
                 } else {
                     self.execute(&request, bufs, mem, guest_windows)
                 };
+                if let (Some(log), Ok(Executed::Done(_))) = (&self.record, &executed) {
+                    self.record_stored(log, &request);
+                }
                 match executed {
                     Ok(Executed::Done(written)) => {
                         let bytes = match request {
@@ -426,6 +451,7 @@ impl BlkDevice {
                             queue,
                             started: started.unwrap_or_else(Instant::now),
                             release,
+                            logged: self.record.as_ref().map(|log| log.flush_handed_over()),
                         });
                     }
                     Err(e) => {
@@ -546,6 +572,9 @@ impl BlkDevice {
         if let Some(stats) = self.stats.get(flush.queue) {
             stats.flush_completed(flushed.status, flush.started.elapsed());
         }
+        if let (Some(log), Some(slot)) = (&self.record, flush.logged) {
+            log.flushed(slot, flushed.status == VIRTIO_BLK_S_OK as u8);
+        }
         match put_status(mem, flush.status, flushed.status) {
             Ok(()) => 1,
             Err(e) => {
@@ -587,6 +616,28 @@ fn fault_io(request: &Request, queue: usize) -> Io {
         op,
         queue: u16::try_from(queue).unwrap_or(u16::MAX),
         sectors,
+    }
+}
+
+impl BlkDevice {
+    /// Logs what an executed request stored. Cold: only while recording.
+    #[cold]
+    #[inline(never)]
+    fn record_stored(&self, log: &DiskLog, request: &Request) {
+        match request {
+            Request::Write { offset, data } => {
+                log.write(offset >> SECTOR_SHIFT, data.len, |file, at| {
+                    self.region
+                        .copy_to_file(self.base + offset, data.len, file, at)
+                })
+            }
+            Request::Discard(list) | Request::WriteZeroes(list) => {
+                for segment in list.as_slice() {
+                    log.discard(segment.sector, u64::from(segment.sectors) << SECTOR_SHIFT);
+                }
+            }
+            Request::Read { .. } | Request::Flush | Request::GetId { .. } => {}
+        }
     }
 }
 

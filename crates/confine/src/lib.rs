@@ -191,6 +191,8 @@ impl ThreadKind {
                 SYS_fdatasync,
                 SYS_unlink,
                 SYS_unlinkat,
+                // A --record log: marks (`daxd mark`) and its super block at shutdown.
+                SYS_pwrite64,
             ],
             ThreadKind::Server => &[
                 SYS_accept4,
@@ -232,7 +234,8 @@ impl ThreadKind {
                 SYS_pwrite64,
                 SYS_fdatasync,
             ],
-            ThreadKind::Flusher => &[SYS_fdatasync],
+            // A --record log's FLUSH entries are written once the FLUSH's outcome is known.
+            ThreadKind::Flusher => &[SYS_fdatasync, SYS_pwrite64],
             ThreadKind::PmemMapper => &[
                 // Filling the window's holes, then the map request and its reply.
                 SYS_lseek,

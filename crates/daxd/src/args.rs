@@ -56,8 +56,57 @@ pub enum Command {
     /// (see --fault for the rule syntax). Rules act on requests from the next one on.
     #[command(subcommand)]
     Fault(FaultCommand),
-    /// Set a named mark in a running daxd: fault rules with after=NAME act from then on.
+    /// Set a named mark in a running daxd: fault rules with after=NAME act from then on,
+    /// and a --record log notes it (a mark set after a guest's fsync returned tells
+    /// crash-states checkers what every later state must hold).
     Mark(MarkArgs),
+    /// Check what a host power cut may leave of a disk recorded with --record: make each
+    /// crash state the recording allows as an image file and run a checker on it. The
+    /// states: the disk as recording began; every FLUSH point (everything stored before
+    /// the FLUSH, nothing after); and, between two FLUSH points and after the last,
+    /// --samples states in which every 4 KiB block written since the earlier point holds
+    /// one of the versions written to it or its old content, chosen from --seed. Stops at
+    /// the first state the checker fails and says how to make that state again.
+    CrashStates(CrashStatesArgs),
+}
+
+#[derive(Debug, ClapArgs)]
+pub struct CrashStatesArgs {
+    /// The --record directory of a daxd that has stopped.
+    #[arg(long, value_name = "DIR")]
+    pub record: PathBuf,
+    /// The checker: a shell command run for each state, with {} replaced by the state's
+    /// image file; an exit status other than 0 fails the state. For ext4, recover the
+    /// journal as a mount would, then check: 'e2fsck -p -E journal_only {}; e2fsck -fn
+    /// {}'. Its environment has DAXD_STATE (the state's number), DAXD_STATE_KIND (start,
+    /// flush:N or sample:N:M, the Mth sample after FLUSH point N) and DAXD_MARKS (the
+    /// marks the state must honour, one per line: those set before the FLUSH point after
+    /// the last one the state includes).
+    #[arg(long, value_name = "COMMAND", required_unless_present = "out")]
+    pub check: Option<String>,
+    /// Sampled states between two FLUSH points (and after the last).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    pub samples: u32,
+    /// Seed of the samples: the same seed gives the same states.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub seed: u64,
+    /// Stop after this many states.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    pub max_states: u64,
+    /// Where states are made, one at a time (about twice the disk's allocated size);
+    /// default: DIR/states.
+    #[arg(long, value_name = "DIR")]
+    pub work: Option<PathBuf>,
+    /// Make only state N (with the same --samples and --seed as the run that reported
+    /// it) and copy its image to --out, to look at it; no checker runs.
+    #[arg(long, value_name = "N", requires = "out")]
+    pub state: Option<u64>,
+    /// Where --state puts the image.
+    #[arg(long, value_name = "PATH", requires = "state")]
+    pub out: Option<PathBuf>,
+    /// Check every state, also after one fails.
+    #[arg(long)]
+    pub keep_going: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -343,6 +392,15 @@ pub struct Args {
     /// (docs/faults.md). The first rule that acts on a request decides.
     #[arg(long = "fault", value_name = "RULE", value_parser = parse_rule)]
     pub faults: Vec<RuleSpec>,
+
+    /// Record what a host power cut may leave of the disk, for `daxd crash-states`: DIR
+    /// (created if missing) gets disk.base, the disk as daxd starts (holes kept), and
+    /// disk.log, every write, discard and write-zeroes daxd stores, every FLUSH it makes
+    /// durable and every mark `daxd mark` sets, in the order they happen, in
+    /// dm-log-writes' format. Files of an earlier recording there are replaced. Costs a
+    /// copy of every byte written, and the disk's queues take turns at the log.
+    #[arg(long, value_name = "DIR")]
+    pub record: Option<PathBuf>,
 
     /// Print the backend's capabilities as JSON (vhost-user.rst) and exit.
     #[arg(long)]

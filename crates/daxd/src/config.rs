@@ -35,6 +35,8 @@ pub struct Config {
     pub control_socket_mode: u32,
     /// Fault rules from the start.
     pub faults: Vec<RuleSpec>,
+    /// Where the disk's crash states are recorded (`--record`).
+    pub record: Option<PathBuf>,
     pub seccomp: daxd_confine::Mode,
     pub sandbox: daxd_confine::sandbox::SandboxMode,
 }
@@ -96,6 +98,7 @@ impl TryFrom<Args> for Config {
             control_socket: args.control_socket,
             control_socket_mode: args.control_socket_mode,
             faults: args.faults,
+            record: args.record,
             seccomp: args.seccomp.into(),
             sandbox: args.sandbox.into(),
         })

@@ -27,6 +27,32 @@ pub enum Error {
     },
     #[error("cannot set up the disk")]
     Blk(#[source] BlkError),
+    #[error("cannot make the crash states of {}", .dir.display())]
+    CrashStates {
+        dir: PathBuf,
+        #[source]
+        source: daxd_record::states::StatesError,
+    },
+    #[error("cannot run the checker {check:?}")]
+    Checker {
+        check: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "{failed} crash state(s) failed the checker; the first, state {first}, again: {again}"
+    )]
+    StatesFailed {
+        failed: u64,
+        first: u64,
+        again: String,
+    },
+    #[error("--record {}: cannot start recording there; give a writable directory with room for a copy of the disk and of everything written to it", .dir.display())]
+    Record {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot set up virtio-pmem")]
     Pmem(#[source] PmemError),
     #[error("--pmem-window {0}: no pmem window of that name")]

@@ -8,6 +8,7 @@
 mod args;
 mod config;
 mod control;
+mod crash_states;
 mod error;
 mod qemu_args;
 mod systemd;
@@ -22,6 +23,7 @@ use std::thread::JoinHandle;
 
 use clap::Parser;
 use daxd_confine::sandbox::SandboxMode;
+use daxd_record::DiskLog;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
@@ -74,6 +76,7 @@ fn main() -> ExitCode {
         Some(Command::Mark(mark)) => {
             control::mark(&mark.control_socket, &mark.name).map(|text| print!("{text}"))
         }
+        Some(Command::CrashStates(args)) => crash_states::run(&args),
         Some(Command::PrintSeccomp) => {
             print!("{}", seccomp_lists());
             Ok(())
@@ -235,10 +238,36 @@ fn describe(socket: &SocketAddr) -> String {
     }
 }
 
+/// Starts recording the disk's crash states into `dir`: its content now, then the log.
+fn start_recording(
+    dir: &Path,
+    region: &Region,
+    disk: &daxd_region::Window,
+) -> Result<Arc<DiskLog>, Error> {
+    let failed = |source| Error::Record {
+        dir: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(failed)?;
+    let base = dir.join(daxd_record::BASE);
+    daxd_record::states::copy_range(region.path(), disk.offset, disk.size, &base)
+        .map_err(failed)?;
+    let log = DiskLog::create(&dir.join(daxd_record::LOG)).map_err(failed)?;
+    info!(
+        "recording the disk's crash states in {}: the disk as it is now in {}, what it stores from now on in {}",
+        dir.display(),
+        daxd_record::BASE,
+        daxd_record::LOG
+    );
+    Ok(Arc::new(log))
+}
+
 /// The region, its devices and their sockets, before any thread serves them.
 struct Opened {
     region: Arc<Region>,
     layout: Arc<Layout>,
+    /// The disk's write log, while recording.
+    record: Option<Arc<DiskLog>>,
     blk: Arc<BlkDevice>,
     notifier: Arc<ConfigNotifier>,
     blk_server: Server,
@@ -288,11 +317,18 @@ impl Opened {
                 })?;
             info!("fault rule {id}: {text}");
         }
-        let blk = Arc::new(
-            BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
-                .map_err(Error::Blk)?
-                .with_faults(faults.clone()),
-        );
+        let mut blk = BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
+            .map_err(Error::Blk)?
+            .with_faults(faults.clone());
+        let record = match &config.record {
+            Some(dir) => {
+                let log = start_recording(dir, &region, disk)?;
+                blk = blk.with_record(log.clone());
+                Some(log)
+            }
+            None => None,
+        };
+        let blk = Arc::new(blk);
         for w in layout.pmem() {
             // A guest's DAX store into a hole would fault in the VMM when the host file
             // system is full: pmem windows get all their blocks (zeroes written into
@@ -374,6 +410,7 @@ impl Opened {
         Ok(Opened {
             region,
             layout,
+            record,
             blk,
             notifier,
             blk_server,
@@ -404,6 +441,7 @@ impl Opened {
         }
         Ok(Running {
             region: self.region,
+            record: self.record,
             servers,
             exited,
             control: self.control,
@@ -448,6 +486,7 @@ fn spawn_server(
 /// The serving daemon.
 struct Running {
     region: Arc<Region>,
+    record: Option<Arc<DiskLog>>,
     servers: Vec<ServerThread>,
     exited: EventFd,
     control: Option<control::ControlSocket>,
@@ -513,6 +552,10 @@ impl Running {
             }
         }
         flushed.map_err(Error::Flush)?;
+        if let Some(log) = &self.record {
+            // Every queue worker and flusher has been joined: nothing appends any more.
+            log.finish();
+        }
         info!("region flushed; exiting");
         failure.map_or(Ok(()), Err)
     }

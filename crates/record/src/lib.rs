@@ -25,6 +25,11 @@ pub use format::LogError;
 pub use reader::{Entry, LogReader, Op};
 pub use writer::{DiskLog, FlushSlot};
 
+/// The disk as recording began, in a recording's directory.
+pub const BASE: &str = "disk.base";
+/// The write log, in a recording's directory.
+pub const LOG: &str = "disk.log";
+
 /// Bytes per block a crash keeps or loses as a whole: a page of the host's page cache,
 /// which is written back whole.
 pub const BLOCK: u64 = 4096;

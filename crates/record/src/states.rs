@@ -71,6 +71,8 @@ pub enum StatesError {
         #[source]
         source: io::Error,
     },
+    #[error("the recording has no state {0} with these --samples")]
+    NoSuchState(u64),
     #[error("entry {entry} writes bytes {at}+{bytes}, beyond the {size}-byte disk the log was recorded on")]
     BeyondDisk {
         entry: u64,
@@ -313,27 +315,36 @@ pub fn copy_image(from: &Path, to: &Path) -> io::Result<()> {
         return Ok(());
     }
     let len = src.metadata()?.len();
+    copy_extents(&src, 0, len, &dst)
+}
+
+/// Copies `len` bytes of the file at `from` from byte `offset` on into a new file `to`,
+/// holes kept.
+pub fn copy_range(from: &Path, offset: u64, len: u64, to: &Path) -> io::Result<()> {
+    let src = File::open(from)?;
+    let dst = File::create(to)?;
+    copy_extents(&src, offset, len, &dst)
+}
+
+/// Copies the data extents of `src`'s bytes `offset..offset + len` to `dst` from byte 0.
+fn copy_extents(src: &File, offset: u64, len: u64, dst: &File) -> io::Result<()> {
     dst.set_len(len)?;
-    let mut at = 0u64;
-    while at < len {
-        let data = match rustix::fs::seek(&src, rustix::fs::SeekFrom::Data(at)) {
-            Ok(data) => data,
+    let end = offset + len;
+    let mut at = offset;
+    while at < end {
+        let data = match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(at)) {
+            Ok(data) if data < end => data,
             // No data after `at`.
-            Err(rustix::io::Errno::NXIO) => break,
+            Ok(_) | Err(rustix::io::Errno::NXIO) => break,
             Err(e) => return Err(e.into()),
         };
-        let hole = rustix::fs::seek(&src, rustix::fs::SeekFrom::Hole(data))?.min(len);
+        let hole = rustix::fs::seek(src, rustix::fs::SeekFrom::Hole(data))?.min(end);
         let mut from_at = data;
-        let mut to_at = data;
+        let mut to_at = data - offset;
         while from_at < hole {
             let want = (hole - from_at) as usize;
-            let n = rustix::fs::copy_file_range(
-                &src,
-                Some(&mut from_at),
-                &dst,
-                Some(&mut to_at),
-                want,
-            )?;
+            let n =
+                rustix::fs::copy_file_range(src, Some(&mut from_at), dst, Some(&mut to_at), want)?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }

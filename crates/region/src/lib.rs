@@ -386,6 +386,24 @@ impl Region {
         Ok(())
     }
 
+    /// Writes `len` bytes of the region at `offset` into `file` at `at` (a recording's
+    /// log), straight from the mapping: no buffer, so a queue worker allocates nothing.
+    pub fn copy_to_file(&self, offset: u64, len: u64, file: &File, at: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let src = self.slice(offset, len).map_err(io::Error::other)?;
+        let mut done = 0;
+        while done < len {
+            let rest = src.offset(done).map_err(io::Error::other)?;
+            match pwrite_volatile(file, &rest, at + done as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Copies bytes of the region into a host buffer (control paths and tests).
     pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<(), RegionError> {
         self.slice(offset, buf.len())?.copy_to(buf);

@@ -147,7 +147,7 @@ impl ControlSocket {
                 serde_json::to_vec(&cleared)
             }
             Ok(Request::Mark { name }) => {
-                let marked = self.blk.faults().mark(&name).map_err(|e| e.to_string());
+                let marked = self.blk.mark(&name).map_err(|e| e.to_string());
                 if marked.is_ok() {
                     info!("mark {name} set");
                 }
