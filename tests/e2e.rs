@@ -9,6 +9,7 @@ mod confine;
 mod crash_states;
 mod faults;
 mod guest_blk;
+mod guest_crash;
 mod guest_faults;
 mod guest_pmem;
 mod hostile_frontend;

@@ -456,19 +456,19 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Writes the guest's script for boot `name` into `dir` (resources/guest/*-cases.sh
-/// sourced first) and returns its path, for the kernel command line's `daxd.script=`.
+/// Writes the guest's script for boot `name` into `dir` (every resources/guest/*-cases.sh
+/// sourced first, so that a new one cannot be forgotten) and returns its path, for the
+/// kernel command line's `daxd.script=`.
 pub fn guest_script(dir: &Path, name: &str, script: &str) -> PathBuf {
     let script_path = dir.join(format!("{name}.sh"));
     let mut prelude = format!("WAIT_DIR={}\n", dir.display());
-    for lib in [
-        "blk-cases.sh",
-        "pmem-cases.sh",
-        "cut-cases.sh",
-        "ch-cases.sh",
-        "fault-cases.sh",
-    ] {
-        let path = repo_root().join("resources/guest").join(lib);
+    let mut libs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("resources/guest"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.to_string_lossy().ends_with("-cases.sh"))
+        .collect();
+    libs.sort();
+    for path in libs {
         prelude += &format!(". /host{}\n", path.display());
     }
     std::fs::write(&script_path, format!("{prelude}{script}")).unwrap();
