@@ -260,15 +260,6 @@ impl BlkDevice {
         self
     }
 
-    /// Sets a named mark: for fault rules that wait for it, and in the write log.
-    pub fn mark(&self, name: &str) -> Result<(), daxd_fault::FaultError> {
-        self.faults.mark(name)?;
-        if let Some(log) = &self.record {
-            log.mark(name);
-        }
-        Ok(())
-    }
-
     pub fn config(&self) -> &BlkConfig {
         &self.config
     }

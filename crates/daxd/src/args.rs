@@ -75,6 +75,11 @@ pub struct CrashStatesArgs {
     /// The --record directory of a daxd that has stopped.
     #[arg(long, value_name = "DIR")]
     pub record: PathBuf,
+    /// Which recorded device: the disk, or a pmem window by name (recorded when daxd
+    /// serves its virtio-pmem FLUSH, --pmem-socket-path: the state at each FLUSH, and
+    /// samples of the pages changed between two).
+    #[arg(long, value_name = "NAME", default_value = "disk")]
+    pub device: String,
     /// The checker: a shell command run for each state, with {} replaced by the state's
     /// image file; an exit status other than 0 fails the state. For ext4, recover the
     /// journal as a mount would, then check: 'e2fsck -p -E journal_only {}; e2fsck -fn

@@ -17,8 +17,9 @@ pub fn run(args: &CrashStatesArgs) -> Result<(), Error> {
         dir: dir.clone(),
         source,
     };
-    let log = LogReader::open(&dir.join(daxd_record::LOG)).map_err(|e| states_error(e.into()))?;
-    let base = dir.join(daxd_record::BASE);
+    let (base, log) = daxd_record::files(&args.device);
+    let log = LogReader::open(&dir.join(log)).map_err(|e| states_error(e.into()))?;
+    let base = dir.join(base);
     let work = args.work.clone().unwrap_or_else(|| dir.join("states"));
     let options = Options {
         samples: args.samples,
@@ -97,8 +98,9 @@ pub fn run(args: &CrashStatesArgs) -> Result<(), Error> {
             failed,
             first,
             again: format!(
-                "daxd crash-states --record {} --samples {} --seed {} --state {first} --out state-{first}.img",
+                "daxd crash-states --record {} --device {} --samples {} --seed {} --state {first} --out state-{first}.img",
                 dir.display(),
+                args.device,
                 args.samples,
                 args.seed
             ),

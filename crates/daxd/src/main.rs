@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 
 use clap::Parser;
 use daxd_confine::sandbox::SandboxMode;
-use daxd_record::DiskLog;
+use daxd_record::{DiskLog, WindowRecorder};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
@@ -262,12 +262,61 @@ fn start_recording(
     Ok(Arc::new(log))
 }
 
+/// Starts recording a pmem window's state at each FLUSH daxd serves for it into `dir`.
+fn record_window(
+    dir: &Path,
+    region: &Region,
+    window: &daxd_region::Window,
+) -> Result<Arc<WindowRecorder>, Error> {
+    let failed = |source| Error::Record {
+        dir: dir.to_owned(),
+        source,
+    };
+    let (base, log) = daxd_record::files(&window.name);
+    let base = dir.join(base);
+    daxd_record::states::copy_range(region.path(), window.offset, window.size, &base)
+        .map_err(failed)?;
+    let shadow = dir.join(format!("pmem-{}.shadow", window.name));
+    let recorder =
+        WindowRecorder::create(&base, &shadow, &dir.join(&log), window.size).map_err(failed)?;
+    info!(
+        "recording pmem window {}'s state at each virtio-pmem FLUSH in {}",
+        window.name,
+        dir.join(log).display()
+    );
+    Ok(Arc::new(recorder))
+}
+
+/// What `--record` writes to.
+#[derive(Debug, Default)]
+struct Recording {
+    disk: Option<Arc<DiskLog>>,
+    windows: Vec<Arc<WindowRecorder>>,
+}
+
+impl Recording {
+    /// Every log, for marks.
+    fn logs(&self) -> Vec<Arc<DiskLog>> {
+        self.disk
+            .iter()
+            .cloned()
+            .chain(self.windows.iter().map(|w| w.log().clone()))
+            .collect()
+    }
+
+    fn finish(&self) {
+        for log in self.logs() {
+            log.finish();
+        }
+    }
+}
+
 /// The region, its devices and their sockets, before any thread serves them.
 struct Opened {
     region: Arc<Region>,
     layout: Arc<Layout>,
-    /// The disk's write log, while recording.
-    record: Option<Arc<DiskLog>>,
+    /// The write logs, while recording.
+    recording: Recording,
     blk: Arc<BlkDevice>,
     notifier: Arc<ConfigNotifier>,
     blk_server: Server,
@@ -320,14 +369,12 @@ impl Opened {
         let mut blk = BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
             .map_err(Error::Blk)?
             .with_faults(faults.clone());
-        let record = match &config.record {
-            Some(dir) => {
-                let log = start_recording(dir, &region, disk)?;
-                blk = blk.with_record(log.clone());
-                Some(log)
-            }
-            None => None,
-        };
+        let mut recording = Recording::default();
+        if let Some(dir) = &config.record {
+            let log = start_recording(dir, &region, disk)?;
+            blk = blk.with_record(log.clone());
+            recording.disk = Some(log);
+        }
         let blk = Arc::new(blk);
         for w in layout.pmem() {
             // A guest's DAX store into a hole would fault in the VMM when the host file
@@ -350,10 +397,15 @@ impl Opened {
         let mut sockets = Vec::new();
         let pmem = match (&config.pmem_socket, pmem_window) {
             (Some(addr), Some(window)) => {
-                let device =
+                let mut device =
                     PmemDevice::new(region.clone(), registry.clone(), window, config.queue_size)
                         .map_err(Error::Pmem)?
                         .with_faults(faults.clone());
+                if let Some(dir) = &config.record {
+                    let recorder = record_window(dir, &region, device.window())?;
+                    device = device.with_record(recorder.clone());
+                    recording.windows.push(recorder);
+                }
                 let server = Server::listen(addr, "pmem").map_err(|source| Error::Serve {
                     device: "pmem",
                     source,
@@ -380,7 +432,8 @@ impl Opened {
                     registry.clone(),
                     blk.clone(),
                     notifier.clone(),
-                )?;
+                )?
+                .with_mark_logs(recording.logs());
                 sockets.push(absolute(path));
                 Some(control)
             }
@@ -410,7 +463,7 @@ impl Opened {
         Ok(Opened {
             region,
             layout,
-            record,
+            recording,
             blk,
             notifier,
             blk_server,
@@ -441,7 +494,7 @@ impl Opened {
         }
         Ok(Running {
             region: self.region,
-            record: self.record,
+            recording: self.recording,
             servers,
             exited,
             control: self.control,
@@ -486,7 +539,7 @@ fn spawn_server(
 /// The serving daemon.
 struct Running {
     region: Arc<Region>,
-    record: Option<Arc<DiskLog>>,
+    recording: Recording,
     servers: Vec<ServerThread>,
     exited: EventFd,
     control: Option<control::ControlSocket>,
@@ -552,10 +605,8 @@ impl Running {
             }
         }
         flushed.map_err(Error::Flush)?;
-        if let Some(log) = &self.record {
-            // Every queue worker and flusher has been joined: nothing appends any more.
-            log.finish();
-        }
+        // Every queue worker and flusher has been joined: nothing appends any more.
+        self.recording.finish();
         info!("region flushed; exiting");
         failure.map_or(Ok(()), Err)
     }

@@ -13,6 +13,7 @@ use virtio_queue::desc::split::Descriptor;
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Le32, Le64};
 
 use daxd_fault::{Faults, Io, Op, Verdict};
+use daxd_record::WindowRecorder;
 use daxd_region::{Region, RegionError, Window, PMEM_ALIGN};
 use daxd_registry::Registry;
 use daxd_virtio::{Chain, ChainError, RefusalLog};
@@ -157,6 +158,8 @@ pub struct PmemDevice {
     refusals: RefusalLog,
     /// Fault rules (none unless a user sets some); they name the window.
     faults: Arc<Faults>,
+    /// Where the window's state at each FLUSH is recorded (`--record`).
+    record: Option<Arc<WindowRecorder>>,
 }
 
 impl PmemDevice {
@@ -181,6 +184,7 @@ impl PmemDevice {
         }
         Ok(PmemDevice {
             faults: Arc::new(Faults::new(vec![window.name.clone()])),
+            record: None,
             region,
             registry,
             window,
@@ -193,6 +197,12 @@ impl PmemDevice {
     /// socket) instead of rules of its own.
     pub fn with_faults(mut self, faults: Arc<Faults>) -> PmemDevice {
         self.faults = faults;
+        self
+    }
+
+    /// The device, recording the window's state at each FLUSH it serves with `record`.
+    pub fn with_record(mut self, record: Arc<WindowRecorder>) -> PmemDevice {
+        self.record = Some(record);
         self
     }
 
@@ -272,7 +282,16 @@ impl PmemDevice {
     /// Flushes for a FLUSH request: its `ret`.
     fn flush_or_refuse(&self) -> u32 {
         match self.flush() {
-            Ok(()) => 0,
+            Ok(()) => {
+                if let Some(record) = &self.record {
+                    record.flushed(|offset, buf| {
+                        self.region
+                            .read_bytes(self.window.offset + offset, buf)
+                            .map_err(std::io::Error::other)
+                    });
+                }
+                0
+            }
             Err(e) => {
                 self.refusals.refused(format_args!(
                     "flush of window {} failed: {e}",

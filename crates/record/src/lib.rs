@@ -16,6 +16,7 @@
 pub mod format;
 pub mod reader;
 pub mod states;
+mod window;
 mod writer;
 
 #[cfg(test)]
@@ -23,12 +24,23 @@ mod tests;
 
 pub use format::LogError;
 pub use reader::{Entry, LogReader, Op};
+pub use window::WindowRecorder;
 pub use writer::{DiskLog, FlushSlot};
 
 /// The disk as recording began, in a recording's directory.
 pub const BASE: &str = "disk.base";
 /// The write log, in a recording's directory.
 pub const LOG: &str = "disk.log";
+
+/// A recorded device's files in a recording's directory: (as recording began, its log).
+/// `disk` is the disk; any other name a pmem window.
+pub fn files(device: &str) -> (String, String) {
+    if device == "disk" {
+        (BASE.to_owned(), LOG.to_owned())
+    } else {
+        (format!("pmem-{device}.base"), format!("pmem-{device}.log"))
+    }
+}
 
 /// Bytes per block a crash keeps or loses as a whole: a page of the host's page cache,
 /// which is written back whole.

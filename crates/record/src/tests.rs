@@ -359,3 +359,62 @@ fn images_are_copied_with_their_holes() {
     copy_image(&from, &to).unwrap();
     assert_eq!(std::fs::read(&from).unwrap(), std::fs::read(&to).unwrap());
 }
+
+#[test]
+fn a_window_logs_the_pages_changed_since_its_last_flush() {
+    use crate::WindowRecorder;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("w.base"), vec![b'o'; 4 * BLOCK as usize]).unwrap();
+    let rec = WindowRecorder::create(
+        &d.join("w.base"),
+        &d.join("w.shadow"),
+        &d.join("w.log"),
+        4 * BLOCK,
+    )
+    .unwrap();
+    let window = std::cell::RefCell::new(vec![b'o'; 4 * BLOCK as usize]);
+    let read = |at: u64, buf: &mut [u8]| {
+        buf.copy_from_slice(&window.borrow()[at as usize..at as usize + buf.len()]);
+        Ok(())
+    };
+    window.borrow_mut()[BLOCK as usize + 7] = b'x';
+    window.borrow_mut()[3 * BLOCK as usize] = b'y';
+    rec.flushed(read);
+    rec.flushed(read);
+    rec.log().mark("m");
+    window.borrow_mut()[7] = b'z';
+    rec.flushed(read);
+    rec.log().finish();
+    let log = LogReader::open(&d.join("w.log")).unwrap();
+    let summary: Vec<String> = log
+        .entries()
+        .map(|e| match e.unwrap() {
+            Entry {
+                flush_before: true,
+                op: Op::Nothing,
+                ..
+            } => "flush".to_owned(),
+            Entry {
+                op: Op::Write { at, bytes, .. },
+                ..
+            } => format!("page {} ({bytes})", at / BLOCK),
+            Entry {
+                op: Op::Mark(m), ..
+            } => format!("mark {m}"),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "page 1 (4096)",
+            "page 3 (4096)",
+            "flush",
+            "flush",
+            "mark m",
+            "page 0 (4096)",
+            "flush"
+        ]
+    );
+}

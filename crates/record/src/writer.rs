@@ -110,6 +110,15 @@ impl DiskLog {
         self.append(header, name, 0, |_, _| Ok(()));
     }
 
+    /// Logs a FLUSH point here: everything logged so far is durable.
+    pub fn flush_point(&self) {
+        let header = Header {
+            flags: FLUSH,
+            ..Header::default()
+        };
+        self.append(header, &[], 0, |_, _| Ok(()));
+    }
+
     /// Reserves the place of a FLUSH handed over now; [`DiskLog::flushed`] fills it.
     pub fn flush_handed_over(&self) -> FlushSlot {
         let mut state = self.lock();

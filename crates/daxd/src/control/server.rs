@@ -11,6 +11,7 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use daxd_blk::BlkDevice;
+use daxd_record::DiskLog;
 use daxd_region::{Layout, LayoutError, Region, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::ConfigNotifier;
@@ -62,6 +63,8 @@ pub struct ControlSocket {
     registry: Arc<Registry>,
     blk: Arc<BlkDevice>,
     notifier: Arc<ConfigNotifier>,
+    /// The write logs being recorded, which get every mark.
+    mark_logs: Vec<Arc<DiskLog>>,
 }
 
 impl ControlSocket {
@@ -98,7 +101,14 @@ impl ControlSocket {
             registry,
             blk,
             notifier,
+            mark_logs: Vec::new(),
         })
+    }
+
+    /// The socket, noting every mark in `logs` too.
+    pub fn with_mark_logs(mut self, logs: Vec<Arc<DiskLog>>) -> ControlSocket {
+        self.mark_logs = logs;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -147,7 +157,12 @@ impl ControlSocket {
                 serde_json::to_vec(&cleared)
             }
             Ok(Request::Mark { name }) => {
-                let marked = self.blk.mark(&name).map_err(|e| e.to_string());
+                let marked = self.blk.faults().mark(&name).map_err(|e| e.to_string());
+                if marked.is_ok() {
+                    for log in &self.mark_logs {
+                        log.mark(&name);
+                    }
+                }
                 if marked.is_ok() {
                     info!("mark {name} set");
                 }
