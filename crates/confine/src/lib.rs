@@ -191,7 +191,9 @@ impl ThreadKind {
                 SYS_fdatasync,
                 SYS_unlink,
                 SYS_unlinkat,
-                // A --record log: marks (`daxd mark`) and its super block at shutdown.
+                // A --record log: marks (`daxd mark`), the pages of a window QEMU maps
+                // (compared with their shadow at each mark), the super block at shutdown.
+                SYS_pread64,
                 SYS_pwrite64,
             ],
             ThreadKind::Server => &[

@@ -11,6 +11,7 @@ mod control;
 mod crash_states;
 mod error;
 mod qemu_args;
+mod recording;
 mod systemd;
 
 use std::io::Read;
@@ -23,9 +24,9 @@ use std::thread::JoinHandle;
 
 use clap::Parser;
 use daxd_confine::sandbox::SandboxMode;
-use daxd_record::{DiskLog, WindowRecorder};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use log::{error, info, warn};
+use recording::Recording;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -238,85 +239,12 @@ fn describe(socket: &SocketAddr) -> String {
     }
 }
 
-/// Starts recording the disk's crash states into `dir`: its content now, then the log.
-fn start_recording(
-    dir: &Path,
-    region: &Region,
-    disk: &daxd_region::Window,
-) -> Result<Arc<DiskLog>, Error> {
-    let failed = |source| Error::Record {
-        dir: dir.to_owned(),
-        source,
-    };
-    std::fs::create_dir_all(dir).map_err(failed)?;
-    let base = dir.join(daxd_record::BASE);
-    daxd_record::states::copy_range(region.path(), disk.offset, disk.size, &base)
-        .map_err(failed)?;
-    let log = DiskLog::create(&dir.join(daxd_record::LOG)).map_err(failed)?;
-    info!(
-        "recording the disk's crash states in {}: the disk as it is now in {}, what it stores from now on in {}",
-        dir.display(),
-        daxd_record::BASE,
-        daxd_record::LOG
-    );
-    Ok(Arc::new(log))
-}
-
-/// Starts recording a pmem window's state at each FLUSH daxd serves for it into `dir`.
-fn record_window(
-    dir: &Path,
-    region: &Region,
-    window: &daxd_region::Window,
-) -> Result<Arc<WindowRecorder>, Error> {
-    let failed = |source| Error::Record {
-        dir: dir.to_owned(),
-        source,
-    };
-    let (base, log) = daxd_record::files(&window.name);
-    let base = dir.join(base);
-    daxd_record::states::copy_range(region.path(), window.offset, window.size, &base)
-        .map_err(failed)?;
-    let shadow = dir.join(format!("pmem-{}.shadow", window.name));
-    let recorder =
-        WindowRecorder::create(&base, &shadow, &dir.join(&log), window.size).map_err(failed)?;
-    info!(
-        "recording pmem window {}'s state at each virtio-pmem FLUSH in {}",
-        window.name,
-        dir.join(log).display()
-    );
-    Ok(Arc::new(recorder))
-}
-
-/// What `--record` writes to.
-#[derive(Debug, Default)]
-struct Recording {
-    disk: Option<Arc<DiskLog>>,
-    windows: Vec<Arc<WindowRecorder>>,
-}
-
-impl Recording {
-    /// Every log, for marks.
-    fn logs(&self) -> Vec<Arc<DiskLog>> {
-        self.disk
-            .iter()
-            .cloned()
-            .chain(self.windows.iter().map(|w| w.log().clone()))
-            .collect()
-    }
-
-    fn finish(&self) {
-        for log in self.logs() {
-            log.finish();
-        }
-    }
-}
-
 /// The region, its devices and their sockets, before any thread serves them.
 struct Opened {
     region: Arc<Region>,
     layout: Arc<Layout>,
     /// The write logs, while recording.
-    recording: Recording,
+    recording: Arc<Recording>,
     blk: Arc<BlkDevice>,
     notifier: Arc<ConfigNotifier>,
     blk_server: Server,
@@ -371,9 +299,8 @@ impl Opened {
             .with_faults(faults.clone());
         let mut recording = Recording::default();
         if let Some(dir) = &config.record {
-            let log = start_recording(dir, &region, disk)?;
-            blk = blk.with_record(log.clone());
-            recording.disk = Some(log);
+            let log = recording.record_disk(dir, &region, disk)?;
+            blk = blk.with_record(log);
         }
         let blk = Arc::new(blk);
         for w in layout.pmem() {
@@ -402,9 +329,8 @@ impl Opened {
                         .map_err(Error::Pmem)?
                         .with_faults(faults.clone());
                 if let Some(dir) = &config.record {
-                    let recorder = record_window(dir, &region, device.window())?;
-                    device = device.with_record(recorder.clone());
-                    recording.windows.push(recorder);
+                    let recorder = recording.record_window(dir, &region, device.window(), true)?;
+                    device = device.with_record(recorder);
                 }
                 let server = Server::listen(addr, "pmem").map_err(|source| Error::Serve {
                     device: "pmem",
@@ -422,6 +348,18 @@ impl Opened {
             }
             _ => None,
         };
+        if let Some(dir) = &config.record {
+            // The other pmem windows are QEMU's to map from the file and to flush.
+            let served = pmem
+                .as_ref()
+                .map(|(device, _)| device.window().name.clone());
+            for window in layout.pmem() {
+                if Some(&window.name) != served.as_ref() {
+                    recording.record_window(dir, &region, window, false)?;
+                }
+            }
+        }
+        let recording = Arc::new(recording);
         let control = match &config.control_socket {
             Some(path) => {
                 let control = control::ControlSocket::bind(
@@ -433,7 +371,7 @@ impl Opened {
                     blk.clone(),
                     notifier.clone(),
                 )?
-                .with_mark_logs(recording.logs());
+                .with_recording(recording.clone());
                 sockets.push(absolute(path));
                 Some(control)
             }
@@ -539,7 +477,7 @@ fn spawn_server(
 /// The serving daemon.
 struct Running {
     region: Arc<Region>,
-    recording: Recording,
+    recording: Arc<Recording>,
     servers: Vec<ServerThread>,
     exited: EventFd,
     control: Option<control::ControlSocket>,

@@ -42,6 +42,11 @@ pub fn files(device: &str) -> (String, String) {
     }
 }
 
+/// A mark that says the log does not show every FLUSH (a pmem window QEMU flushes
+/// itself, recorded at marks): its crash states are its FLUSH points only, since samples
+/// between them could break an order that FLUSHes the log does not show kept.
+pub const NO_SAMPLES: &str = "daxd-flush-points-only";
+
 /// Bytes per block a crash keeps or loses as a whole: a page of the host's page cache,
 /// which is written back whole.
 pub const BLOCK: u64 = 4096;

@@ -149,6 +149,14 @@ pub fn for_each_state(
     let size = prefix.metadata().map_err(work_error)?.len();
 
     let events = events(log)?;
+    let samples = if events
+        .iter()
+        .any(|e| matches!(e, Event::Mark(name) if name == crate::NO_SAMPLES))
+    {
+        0
+    } else {
+        options.samples
+    };
     // Interval k: the events after FLUSH point k (0: the start) up to the next one.
     let mut intervals: Vec<&[Event]> = events.split(|e| matches!(e, Event::Flush)).collect();
     if intervals.is_empty() {
@@ -217,7 +225,7 @@ pub fn for_each_state(
             }
         }
         if !versions.is_empty() {
-            for sample in 0..options.samples {
+            for sample in 0..samples {
                 let kind = Kind::Sample {
                     after: k as u64,
                     sample,

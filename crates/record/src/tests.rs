@@ -371,6 +371,7 @@ fn a_window_logs_the_pages_changed_since_its_last_flush() {
         &d.join("w.shadow"),
         &d.join("w.log"),
         4 * BLOCK,
+        true,
     )
     .unwrap();
     let window = std::cell::RefCell::new(vec![b'o'; 4 * BLOCK as usize]);
@@ -417,4 +418,45 @@ fn a_window_logs_the_pages_changed_since_its_last_flush() {
             "flush"
         ]
     );
+}
+
+#[test]
+fn a_log_that_does_not_show_every_flush_gets_no_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("w.base"), vec![b'o'; 2 * BLOCK as usize]).unwrap();
+    let rec = crate::WindowRecorder::create(
+        &d.join("w.base"),
+        &d.join("w.shadow"),
+        &d.join("w.log"),
+        2 * BLOCK,
+        false,
+    )
+    .unwrap();
+    let read = |_: u64, buf: &mut [u8]| {
+        buf.fill(b'n');
+        Ok(())
+    };
+    rec.flushed(read);
+    rec.log().finish();
+    let log = LogReader::open(&d.join("w.log")).unwrap();
+    let options = Options {
+        samples: 5,
+        seed: 1,
+        max_states: 100,
+        only: None,
+    };
+    let mut kinds = Vec::new();
+    for_each_state(
+        &log,
+        &d.join("w.base"),
+        &d.join("work"),
+        &options,
+        |s, _| {
+            kinds.push(s.kind.clone());
+            ControlFlow::Continue(())
+        },
+    )
+    .unwrap();
+    assert_eq!(kinds, [Kind::Start, Kind::Flush { n: 1 }]);
 }

@@ -34,11 +34,24 @@ pub struct WindowRecorder {
 
 impl WindowRecorder {
     /// Starts recording a window of `len` bytes whose content now is the file `base`:
-    /// the shadow starts as a copy of it, and the log at `log` empty.
-    pub fn create(base: &Path, shadow: &Path, log: &Path, len: u64) -> io::Result<WindowRecorder> {
+    /// the shadow starts as a copy of it, and the log at `log` empty. With `all_flushes`
+    /// false, [`WindowRecorder::flushed`] is not called at every FLUSH of the window (QEMU
+    /// serves them), so the log says that states between its FLUSH points are not to be
+    /// sampled: FLUSHes it does not show ordered the writes between them.
+    pub fn create(
+        base: &Path,
+        shadow: &Path,
+        log: &Path,
+        len: u64,
+        all_flushes: bool,
+    ) -> io::Result<WindowRecorder> {
         crate::states::copy_image(base, shadow)?;
+        let log = DiskLog::create(log)?;
+        if !all_flushes {
+            log.mark(crate::NO_SAMPLES);
+        }
         Ok(WindowRecorder {
-            log: Arc::new(DiskLog::create(log)?),
+            log: Arc::new(log),
             shadow: File::options().read(true).write(true).open(shadow)?,
             len,
             bufs: Mutex::new((vec![0; CHUNK], vec![0; CHUNK])),

@@ -11,13 +11,13 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use daxd_blk::BlkDevice;
-use daxd_record::DiskLog;
 use daxd_region::{Layout, LayoutError, Region, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::ConfigNotifier;
 
 use super::protocol::{FrontendNotice, Inspection, RegionInfo, Request, Resized, WindowInfo};
 use crate::error::Error;
+use crate::recording::Recording;
 
 /// How long `daxd resize` waits for the frontend to acknowledge the config change.
 const FRONTEND_WAIT: Duration = Duration::from_secs(5);
@@ -63,8 +63,8 @@ pub struct ControlSocket {
     registry: Arc<Registry>,
     blk: Arc<BlkDevice>,
     notifier: Arc<ConfigNotifier>,
-    /// The write logs being recorded, which get every mark.
-    mark_logs: Vec<Arc<DiskLog>>,
+    /// What `--record` writes to, which gets every mark.
+    recording: Arc<Recording>,
 }
 
 impl ControlSocket {
@@ -101,13 +101,13 @@ impl ControlSocket {
             registry,
             blk,
             notifier,
-            mark_logs: Vec::new(),
+            recording: Arc::default(),
         })
     }
 
-    /// The socket, noting every mark in `logs` too.
-    pub fn with_mark_logs(mut self, logs: Vec<Arc<DiskLog>>) -> ControlSocket {
-        self.mark_logs = logs;
+    /// The socket, noting every mark in `recording` too.
+    pub fn with_recording(mut self, recording: Arc<Recording>) -> ControlSocket {
+        self.recording = recording;
         self
     }
 
@@ -159,9 +159,7 @@ impl ControlSocket {
             Ok(Request::Mark { name }) => {
                 let marked = self.blk.faults().mark(&name).map_err(|e| e.to_string());
                 if marked.is_ok() {
-                    for log in &self.mark_logs {
-                        log.mark(&name);
-                    }
+                    self.recording.mark(&name, &self.region);
                 }
                 if marked.is_ok() {
                     info!("mark {name} set");
