@@ -25,7 +25,7 @@ mod tests;
 pub use format::LogError;
 pub use reader::{Entry, LogReader, Op};
 pub use window::WindowRecorder;
-pub use writer::{DiskLog, FlushSlot};
+pub use writer::{DiskLog, FlushSlot, FLUSH_FAILED};
 
 /// The disk as recording began, in a recording's directory.
 pub const BASE: &str = "disk.base";
