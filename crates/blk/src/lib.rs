@@ -5,6 +5,7 @@
 //! mapped file, with no read/write system call and no bounce buffer.
 
 pub mod execute;
+pub mod guest_windows;
 pub mod request;
 pub mod stats;
 pub mod wire;

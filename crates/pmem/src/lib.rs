@@ -15,7 +15,9 @@ use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, Le32, Le64}
 use daxd_fault::{Faults, Io, Op, Verdict};
 use daxd_record::WindowRecorder;
 use daxd_region::{Region, RegionError, Window, PMEM_ALIGN};
-use daxd_registry::Registry;
+use daxd_registry::{
+    FrameRange, MappingId, MappingRequest, OwnerId, Registry, RegistryError, Target,
+};
 use daxd_virtio::{Chain, ChainError, RefusalLog};
 
 /// The window is in shared-memory region 0, not at config `start` (virtio 1.3, 5.19.3).
@@ -198,6 +200,39 @@ impl PmemDevice {
     pub fn with_faults(mut self, faults: Arc<Faults>) -> PmemDevice {
         self.faults = faults;
         self
+    }
+
+    /// Makes the window ready for a guest to map: every block allocated, so that a
+    /// guest's store never faults in the VMM when the host file system is full. Filled at
+    /// start already; a discard through the disk (serve=both) may have punched holes
+    /// since. Call only while nothing maps the window (zeroes are written into holes).
+    pub fn prepare_mapping(&self) -> Result<(), RegionError> {
+        self.region.fill_holes(self.window.offset, self.window.size)
+    }
+
+    /// The frontend mapped the window into shared-memory region `shmid` for `owner`:
+    /// registers the mapping (its pages are guest-visible now), replacing `previous`
+    /// (QEMU drops a mapping at a virtio reset without telling the backend).
+    pub fn mapped_into_shared_memory(
+        &self,
+        owner: OwnerId,
+        shmid: u8,
+        previous: Option<MappingId>,
+    ) -> Result<MappingId, RegistryError> {
+        if let Some(old) = previous {
+            if let Err(e) = self.registry.unmap(old) {
+                log::error!("virtio-pmem: cannot unregister the old mapping: {e}");
+            }
+        }
+        self.registry.map(
+            owner,
+            MappingRequest {
+                device: "virtio-pmem (vhost-user shared memory)".into(),
+                target: Target::SharedMemory { shmid, offset: 0 },
+                frames: FrameRange::covering(self.window.offset, self.window.size),
+                writable: true,
+            },
+        )
     }
 
     /// The device, recording the window's state at each FLUSH it serves with `record`.

@@ -2,20 +2,21 @@
 //! [`BlkDevice::handle`] and completions back. One worker thread per queue.
 
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use std::fs::File;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwapOption;
 use std::time::Duration;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
     VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
-use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
+use vhost::vhost_user::Backend;
+
+use crate::ConfigNotifier;
 use vhost_user_backend::{DaemonThread, VhostUserBackend, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
@@ -25,9 +26,10 @@ use crate::dirty_log::{DirtyLog, GuestMemory, Vring};
 use crate::flusher::{Completion, Flusher, Job};
 use crate::inflight::{self, InflightArea, Recovery};
 use crate::queue::{self, Tracking};
-use daxd_blk::{BlkDevice, ChainBuffers, GuestWindow, Handled};
+use daxd_blk::guest_windows::{GuestFile, GuestWindows};
+use daxd_blk::{BlkDevice, ChainBuffers, Handled};
 use daxd_region::Layout;
-use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
+use daxd_registry::OwnerId;
 
 /// The blk device as seen by one vhost-user connection. A fresh one is made for every
 /// connection so that no per-connection state (features, worker exit events) leaks into
@@ -42,9 +44,7 @@ pub struct VhostUserBlkBackend {
     mem: GuestMemoryAtomic<GuestMemory>,
     /// Guest memory that is region pages (pmem windows the VMM mapped from the region
     /// file), read once per batch by the queue workers.
-    guest_windows: ArcSwap<Vec<GuestWindow>>,
-    /// The registry mapping of each guest window.
-    window_mappings: Mutex<Vec<(GuestWindow, MappingId)>>,
+    guest_windows: GuestWindows,
     event_idx: AtomicBool,
     acked_features: AtomicU64,
     /// Scratch space for parsing, one per worker thread (uncontended).
@@ -59,60 +59,6 @@ pub struct VhostUserBlkBackend {
     /// Per queue: requests an earlier backend took and never completed, to serve before
     /// anything else (oldest first), found when the queue started.
     resubmit: Vec<Mutex<Vec<u16>>>,
-}
-
-/// Tells the disk's frontend that the device's config space changed (a disk grown by
-/// `daxd resize`): `VHOST_USER_BACKEND_CONFIG_CHANGE_MSG` over the backend channel of the
-/// connection that last set one up (during a migration, the destination's, which the
-/// guest runs on from then on), if there is one. QEMU then reads the config space again
-/// and interrupts the guest, which sees the new capacity.
-#[derive(Default)]
-pub struct ConfigNotifier {
-    channel: Mutex<Option<(OwnerId, Backend)>>,
-}
-
-impl std::fmt::Debug for ConfigNotifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let connected = self.channel.lock().map(|c| c.is_some()).unwrap_or(false);
-        f.debug_struct("ConfigNotifier")
-            .field("channel", &connected)
-            .finish()
-    }
-}
-
-impl ConfigNotifier {
-    fn set(&self, connection: OwnerId, channel: Backend) {
-        *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some((connection, channel));
-    }
-
-    /// `connection` ended: its channel, if the current one, is gone with it.
-    fn ended(&self, connection: OwnerId) {
-        let mut channel = self.channel.lock().unwrap_or_else(|e| e.into_inner());
-        if channel
-            .as_ref()
-            .is_some_and(|(owner, _)| *owner == connection)
-        {
-            *channel = None;
-        }
-    }
-
-    /// Sends the config change and waits for the frontend's reply (with `REPLY_ACK`);
-    /// `Ok(false)` when there is no backend channel to send it on (no frontend, or one
-    /// that did not negotiate `BACKEND_REQ`: it reads the new config space when it next
-    /// asks). This can wait as long as the frontend takes to answer, so callers that must
-    /// not block run it on a thread of its own.
-    pub fn config_changed(&self) -> io::Result<bool> {
-        let channel = self
-            .channel
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(_, channel)| channel.clone());
-        match channel {
-            Some(channel) => channel.handle_config_change().map(|_| true),
-            None => Ok(false),
-        }
-    }
 }
 
 impl VhostUserBlkBackend {
@@ -133,8 +79,7 @@ impl VhostUserBlkBackend {
             notifier,
             owner,
             mem,
-            guest_windows: ArcSwap::default(),
-            window_mappings: Mutex::new(Vec::new()),
+            guest_windows: GuestWindows::default(),
             event_idx: AtomicBool::new(false),
             acked_features: AtomicU64::new(0),
             chain_buffers: (0..workers).map(|_| Mutex::default()).collect(),
@@ -159,7 +104,7 @@ impl VhostUserBlkBackend {
         let limits = self
             .device
             .limits(self.acked_features.load(Ordering::Relaxed));
-        let guest_windows = self.guest_windows.load();
+        let guest_windows = self.guest_windows.current();
         let tracking = Tracking {
             area: self.inflight.load_full(),
             queue,
@@ -228,99 +173,24 @@ impl VhostUserBlkBackend {
         }
     }
 
-    /// Finds guest memory backed by the region file (QEMU puts a `memory-backend-file`
-    /// pmem window into every vhost-user backend's memory table) and keeps the registry in
-    /// step: such pages are guest-visible, so they get descriptors. Files are matched by
-    /// device and inode, never by descriptor number, which changes with every table.
+    /// Tells the device's guest windows which guest memory is which file (QEMU puts a
+    /// `memory-backend-file` pmem window into every vhost-user backend's memory table).
     fn register_guest_windows(&self, mem: &GuestMemory) {
-        let region = self.device.region();
-        let identity = region.identity();
-        let mut found = Vec::new();
-        for guest_region in mem.iter() {
-            let Some(file_offset) = guest_region.file_offset() else {
-                continue;
-            };
-            let Ok(meta) = file_offset.file().metadata() else {
-                continue;
-            };
-            if (meta.dev(), meta.ino()) != (identity.dev, identity.ino) {
-                continue;
-            }
-            let window = GuestWindow {
+        let files = mem.iter().filter_map(|guest_region| {
+            guest_region.file_offset().map(|file_offset| GuestFile {
                 gpa: guest_region.start_addr().0,
                 len: guest_region.len(),
-                region_offset: file_offset.start(),
-            };
-            if region
-                .check_range(window.region_offset, window.len)
-                .is_err()
-            {
-                warn!(
-                    "guest memory at {:#x} maps bytes {}+{} of the region file, beyond the region; not tracked",
-                    window.gpa, window.region_offset, window.len
-                );
-                continue;
-            }
-            found.push(window);
-        }
-
-        let registry = self.device.registry();
-        let mut mappings = self
-            .window_mappings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        mappings.retain(|(window, id)| {
-            let keep = found.contains(window);
-            if !keep {
-                if let Err(e) = registry.unmap(*id) {
-                    warn!("cannot unregister guest memory at {:#x}: {e}", window.gpa);
-                }
-                info!(
-                    "guest memory at {:#x} no longer maps the region",
-                    window.gpa
-                );
-            }
-            keep
+                file: file_offset.file(),
+                offset: file_offset.start(),
+            })
         });
-        for window in found {
-            if mappings.iter().any(|(w, _)| *w == window) {
-                continue;
-            }
-            let name = self
-                .layout
-                .pmem_window_at(window.region_offset, window.len)
-                .map(|w| format!("pmem window {}", w.name))
-                .unwrap_or_else(|| "no declared pmem window".to_owned());
-            // Filled when daxd started; the guest may be using the mapping already, so holes
-            // punched since (discards through the disk) cannot be filled safely here.
-            if region.has_holes(window.region_offset, window.len) {
-                warn!(
-                    "guest memory at {:#x} maps region bytes with holes: when the host file system is full, a guest store there faults in the VMM",
-                    window.gpa
-                );
-            }
-            let request = MappingRequest {
-                device: "memory-backend-file in the vhost-user-blk memory table".into(),
-                target: Target::GuestPhysical { gpa: window.gpa },
-                frames: FrameRange::covering(window.region_offset, window.len),
-                writable: true,
-            };
-            match registry.map(self.owner, request) {
-                Ok(id) => {
-                    info!(
-                        "guest maps region bytes {:#x}+{:#x} ({name}) at guest address {:#x}: {} pages guest-visible",
-                        window.region_offset,
-                        window.len,
-                        window.gpa,
-                        window.len.div_ceil(daxd_region::PAGE_SIZE)
-                    );
-                    mappings.push((window, id));
-                }
-                Err(e) => warn!("cannot register guest memory at {:#x}: {e}", window.gpa),
-            }
-        }
-        let windows: Vec<GuestWindow> = mappings.iter().map(|(w, _)| *w).collect();
-        self.guest_windows.store(Arc::new(windows));
+        self.guest_windows
+            .update(&self.device, self.owner, files, |offset, len| {
+                self.layout
+                    .pmem_window_at(offset, len)
+                    .map(|w| format!("pmem window {}", w.name))
+                    .unwrap_or_else(|| "no declared pmem window".to_owned())
+            });
     }
 }
 

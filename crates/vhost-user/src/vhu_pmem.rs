@@ -30,7 +30,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 use crate::dirty_log::{DirtyLog, GuestMemory, Vring};
 use crate::queue;
 use daxd_pmem::{PmemDevice, SHMEM_REGION_ID};
-use daxd_registry::{FrameRange, MappingId, MappingRequest, OwnerId, Target};
+use daxd_registry::{MappingId, OwnerId};
 use daxd_virtio::Chain;
 
 /// The pmem device as seen by one vhost-user connection.
@@ -97,10 +97,7 @@ impl VhostUserPmemBackend {
             .spawn(move || {
                 daxd_confine::enter_or_exit(daxd_confine::ThreadKind::PmemMapper);
                 let window = device.window();
-                // Filled at start; a discard through the disk (serve=both) may have
-                // punched holes since, and a guest's store into one must not fault in QEMU.
-                // Nothing maps the window yet, so writing zeroes into holes is safe.
-                if let Err(e) = device.region().fill_holes(window.offset, window.size) {
+                if let Err(e) = device.prepare_mapping() {
                     error!(
                         "virtio-pmem: not mapping window {}: {e}; the guest's pmem device is backed by nothing",
                         window.name
@@ -120,26 +117,7 @@ impl VhostUserPmemBackend {
                 let mut mapping = mapping.lock().unwrap_or_else(|e| e.into_inner());
                 match result {
                     Ok(_) => {
-                        let registry = device.registry();
-                        if let Some(old) = mapping.take() {
-                            // QEMU dropped the old one at a reset; this map replaces it.
-                            if let Err(e) = registry.unmap(old) {
-                                error!("virtio-pmem: cannot unregister the old mapping: {e}");
-                            }
-                        }
-                        let registered = registry.map(
-                            owner,
-                            MappingRequest {
-                                device: "virtio-pmem (vhost-user shared memory)".into(),
-                                target: Target::SharedMemory {
-                                    shmid: SHMEM_REGION_ID,
-                                    offset: 0,
-                                },
-                                frames: FrameRange::covering(window.offset, window.size),
-                                writable: true,
-                            },
-                        );
-                        match registered {
+                        match device.mapped_into_shared_memory(owner, SHMEM_REGION_ID, mapping.take()) {
                             Ok(id) => *mapping = Some(id),
                             Err(e) => error!("virtio-pmem: cannot register window {}: {e}", window.name),
                         }
