@@ -25,12 +25,8 @@ pub fn world() -> &'static World {
         let dir = tempfile::tempdir().unwrap();
         let region = Arc::new(
             Region::open(&RegionConfig {
-                path: dir.path().join("fuzz.img"),
-                size: Some(4 << 20),
-                resize: false,
-                read_only: false,
-                direct: false,
                 lock: false,
+                ..RegionConfig::new(dir.path().join("fuzz.img"), Some(4 << 20))
             })
             .unwrap(),
         );

@@ -80,17 +80,7 @@ fn main() {
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bench.img");
-    let region = Arc::new(
-        Region::open(&RegionConfig {
-            path: path.clone(),
-            size: Some(REGION),
-            resize: false,
-            read_only: false,
-            direct: false,
-            lock: true,
-        })
-        .unwrap(),
-    );
+    let region = Arc::new(Region::open(&RegionConfig::new(path.clone(), Some(REGION))).unwrap());
     // Touch every page once so the measurement is not about page faults.
     region.write_bytes(0, &vec![1u8; REGION as usize]).unwrap();
     // The disk covers the whole region, the window its second half: the first half is

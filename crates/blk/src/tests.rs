@@ -43,12 +43,8 @@ fn fixture_in_region(read_only: bool, sync: bool, region_sectors: u64) -> Fixtur
     std::fs::write(&path, vec![FILL; (region_sectors * 512) as usize]).unwrap();
     let region = Arc::new(
         Region::open(&RegionConfig {
-            path,
-            size: None,
-            resize: false,
             read_only,
-            direct: false,
-            lock: true,
+            ..RegionConfig::new(path, None)
         })
         .unwrap(),
     );

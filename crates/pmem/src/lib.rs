@@ -364,15 +364,7 @@ mod tests {
     fn device() -> (tempfile::TempDir, PmemDevice, GuestMemoryMmap, Chain) {
         let dir = tempfile::tempdir().unwrap();
         let region = Arc::new(
-            Region::open(&RegionConfig {
-                path: dir.path().join("r.img"),
-                size: Some(4 << 20),
-                resize: false,
-                read_only: false,
-                direct: false,
-                lock: true,
-            })
-            .unwrap(),
+            Region::open(&RegionConfig::new(dir.path().join("r.img"), Some(4 << 20))).unwrap(),
         );
         let window = Window {
             name: "pm0".into(),

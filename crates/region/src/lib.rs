@@ -102,6 +102,21 @@ pub struct RegionConfig {
     pub lock: bool,
 }
 
+impl RegionConfig {
+    /// A writable, locked region of the file at `path`, created with `size` bytes when it
+    /// is missing (with `size` given, an existing file must have that size).
+    pub fn new(path: impl Into<PathBuf>, size: Option<u64>) -> RegionConfig {
+        RegionConfig {
+            path: path.into(),
+            size,
+            resize: false,
+            read_only: false,
+            direct: false,
+            lock: true,
+        }
+    }
+}
+
 /// Identifies the backing file independently of paths and file descriptors, so that a
 /// mapping of the same file handed over by a VMM can be recognised.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -699,14 +714,7 @@ mod tests {
     use super::*;
 
     fn config(path: &Path, size: Option<u64>) -> RegionConfig {
-        RegionConfig {
-            path: path.to_owned(),
-            size,
-            resize: false,
-            read_only: false,
-            direct: false,
-            lock: true,
-        }
+        RegionConfig::new(path.to_owned(), size)
     }
 
     #[test]

@@ -405,17 +405,8 @@ mod tests {
     use daxd_region::{Region, RegionConfig};
 
     fn blk_device(dir: &Path) -> (Arc<BlkDevice>, Arc<Layout>) {
-        let region = Arc::new(
-            Region::open(&RegionConfig {
-                path: dir.join("r.img"),
-                size: Some(1 << 20),
-                resize: false,
-                read_only: false,
-                direct: false,
-                lock: true,
-            })
-            .unwrap(),
-        );
+        let region =
+            Arc::new(Region::open(&RegionConfig::new(dir.join("r.img"), Some(1 << 20))).unwrap());
         let layout = Arc::new(Layout::new(region.size(), vec![], false).unwrap());
         let registry = Arc::new(Registry::new(region.frames()));
         let device = BlkDevice::new(

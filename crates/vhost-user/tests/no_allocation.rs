@@ -100,17 +100,8 @@ struct Rig {
 
 impl Rig {
     fn new(dir: &Path) -> Rig {
-        let region = Arc::new(
-            Region::open(&RegionConfig {
-                path: dir.join("r.img"),
-                size: Some(REGION),
-                resize: false,
-                read_only: false,
-                direct: false,
-                lock: true,
-            })
-            .unwrap(),
-        );
+        let region =
+            Arc::new(Region::open(&RegionConfig::new(dir.join("r.img"), Some(REGION))).unwrap());
         let layout = Arc::new(Layout::new(region.size(), vec![], false).unwrap());
         let registry = Arc::new(Registry::new(region.frames()));
         let device = Arc::new(

@@ -37,14 +37,10 @@ mod tests {
     fn an_inspection_crosses_the_socket_unchanged_and_renders() {
         let dir = tempfile::tempdir().unwrap();
         let region = Arc::new(
-            Region::open(&daxd_region::RegionConfig {
-                path: dir.path().join("r.img"),
-                size: Some(8 << 20),
-                resize: false,
-                read_only: false,
-                direct: false,
-                lock: true,
-            })
+            Region::open(&daxd_region::RegionConfig::new(
+                dir.path().join("r.img"),
+                Some(8 << 20),
+            ))
             .unwrap(),
         );
         let layout = Arc::new(
