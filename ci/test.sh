@@ -13,6 +13,18 @@ cd "$(dirname "$0")/.."
 
 ci/install-deps.sh
 cargo fmt --all --check
+# Every shell script: those with a shebang (its dialect), and the guest's case files,
+# which busybox's sh sources.
+scripts=()
+while IFS= read -r -d '' file; do
+    first=
+    read -r first < "$file" || true
+    if [[ $first =~ ^#!.*[/\ ](ba|da)?sh$ ]]; then
+        scripts+=("$file")
+    fi
+done < <(git ls-files -z)
+shellcheck -S warning "${scripts[@]}"
+shellcheck -S warning -s sh resources/guest/*-cases.sh
 cargo clippy --workspace --all-targets -- -D warnings
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo build --workspace --all-targets

@@ -29,10 +29,12 @@ start_backend() {
         chroot /host /usr/bin/env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$1" \
             --region /mnt/region.img --socket-path /mnt/blk.sock $2 2>> /tmp/backend.log &
     fi
+    # shellcheck disable=SC2034 # read by the cases in cut-cases.sh, sourced with this
     backend_pid=$!
     wait_backend_socket
 }
 
+# shellcheck disable=SC2120 # SOCKET is optional; most callers mean the default
 # wait_backend_socket [SOCKET]: waits until the backend just started as backend_pid
 # listens on SOCKET (default /host/mnt/blk.sock).
 wait_backend_socket() {
@@ -127,6 +129,7 @@ case_discard() {
 # Interrupts per virtqueue of the disk: "<queue> <count>" lines, from the MSI-X vectors
 # named virtioN-req.Q in /proc/interrupts (summed over CPUs). With a device name
 # (virtioN), only that device's: a guest with a second virtio disk.
+# shellcheck disable=SC2120 # the device is optional; most callers mean any
 queue_interrupts() {
     grep -E "${1:-virtio[0-9]+}-req\.[0-9]+" /proc/interrupts | while read -r line; do
         name=$(echo "$line" | grep -oE 'req\.[0-9]+')

@@ -41,6 +41,7 @@ case_powercut() {
         term)
             host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 0 \
                 --discard-every "$discards" --ops 300
+            # shellcheck disable=SC2154 # set by start_backend in blk-cases.sh
             kill -TERM "$backend_pid"
             wait "$backend_pid"
             echo "DAXD-EXIT $?"
