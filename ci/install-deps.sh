@@ -61,9 +61,14 @@ if ! command -v libvirtd >/dev/null || ! command -v virsh >/dev/null; then
         libvirt-clients/bookworm-backports
 fi
 
-# The lint gates in ci/test.sh need clippy and rustfmt next to the toolchain.
+# The lint gates in ci/test.sh need clippy and rustfmt next to the toolchain, and the
+# aarch64 type-check its standard library.
 for component in clippy rustfmt; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
         rustup component add "$component"
     fi
 done
+targets=$(rustup target list --installed)
+if [[ $targets != *aarch64-unknown-linux-gnu* ]]; then
+    rustup target add aarch64-unknown-linux-gnu
+fi

@@ -127,132 +127,25 @@ impl ThreadKind {
         }
     }
 
+    /// The lists of the system calls this kind of thread makes itself.
+    fn lists(self) -> &'static [&'static [Call]] {
+        match self {
+            ThreadKind::Main => &[COMMON, STARTS_THREADS, MAIN, MAIN_LEGACY],
+            ThreadKind::Server => &[COMMON, STARTS_THREADS, SERVER],
+            ThreadKind::Handler => &[COMMON, STARTS_THREADS, HANDLER],
+            ThreadKind::QueueWorker => &[COMMON, QUEUE_WORKER, QUEUE_WORKER_LEGACY],
+            ThreadKind::Flusher => &[COMMON, FLUSHER],
+            ThreadKind::PmemMapper => &[COMMON, PMEM_MAPPER],
+            ThreadKind::ConfigNotifier => &[COMMON, CONFIG_NOTIFIER],
+        }
+    }
+
     /// The system calls this kind of thread makes itself.
     fn own(self) -> Vec<libc::c_long> {
-        use libc::*;
-        let mut calls = vec![
-            // Memory: the allocator, thread stacks, mappings of guest memory dropped.
-            SYS_brk,
-            SYS_mmap,
-            SYS_munmap,
-            SYS_mremap,
-            SYS_madvise,
-            SYS_mprotect,
-            // Locks, channels, time, and what std does around every thread.
-            SYS_futex,
-            SYS_clock_gettime,
-            SYS_clock_nanosleep,
-            SYS_nanosleep,
-            SYS_sched_yield,
-            SYS_sched_getaffinity,
-            SYS_getrandom,
-            SYS_gettid,
-            SYS_getpid,
-            SYS_rseq,
-            SYS_set_robust_list,
-            SYS_rt_sigprocmask,
-            SYS_rt_sigreturn,
-            SYS_sigaltstack,
-            SYS_restart_syscall,
-            SYS_exit,
-            SYS_exit_group,
-            // Log lines (standard error), eventfd notifications, dropped descriptors;
-            // tgkill: abort() after a failed check.
-            SYS_write,
-            SYS_writev,
-            SYS_close,
-            SYS_tgkill,
-        ];
-        if !self.children().is_empty() {
-            // Starting threads that then install their own filters.
-            calls.extend([SYS_clone, SYS_clone3, SYS_prctl, SYS_seccomp]);
-        }
-        calls.extend_from_slice(match self {
-            ThreadKind::Main => &[
-                // The event loop.
-                SYS_epoll_create1,
-                SYS_epoll_wait,
-                SYS_epoll_pwait,
-                SYS_epoll_ctl,
-                SYS_read,
-                // The control socket (`daxd inspect`).
-                SYS_accept4,
-                SYS_recvfrom,
-                SYS_sendto,
-                SYS_setsockopt,
-                SYS_ioctl,
-                SYS_fcntl,
-                // Shutdown: waking an inherited socket's accept by connecting to it, the
-                // systemd notification, the final fdatasync, removing socket files.
-                SYS_socket,
-                SYS_connect,
-                SYS_sendmsg,
-                SYS_shutdown,
-                SYS_fdatasync,
-                SYS_unlink,
-                SYS_unlinkat,
-                // A --record log: marks (`daxd mark`), the pages of a window QEMU maps
-                // (compared with their shadow at each mark), the super block at shutdown.
-                SYS_pread64,
-                SYS_pwrite64,
-            ],
-            ThreadKind::Server => &[
-                SYS_accept4,
-                SYS_epoll_create1,
-                SYS_epoll_ctl,
-                SYS_eventfd2,
-                SYS_fcntl,
-                SYS_ioctl,
-                SYS_read,
-                SYS_shutdown,
-            ],
-            ThreadKind::Handler => &[
-                // The backend request channel (virtio-pmem's shared memory map) is checked
-                // with getsockopt.
-                SYS_getsockopt,
-                SYS_recvmsg,
-                SYS_sendmsg,
-                SYS_read,
-                SYS_shutdown,
-                SYS_epoll_ctl,
-                SYS_fcntl,
-                // Memory tables and in-flight areas: their size checked, mapped.
-                SYS_fstat,
-                SYS_newfstatat,
-                SYS_statx,
-                SYS_lseek,
-                SYS_memfd_create,
-                SYS_ftruncate,
-            ],
-            ThreadKind::QueueWorker => &[
-                SYS_epoll_wait,
-                SYS_epoll_pwait,
-                SYS_read,
-                // Reads of a sparse region's holes (read(2) gives zeroes without allocating).
-                SYS_pread64,
-                // Discard and write-zeroes; --sync and FLUSH without a flusher thread.
-                SYS_fallocate,
-                SYS_lseek,
-                SYS_pwrite64,
-                SYS_fdatasync,
-            ],
-            // A --record log's FLUSH entries are written once the FLUSH's outcome is known.
-            ThreadKind::Flusher => &[SYS_fdatasync, SYS_pwrite64],
-            ThreadKind::PmemMapper => &[
-                // Filling the window's holes, then the map request and its reply.
-                SYS_lseek,
-                SYS_pread64,
-                SYS_fallocate,
-                SYS_pwrite64,
-                SYS_fstat,
-                SYS_statx,
-                SYS_sendmsg,
-                SYS_recvmsg,
-            ],
-            // The config change on the backend channel, and the frontend's reply.
-            ThreadKind::ConfigNotifier => &[SYS_sendmsg, SYS_recvmsg],
-        });
-        calls
+        self.lists()
+            .iter()
+            .flat_map(|list| list.iter().map(|&(nr, _)| nr))
+            .collect()
     }
 
     /// The system calls a thread of this kind may make: its own and those of every thread
@@ -385,86 +278,172 @@ pub fn enter_or_exit(kind: ThreadKind) {
 }
 
 /// The name of system call `nr` on this architecture, for trap mode's message and the
-/// lists printed by `daxd --print-seccomp`. Only calls in some list are named.
+/// lists printed by `daxd --print-seccomp`. Only calls in some list are named. Allocates
+/// nothing: trap mode calls it in a signal handler.
 pub fn syscall_name(nr: libc::c_long) -> Option<&'static str> {
-    NAMES
+    ThreadKind::ALL
         .iter()
-        .find(|(n, _)| *n == nr)
-        .map(|(_, name)| name.trim_start_matches("SYS_"))
+        .flat_map(|kind| kind.lists().iter())
+        .chain([OPENAT].iter())
+        .flat_map(|list| list.iter())
+        .find(|&&(n, _)| n == nr)
+        .map(|&(_, name)| name.trim_start_matches("SYS_"))
 }
 
-macro_rules! names {
+/// A system call a list names: its number on this architecture and its libc name.
+type Call = (libc::c_long, &'static str);
+
+/// Calls by their libc names (`SYS_read`), numbered for the architecture built for: a
+/// call the architecture lacks does not build, so lists differ by architecture only
+/// where they say so.
+macro_rules! calls {
     ($($sys:ident),* $(,)?) => {
         &[$((libc::$sys, stringify!($sys))),*]
     };
 }
 
-/// Every call in some list, with its name (and openat, the call a thread most likely
-/// makes when it should not, for trap mode's message).
-const NAMES: &[(libc::c_long, &str)] = names![
-    SYS_accept4,
+/// What every thread does.
+const COMMON: &[Call] = calls![
+    // Memory: the allocator, thread stacks, mappings of guest memory dropped.
     SYS_brk,
+    SYS_mmap,
+    SYS_munmap,
+    SYS_mremap,
+    SYS_madvise,
+    SYS_mprotect,
+    // Locks, channels, time, and what std does around every thread.
+    SYS_futex,
     SYS_clock_gettime,
     SYS_clock_nanosleep,
-    SYS_clone,
-    SYS_clone3,
-    SYS_close,
-    SYS_connect,
-    SYS_epoll_create1,
-    SYS_epoll_ctl,
-    SYS_epoll_pwait,
-    SYS_epoll_wait,
-    SYS_eventfd2,
-    SYS_exit,
-    SYS_exit_group,
-    SYS_fallocate,
-    SYS_fcntl,
-    SYS_fdatasync,
-    SYS_fstat,
-    SYS_ftruncate,
-    SYS_futex,
-    SYS_getpid,
-    SYS_getrandom,
-    SYS_getsockopt,
-    SYS_gettid,
-    SYS_ioctl,
-    SYS_lseek,
-    SYS_madvise,
-    SYS_memfd_create,
-    SYS_mmap,
-    SYS_mprotect,
-    SYS_mremap,
-    SYS_munmap,
     SYS_nanosleep,
-    SYS_openat,
-    SYS_newfstatat,
-    SYS_prctl,
-    SYS_pread64,
-    SYS_pwrite64,
-    SYS_read,
-    SYS_recvfrom,
-    SYS_recvmsg,
-    SYS_restart_syscall,
+    SYS_sched_yield,
+    SYS_sched_getaffinity,
+    SYS_getrandom,
+    SYS_gettid,
+    SYS_getpid,
     SYS_rseq,
+    SYS_set_robust_list,
     SYS_rt_sigprocmask,
     SYS_rt_sigreturn,
-    SYS_sched_getaffinity,
-    SYS_sched_yield,
-    SYS_seccomp,
-    SYS_sendmsg,
-    SYS_sendto,
-    SYS_set_robust_list,
-    SYS_setsockopt,
-    SYS_shutdown,
     SYS_sigaltstack,
-    SYS_socket,
-    SYS_statx,
-    SYS_tgkill,
-    SYS_unlink,
-    SYS_unlinkat,
+    SYS_restart_syscall,
+    SYS_exit,
+    SYS_exit_group,
+    // Log lines (standard error), eventfd notifications, dropped descriptors;
+    // tgkill: abort() after a failed check.
     SYS_write,
     SYS_writev,
+    SYS_close,
+    SYS_tgkill,
 ];
+
+/// Starting threads that then install their own filters (kinds with children).
+const STARTS_THREADS: &[Call] = calls![SYS_clone, SYS_clone3, SYS_prctl, SYS_seccomp];
+
+/// The main thread's own calls.
+const MAIN: &[Call] = calls![
+    // The event loop.
+    SYS_epoll_create1,
+    SYS_epoll_pwait,
+    SYS_epoll_ctl,
+    SYS_read,
+    // The control socket (`daxd inspect`).
+    SYS_accept4,
+    SYS_recvfrom,
+    SYS_sendto,
+    SYS_setsockopt,
+    SYS_ioctl,
+    SYS_fcntl,
+    // Shutdown: waking an inherited socket's accept by connecting to it, the
+    // systemd notification, the final fdatasync, removing socket files.
+    SYS_socket,
+    SYS_connect,
+    SYS_sendmsg,
+    SYS_shutdown,
+    SYS_fdatasync,
+    SYS_unlinkat,
+    // A --record log: marks (`daxd mark`), the pages of a window QEMU maps
+    // (compared with their shadow at each mark), the super block at shutdown.
+    SYS_pread64,
+    SYS_pwrite64,
+];
+
+/// A server thread's: accepting frontends.
+const SERVER: &[Call] = calls![
+    SYS_accept4,
+    SYS_epoll_create1,
+    SYS_epoll_ctl,
+    SYS_eventfd2,
+    SYS_fcntl,
+    SYS_ioctl,
+    SYS_read,
+    SYS_shutdown,
+];
+
+/// A connection's message handler's.
+const HANDLER: &[Call] = calls![
+    // The backend request channel (virtio-pmem's shared memory map) is checked
+    // with getsockopt.
+    SYS_getsockopt,
+    SYS_recvmsg,
+    SYS_sendmsg,
+    SYS_read,
+    SYS_shutdown,
+    SYS_epoll_ctl,
+    SYS_fcntl,
+    // Memory tables and in-flight areas: their size checked, mapped.
+    SYS_fstat,
+    SYS_newfstatat,
+    SYS_statx,
+    SYS_lseek,
+    SYS_memfd_create,
+    SYS_ftruncate,
+];
+
+/// A queue worker's: guest requests.
+const QUEUE_WORKER: &[Call] = calls![
+    SYS_epoll_pwait,
+    SYS_read,
+    // Reads of a sparse region's holes (read(2) gives zeroes without allocating).
+    SYS_pread64,
+    // Discard and write-zeroes; --sync and FLUSH without a flusher thread.
+    SYS_fallocate,
+    SYS_lseek,
+    SYS_pwrite64,
+    SYS_fdatasync,
+];
+
+/// A --record log's FLUSH entries are written once the FLUSH's outcome is known.
+const FLUSHER: &[Call] = calls![SYS_fdatasync, SYS_pwrite64];
+
+/// The pmem mapper's.
+const PMEM_MAPPER: &[Call] = calls![
+    // Filling the window's holes, then the map request and its reply.
+    SYS_lseek,
+    SYS_pread64,
+    SYS_fallocate,
+    SYS_pwrite64,
+    SYS_fstat,
+    SYS_statx,
+    SYS_sendmsg,
+    SYS_recvmsg,
+];
+
+/// The config change on the backend channel, and the frontend's reply.
+const CONFIG_NOTIFIER: &[Call] = calls![SYS_sendmsg, SYS_recvmsg];
+
+/// The older calls x86_64 keeps next to their newer forms and glibc still uses there;
+/// aarch64 has only the newer ones (epoll_pwait, unlinkat), which the lists name too.
+#[cfg(target_arch = "x86_64")]
+const MAIN_LEGACY: &[Call] = calls![SYS_epoll_wait, SYS_unlink];
+#[cfg(not(target_arch = "x86_64"))]
+const MAIN_LEGACY: &[Call] = &[];
+#[cfg(target_arch = "x86_64")]
+const QUEUE_WORKER_LEGACY: &[Call] = calls![SYS_epoll_wait];
+#[cfg(not(target_arch = "x86_64"))]
+const QUEUE_WORKER_LEGACY: &[Call] = &[];
+/// Named for trap mode's message: the call a thread most likely makes when it should not.
+const OPENAT: &[Call] = calls![SYS_openat];
 
 /// `--seccomp trap`: a forbidden call raises SIGSYS on the thread that made it; the handler
 /// says which call it was and ends the process.
