@@ -155,10 +155,7 @@ impl BlkDevice {
 
     /// Makes every write completed so far durable and records the flush epoch.
     pub(crate) fn flush_region(&self) -> Result<(), ExecError> {
-        let ticket = self.registry.flush_begin();
-        self.region.flush()?;
-        self.registry.flush_complete(ticket);
-        Ok(())
+        Ok(self.registry.flushing(|| self.region.flush())?)
     }
 
     fn zero_ranges(

@@ -57,7 +57,7 @@ pub enum BlkError {
     NumQueues(u16),
     #[error("window {0} is not served as blk or lies outside the region")]
     BadWindow(String),
-    #[error("the disk is {size} bytes; it only grows while a guest may use it, so {requested} bytes is refused (shrink it offline: stop daxd, change --window or --size with --resize)")]
+    #[error("the disk is {size} bytes; it only grows while a guest may use it, so {requested} bytes is refused")]
     Shrink { size: u64, requested: u64 },
     #[error("{0} bytes is not a multiple of 4 KiB")]
     UnalignedSize(u64),

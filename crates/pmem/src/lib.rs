@@ -344,11 +344,8 @@ impl PmemDevice {
 
     /// Makes every earlier write to the window durable.
     pub fn flush(&self) -> Result<(), RegionError> {
-        let ticket = self.registry.flush_begin();
         // All of the file, not only the window: see Region::flush.
-        self.region.flush()?;
-        self.registry.flush_complete(ticket);
-        Ok(())
+        self.registry.flushing(|| self.region.flush())
     }
 }
 

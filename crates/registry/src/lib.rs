@@ -703,6 +703,16 @@ impl Registry {
         }
     }
 
+    /// Runs `flush` (which makes the file durable) as a flush of the registry: the pages
+    /// dirtied before it began are clean once it succeeded. The one way the devices
+    /// flush.
+    pub fn flushing<E>(&self, flush: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
+        let ticket = self.flush_begin();
+        flush()?;
+        self.flush_complete(ticket);
+        Ok(())
+    }
+
     /// Starts a flush: everything marked dirty so far belongs to its epoch.
     pub fn flush_begin(&self) -> FlushTicket {
         let previous = self

@@ -10,7 +10,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
-use daxd_blk::BlkDevice;
+use daxd_blk::{BlkDevice, BlkError};
 use daxd_region::{Layout, LayoutError, Region, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::ConfigNotifier;
@@ -210,7 +210,12 @@ impl ControlSocket {
                 ),
                 e => e.to_string(),
             })?;
-        let before = self.blk.grow(bytes).map_err(|e| e.to_string())?;
+        let before = self.blk.grow(bytes).map_err(|e| match e {
+            BlkError::Shrink { .. } => format!(
+                "{e} (shrink it offline: stop daxd, change --window or --size with --resize)"
+            ),
+            e => e.to_string(),
+        })?;
         self.layout = Arc::new(layout);
         let frontend = if before == bytes {
             FrontendNotice::Unchanged
