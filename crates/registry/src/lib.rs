@@ -17,196 +17,29 @@
 //! slot and change only atomics in it. A chunk is freed only after it is *retired*, which
 //! succeeds only while no pin holds it, so a pin can always release what it took.
 
+mod chunk;
+mod flush;
+mod frames;
+mod pins;
 mod rmap;
+mod snapshot;
 
-use std::borrow::BorrowMut;
+pub use chunk::PageDescriptor;
+use chunk::{Chunk, Descriptor};
+pub use flush::FlushTicket;
+use frames::{chunk_parts, split};
+pub use frames::{FrameRange, CHUNK_FRAMES};
+pub use pins::{PinSet, Pins};
+pub use snapshot::{BusySnapshot, MappingSnapshot, SectionSnapshot, Snapshot};
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use arc_swap::ArcSwapOption;
 use serde::{Deserialize, Serialize};
 
 use rmap::RmapSets;
-
-/// Frames per descriptor chunk: 2 MiB of region, the alignment of pmem windows.
-pub const CHUNK_FRAMES: u64 = 512;
-
-/// A half-open range of page frames `[start, end)` of the region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct FrameRange {
-    pub start: u64,
-    pub end: u64,
-}
-
-impl FrameRange {
-    /// Page frames touched by `len` bytes at `offset`; empty when `len` is 0.
-    pub fn covering(offset: u64, len: u64) -> FrameRange {
-        let start = offset >> daxd_region::PAGE_SHIFT;
-        if len == 0 {
-            return FrameRange { start, end: start };
-        }
-        // Callers pass ranges already checked against the region, so this cannot overflow.
-        FrameRange {
-            start,
-            end: (offset + len - 1) / daxd_region::PAGE_SIZE + 1,
-        }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.end.saturating_sub(self.start)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.start >= self.end
-    }
-
-    pub fn overlaps(&self, other: &FrameRange) -> bool {
-        self.start < other.end && other.start < self.end
-    }
-
-    pub fn contains(&self, frame: u64) -> bool {
-        self.start <= frame && frame < self.end
-    }
-
-    /// The part of `self` inside `other`, if any.
-    pub fn intersect(&self, other: &FrameRange) -> Option<FrameRange> {
-        let start = self.start.max(other.start);
-        let end = self.end.min(other.end);
-        (start < end).then_some(FrameRange { start, end })
-    }
-}
-
-/// One guest-visible page frame, as [`Registry::descriptor`] reads it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PageDescriptor {
-    /// Mappings covering the page (aliases of the same file page count once each).
-    pub map_count: u16,
-    /// Bit flags, see [`PageDescriptor::WRITABLE`].
-    pub state: u8,
-    /// In-flight requests whose buffers are in this page.
-    pub pin_count: u32,
-    /// Flush epoch in which daxd last wrote the page; 0 while clean.
-    pub dirty_epoch: u32,
-    /// The set of mappings covering the page (reverse map), see [`Registry::rmap`].
-    pub rmap: u32,
-}
-
-impl PageDescriptor {
-    /// At least one covering mapping is writable.
-    pub const WRITABLE: u8 = 1;
-}
-
-/// The stored descriptor: 16 bytes, as Linux's `struct page` is 64. Every field is an
-/// atomic because queue workers change pin counts and dirty epochs without the registry's
-/// lock; the other fields change only under it.
-#[derive(Debug, Default)]
-#[repr(C)]
-struct Descriptor {
-    map_count: AtomicU16,
-    state: AtomicU8,
-    _reserved: u8,
-    pin_count: AtomicU32,
-    dirty_epoch: AtomicU32,
-    rmap: AtomicU32,
-}
-
-const _: () = assert!(std::mem::size_of::<Descriptor>() == 16);
-
-impl Descriptor {
-    fn read(&self) -> PageDescriptor {
-        PageDescriptor {
-            map_count: self.map_count.load(Ordering::Relaxed),
-            state: self.state.load(Ordering::Relaxed),
-            pin_count: self.pin_count.load(Ordering::Acquire),
-            dirty_epoch: self.dirty_epoch.load(Ordering::Acquire),
-            rmap: self.rmap.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Whether the frame has a descriptor: mapped, or pinned by in-flight I/O.
-    fn exists(&self) -> bool {
-        self.map_count.load(Ordering::Relaxed) > 0 || self.pin_count.load(Ordering::Acquire) > 0
-    }
-}
-
-/// Set in [`Chunk::pins`] once the chunk is being freed: no pin may take it.
-const RETIRED: u64 = 1 << 63;
-
-/// The descriptors of [`CHUNK_FRAMES`] consecutive frames.
-#[derive(Debug)]
-struct Chunk {
-    descs: Box<[Descriptor]>,
-    /// Pins holding the chunk (one per pinned run), or [`RETIRED`].
-    pins: AtomicU64,
-    /// Descriptors with a dirty epoch, so that a flush skips clean chunks.
-    dirty: AtomicU64,
-    /// The chunk lost its last mapping while pinned: the last pin to go frees it.
-    needs_prune: AtomicBool,
-}
-
-impl Chunk {
-    fn new() -> Chunk {
-        Chunk {
-            descs: (0..CHUNK_FRAMES).map(|_| Descriptor::default()).collect(),
-            pins: AtomicU64::new(0),
-            dirty: AtomicU64::new(0),
-            needs_prune: AtomicBool::new(false),
-        }
-    }
-
-    /// Counts a pin, unless the chunk is retired.
-    fn acquire(&self) -> bool {
-        self.pins
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |pins| {
-                (pins & RETIRED == 0).then_some(pins + 1)
-            })
-            .is_ok()
-    }
-
-    /// Drops a pin; true if it was the last and the chunk waits to be freed.
-    fn release(&self) -> bool {
-        self.pins.fetch_sub(1, Ordering::SeqCst) == 1 && self.needs_prune.load(Ordering::SeqCst)
-    }
-
-    /// Retires the chunk if no pin holds it.
-    fn retire(&self) -> bool {
-        self.pins
-            .compare_exchange(0, RETIRED, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-    }
-
-    fn mark_dirty(&self, range: std::ops::Range<usize>, epoch: u32) {
-        for d in &self.descs[range] {
-            if d.exists() && d.dirty_epoch.swap(epoch, Ordering::AcqRel) == 0 {
-                self.dirty.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-    }
-}
-
-/// The chunk index of `frame` and its index in the chunk.
-fn split(frame: u64) -> (usize, usize) {
-    (
-        (frame / CHUNK_FRAMES) as usize,
-        (frame % CHUNK_FRAMES) as usize,
-    )
-}
-
-/// The per-chunk parts of `frames`: (chunk index, descriptor indices in the chunk).
-fn chunk_parts(frames: FrameRange) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> {
-    let mut at = frames.start;
-    std::iter::from_fn(move || {
-        if at >= frames.end {
-            return None;
-        }
-        let (chunk, first) = split(at);
-        let end = ((at / CHUNK_FRAMES + 1) * CHUNK_FRAMES).min(frames.end);
-        let part = (chunk, first..first + (end - at) as usize);
-        at = end;
-        Some(part)
-    })
-}
 
 /// Identifies one mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -301,60 +134,6 @@ impl std::fmt::Debug for Registry {
     }
 }
 
-/// One pinned run of frames, inside one chunk.
-#[derive(Debug)]
-struct PinnedPart {
-    chunk: Arc<Chunk>,
-    range: std::ops::Range<usize>,
-    first_frame: u64,
-}
-
-/// The pins of one request. Kept by each queue worker and reused, so pinning allocates
-/// nothing once it has grown; fill it through a [`Pins`] guard.
-#[derive(Debug, Default)]
-pub struct PinSet {
-    parts: Vec<PinnedPart>,
-}
-
-/// Pins taken for one request; all released when the guard drops. `S` is the [`PinSet`]
-/// it fills: a queue worker's own, borrowed (`&mut PinSet`), or an owned one.
-#[must_use]
-#[derive(Debug)]
-pub struct Pins<'a, S: BorrowMut<PinSet>> {
-    registry: &'a Registry,
-    set: S,
-}
-
-impl<S: BorrowMut<PinSet>> Pins<'_, S> {
-    /// Pins the frames of `frames` that have descriptors (guest-visible ones): layout
-    /// changes of them are refused until the guard drops. Lock-free unless a chunk is
-    /// being freed at that moment.
-    pub fn pin(&mut self, frames: FrameRange) {
-        self.registry.pin_into(frames, self.set.borrow_mut());
-    }
-
-    /// The frames pinned so far (the visible part of what was asked).
-    pub fn frames(&self) -> impl Iterator<Item = FrameRange> + '_ {
-        self.set.borrow().parts.iter().map(|p| FrameRange {
-            start: p.first_frame,
-            end: p.first_frame + p.range.len() as u64,
-        })
-    }
-}
-
-impl<S: BorrowMut<PinSet>> Drop for Pins<'_, S> {
-    fn drop(&mut self) {
-        for part in self.set.borrow_mut().parts.drain(..) {
-            for d in &part.chunk.descs[part.range.clone()] {
-                d.pin_count.fetch_sub(1, Ordering::AcqRel);
-            }
-            if part.chunk.release() {
-                self.registry.prune_released(part.first_frame);
-            }
-        }
-    }
-}
-
 /// A layout change in progress; new mappings of its frames wait until it is dropped.
 #[must_use]
 #[derive(Debug)]
@@ -369,22 +148,6 @@ impl Drop for LayoutChange<'_> {
         inner.busy.retain(|(token, _, _)| *token != self.token);
         drop(inner);
         self.registry.layout_done.notify_all();
-    }
-}
-
-/// A flush in progress: writes marked dirty before it began are clean once it completes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlushTicket(u32);
-
-/// `a <= b` in serial-number arithmetic, so epochs keep working when u32 wraps.
-fn epoch_le(a: u32, b: u32) -> bool {
-    b.wrapping_sub(a) < (1 << 31)
-}
-
-fn next_epoch(e: u32) -> u32 {
-    match e.wrapping_add(1) {
-        0 => 1,
-        n => n,
     }
 }
 
@@ -620,41 +383,6 @@ impl Registry {
             && frames.start < self.visible_hi.load(Ordering::Acquire)
     }
 
-    /// A guard for the pins of one request, kept in `set`; every pin taken through it is
-    /// released when it drops.
-    pub fn pins<S: BorrowMut<PinSet>>(&self, set: S) -> Pins<'_, S> {
-        debug_assert!(set.borrow().parts.is_empty());
-        Pins {
-            registry: self,
-            set,
-        }
-    }
-
-    fn pin_into(&self, frames: FrameRange, set: &mut PinSet) {
-        if !self.may_be_visible(frames) {
-            return;
-        }
-        for (i, range) in chunk_parts(frames) {
-            let Some(chunk) = self.slots[i].load_full() else {
-                continue;
-            };
-            let chunk = if chunk.acquire() {
-                chunk
-            } else {
-                // Being freed, so nothing in it is mapped; a new chunk may already have
-                // taken its place under the mutex.
-                let _inner = self.lock();
-                match self.slots[i].load_full() {
-                    Some(chunk) if chunk.acquire() => chunk,
-                    _ => continue,
-                }
-            };
-            if pin_runs(&chunk, i, range, set) {
-                self.prune_released(i as u64 * CHUNK_FRAMES);
-            }
-        }
-    }
-
     /// Starts a change of the file's layout under `frames` (punching a hole, zeroing a
     /// range, truncating). Refused while any of the frames is mapped or pinned, as Linux's
     /// `dax_layout_busy_page` would block it; while the guard lives, new mappings of the
@@ -689,67 +417,6 @@ impl Registry {
         })
     }
 
-    /// Records that daxd wrote `frames` (blk writes into a visible range). Lock-free.
-    pub fn mark_dirty(&self, frames: FrameRange) {
-        if !self.may_be_visible(frames) {
-            return;
-        }
-        // Read after the data was written: a flush that began before this load covers it.
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        for (i, range) in chunk_parts(frames) {
-            if let Some(chunk) = &*self.slots[i].load() {
-                chunk.mark_dirty(range, epoch);
-            }
-        }
-    }
-
-    /// Runs `flush` (which makes the file durable) as a flush of the registry: the pages
-    /// dirtied before it began are clean once it succeeded. The one way the devices
-    /// flush.
-    pub fn flushing<E>(&self, flush: impl FnOnce() -> Result<(), E>) -> Result<(), E> {
-        let ticket = self.flush_begin();
-        flush()?;
-        self.flush_complete(ticket);
-        Ok(())
-    }
-
-    /// Starts a flush: everything marked dirty so far belongs to its epoch.
-    pub fn flush_begin(&self) -> FlushTicket {
-        let previous = self
-            .epoch
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |e| Some(next_epoch(e)))
-            .unwrap_or_else(|e| e);
-        FlushTicket(previous)
-    }
-
-    /// The flush made everything written before it durable: those pages are clean.
-    pub fn flush_complete(&self, ticket: FlushTicket) {
-        let mut inner = self.lock();
-        for &i in &inner.chunks {
-            let Some(chunk) = self.slots[i].load_full() else {
-                continue;
-            };
-            if chunk.dirty.load(Ordering::Acquire) == 0 {
-                continue;
-            }
-            for d in chunk.descs.iter() {
-                let e = d.dirty_epoch.load(Ordering::Acquire);
-                // A page written again meanwhile carries a newer epoch and stays dirty.
-                if e != 0
-                    && epoch_le(e, ticket.0)
-                    && d.dirty_epoch
-                        .compare_exchange(e, 0, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    chunk.dirty.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-        }
-        if inner.last_flushed == 0 || epoch_le(inner.last_flushed, ticket.0) {
-            inner.last_flushed = ticket.0;
-        }
-    }
-
     /// The descriptor of `frame`, if it has one.
     pub fn descriptor(&self, frame: u64) -> Option<PageDescriptor> {
         let _inner = self.lock();
@@ -771,77 +438,6 @@ impl Registry {
         d.exists().then(|| d.read())
     }
 
-    /// Everything `daxd inspect` shows. Sections are the runs of frames with descriptors.
-    pub fn snapshot(&self) -> Snapshot {
-        let inner = self.lock();
-        let mut descriptors = 0;
-        let mut sections: Vec<SectionSnapshot> = Vec::new();
-        for &i in &inner.chunks {
-            let Some(chunk) = self.slots[i].load_full() else {
-                continue;
-            };
-            for (at, d) in chunk.descs.iter().enumerate() {
-                let d = d.read();
-                if d.map_count == 0 && d.pin_count == 0 {
-                    continue;
-                }
-                descriptors += 1;
-                let frame = i as u64 * CHUNK_FRAMES + at as u64;
-                let section = match sections.last_mut() {
-                    Some(s) if s.frames.end == frame => s,
-                    _ => {
-                        sections.push(SectionSnapshot {
-                            frames: FrameRange {
-                                start: frame,
-                                end: frame,
-                            },
-                            mapped: 0,
-                            pinned: 0,
-                            dirty: 0,
-                            max_map_count: 0,
-                        });
-                        sections.last_mut().expect("just pushed")
-                    }
-                };
-                section.frames.end = frame + 1;
-                section.mapped += u64::from(d.map_count > 0);
-                section.pinned += u64::from(d.pin_count > 0);
-                section.dirty += u64::from(d.dirty_epoch != 0);
-                section.max_map_count = section.max_map_count.max(d.map_count);
-            }
-        }
-        let mappings = inner
-            .mappings
-            .iter()
-            .map(|(id, m)| MappingSnapshot {
-                id: *id,
-                owner: inner.owners.get(&m.owner).cloned().unwrap_or_default(),
-                device: m.request.device.clone(),
-                target: m.request.target.clone(),
-                frames: m.request.frames,
-                writable: m.request.writable,
-            })
-            .collect();
-        Snapshot {
-            descriptors,
-            descriptor_bytes: inner.chunks.len() as u64
-                * CHUNK_FRAMES
-                * std::mem::size_of::<Descriptor>() as u64,
-            epoch: self.epoch.load(Ordering::SeqCst),
-            last_flushed: inner.last_flushed,
-            mappings,
-            sections,
-            busy: inner
-                .busy
-                .iter()
-                .map(|(_, frames, what)| BusySnapshot {
-                    frames: *frames,
-                    what: (*what).to_owned(),
-                })
-                .collect(),
-        }
-    }
-
     /// Publishes the bounds of the chunks that exist to the lock-free paths. Called with
     /// the mutex held, after a chunk came or went.
     fn publish_bounds(&self, inner: &Inner) {
@@ -853,84 +449,6 @@ impl Registry {
         self.visible_lo.store(lo, Ordering::Release);
         self.visible_hi.store(hi, Ordering::Release);
     }
-}
-
-/// Pins the runs of frames in `range` of chunk `i` that have descriptors; `chunk` has
-/// been acquired once for this call, and each run beyond the first acquires it again.
-/// Returns true if nothing was pinned and dropping that first acquisition left a chunk
-/// waiting to be freed.
-fn pin_runs(chunk: &Arc<Chunk>, i: usize, range: std::ops::Range<usize>, set: &mut PinSet) -> bool {
-    let first_frame = |at: usize| i as u64 * CHUNK_FRAMES + at as u64;
-    let mut run: Option<usize> = None;
-    let mut pinned_runs = 0;
-    let mut push = |start: usize, end: usize, set: &mut PinSet| {
-        if pinned_runs > 0 && !chunk.acquire() {
-            return;
-        }
-        for d in &chunk.descs[start..end] {
-            d.pin_count.fetch_add(1, Ordering::AcqRel);
-        }
-        set.parts.push(PinnedPart {
-            chunk: chunk.clone(),
-            range: start..end,
-            first_frame: first_frame(start),
-        });
-        pinned_runs += 1;
-    };
-    for at in range.clone() {
-        match (chunk.descs[at].exists(), run) {
-            (true, None) => run = Some(at),
-            (false, Some(start)) => {
-                push(start, at, set);
-                run = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(start) = run {
-        push(start, range.end, set);
-    }
-    pinned_runs == 0 && chunk.release()
-}
-
-/// `daxd inspect`'s view of the registry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Snapshot {
-    pub descriptors: u64,
-    pub descriptor_bytes: u64,
-    /// The epoch new writes are recorded in.
-    pub epoch: u32,
-    /// The newest epoch a completed flush covered (0: none yet).
-    pub last_flushed: u32,
-    pub mappings: Vec<MappingSnapshot>,
-    pub sections: Vec<SectionSnapshot>,
-    pub busy: Vec<BusySnapshot>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MappingSnapshot {
-    pub id: MappingId,
-    pub owner: String,
-    pub device: String,
-    pub target: Target,
-    pub frames: FrameRange,
-    pub writable: bool,
-}
-
-/// A run of frames with descriptors and how many of them are in each state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SectionSnapshot {
-    pub frames: FrameRange,
-    pub mapped: u64,
-    pub pinned: u64,
-    pub dirty: u64,
-    pub max_map_count: u16,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BusySnapshot {
-    pub frames: FrameRange,
-    pub what: String,
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 use proptest::prelude::*;
 
 use super::*;
+use crate::flush::{epoch_le, next_epoch};
+use std::sync::atomic::AtomicBool;
 
 fn fr(start: u64, end: u64) -> FrameRange {
     FrameRange { start, end }
