@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::request::Request;
 
-/// Request types as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Request types as counted (named as [`Kind::name`] says, on the control socket too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Kind {
     Read,
     Write,
@@ -176,7 +177,7 @@ impl QueueStats {
             queue,
             requests: Kind::ALL
                 .iter()
-                .map(|k| (k.name().to_owned(), load(&self.requests[*k as usize])))
+                .map(|k| (*k, load(&self.requests[*k as usize])))
                 .collect(),
             ok: load(&self.statuses[0]) + load(&self.flush_statuses[0]),
             ioerr: load(&self.statuses[1]) + load(&self.flush_statuses[1]),
@@ -210,8 +211,8 @@ impl LatencyHistogram {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueueMetrics {
     pub queue: usize,
-    /// Requests by type (see [`Kind::name`]), completed or in flight.
-    pub requests: Vec<(String, u64)>,
+    /// Requests by type, completed or in flight.
+    pub requests: Vec<(Kind, u64)>,
     /// Completions by status.
     pub ok: u64,
     pub ioerr: u64,
@@ -225,6 +226,16 @@ pub struct QueueMetrics {
     pub flush_latency: LatencyHistogram,
     /// Every [`LATENCY_SAMPLE`]th other request, from its parsing to its status.
     pub request_latency: LatencyHistogram,
+}
+
+impl QueueMetrics {
+    /// Requests of type `kind`.
+    pub fn count(&self, kind: Kind) -> u64 {
+        self.requests
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or(0, |(_, n)| *n)
+    }
 }
 
 /// The disk's counters as `daxd inspect` reports them. `version` changes when a field's

@@ -872,13 +872,13 @@ fn every_request_is_counted_by_type_status_and_bytes() {
     assert_eq!(m.version, stats::METRICS_VERSION);
     assert_eq!(m.region_flushes, 1);
     let q = &m.queues[0];
-    let count = |kind: &str| q.requests.iter().find(|(k, _)| k == kind).unwrap().1;
+    let count = |kind| q.count(kind);
     assert_eq!(
         (
-            count("write"),
-            count("read"),
-            count("flush"),
-            count("invalid")
+            count(stats::Kind::Write),
+            count(stats::Kind::Read),
+            count(stats::Kind::Flush),
+            count(stats::Kind::Invalid)
         ),
         (1, 2, 1, 2)
     );

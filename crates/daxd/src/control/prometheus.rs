@@ -50,8 +50,9 @@ pub fn prometheus(v: &Inspection) -> String {
         for (kind, n) in &q.requests {
             let _ = writeln!(
                 out,
-                "daxd_blk_requests_total{{queue=\"{}\",type=\"{kind}\"}} {n}",
-                q.queue
+                "daxd_blk_requests_total{{queue=\"{}\",type=\"{}\"}} {n}",
+                q.queue,
+                kind.name()
             );
         }
     }

@@ -1,5 +1,6 @@
 //! `daxd inspect`'s tables.
 
+use daxd_blk::stats::Kind;
 use std::fmt::Write as _;
 
 use daxd_blk::stats::LatencyHistogram;
@@ -99,23 +100,18 @@ pub(super) fn tables(v: &Inspection) -> String {
         "\nQUEUE  READ       WRITE      FLUSH      DISCARD    WZEROES    GET_ID     INVALID    OK         IOERR      UNSUPP     READ BYTES       WRITTEN BYTES    FLUSH p50/max"
     );
     for q in &blk.queues {
-        let count = |kind: &str| {
-            q.requests
-                .iter()
-                .find(|(k, _)| k == kind)
-                .map_or(0, |(_, n)| *n)
-        };
+        let count = |kind: Kind| q.count(kind);
         let _ = writeln!(
             out,
             "{:<6} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<10} {:<16} {:<16} {}",
             q.queue,
-            count("read"),
-            count("write"),
-            count("flush"),
-            count("discard"),
-            count("write_zeroes"),
-            count("get_id"),
-            count("invalid"),
+            count(Kind::Read),
+            count(Kind::Write),
+            count(Kind::Flush),
+            count(Kind::Discard),
+            count(Kind::WriteZeroes),
+            count(Kind::GetId),
+            count(Kind::Invalid),
             q.ok,
             q.ioerr,
             q.unsupp,
