@@ -604,7 +604,10 @@ fn migrate_a_guest(case: Case) -> Migrated {
         // Without a hold, the migration may be over before this loop sees the end of its
         // first pass; with one, it must not be.
         if info["status"] == "completed" {
-            assert!(!hold, "the migration ended before its stream was held: {info}");
+            assert!(
+                !hold,
+                "the migration ended before its stream was held: {info}"
+            );
             break;
         }
         std::thread::sleep(Duration::from_millis(2));

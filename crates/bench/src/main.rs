@@ -180,9 +180,22 @@ struct RunStats {
     /// CPU the backend used while the client stayed connected and idle after the load
     /// (--idle-seconds), in cores.
     idle_cores: Option<f64>,
+    /// Bytes the host block device under the file wrote from the backend's start to its
+    /// exit (its final flush included), if the device's counters could be read.
+    device_bytes: Option<u64>,
 }
 
 impl RunStats {
+    /// Host device bytes written per byte the client wrote (the client's bytes counted
+    /// over the measured seconds, so the warm-up's writes make it a little high). NaN
+    /// without device counters or without writes.
+    fn write_amplification(&self) -> f64 {
+        match self.device_bytes {
+            Some(device) if self.bytes > 0 => device as f64 / self.bytes as f64,
+            _ => f64::NAN,
+        }
+    }
+
     fn iops(&self) -> f64 {
         self.ops as f64 / self.elapsed
     }
@@ -259,7 +272,7 @@ fn main() {
         }
     );
     println!(
-        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9}",
+        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>11}",
         "workload",
         "daxd IOPS",
         "qsd IOPS",
@@ -273,7 +286,8 @@ fn main() {
         "p50 d/q",
         "d RSS MiB",
         "CPU d/q",
-        "IOPS/CPU"
+        "IOPS/CPU",
+        "WA d/q"
     );
     let mut summaries = Vec::new();
     let mut idle_lines = Vec::new();
@@ -411,7 +425,7 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
     let daxd_iops = med(&mut |s| s.iops(), true);
     let qsd_iops = med(&mut |s| s.iops(), false);
     println!(
-        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2} {:>8.2}x",
+        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2} {:>8.2}x {:>5}/{:<5}",
         workload.name,
         daxd_iops,
         qsd_iops,
@@ -426,7 +440,9 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
         rss_mib,
         med(&mut |s| s.cpu_cores, true),
         med(&mut |s| s.cpu_cores, false),
-        efficiency
+        efficiency,
+        wa(med(&mut |s| s.write_amplification(), true)),
+        wa(med(&mut |s| s.write_amplification(), false))
     );
     let _ = std::io::stdout().flush();
     Summary {
@@ -434,6 +450,15 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
         daxd_iops,
         qsd_iops,
         ratio,
+    }
+}
+
+/// A write amplification for the table: "-" where the run wrote nothing (reads).
+fn wa(value: f64) -> String {
+    if value.is_finite() {
+        format!("{value:.1}")
+    } else {
+        "-".to_owned()
     }
 }
 
@@ -546,10 +571,11 @@ fn run(
     std::fs::File::open(file)
         .and_then(|f| f.sync_all())
         .expect("sync the benchmark file");
+    let written_before = device_bytes_written(file);
     let (mut child, socket) = start_backend(args, daxd, file, backend, workload.queues);
     let pid = child.id();
     let file = file.canonicalize().unwrap_or_else(|_| file.to_owned());
-    let stats = drive(
+    let mut stats = drive(
         &socket,
         workload,
         args.seconds,
@@ -559,7 +585,28 @@ fn run(
         || (rss_kib_excluding(pid, &file), cpu_seconds(pid)),
     );
     terminate(&mut child);
+    if matches!(workload.kind, Kind::RandWrite | Kind::SeqWrite) {
+        stats.device_bytes = written_before
+            .zip(device_bytes_written(&file))
+            .map(|(before, after)| after.saturating_sub(before));
+    }
     stats
+}
+
+/// Bytes written so far by the block device that holds `file`, from its counters in
+/// /sys/dev/block/MAJOR:MINOR/stat (the seventh field counts 512-byte sectors written).
+/// Other writers of the device count too: run on an otherwise quiet machine.
+fn device_bytes_written(file: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(file).ok()?.dev();
+    let stat = std::fs::read_to_string(format!(
+        "/sys/dev/block/{}:{}/stat",
+        rustix::fs::major(dev),
+        rustix::fs::minor(dev)
+    ))
+    .ok()?;
+    let sectors: u64 = stat.split_whitespace().nth(6)?.parse().ok()?;
+    Some(sectors * 512)
 }
 
 /// Stops a backend with SIGTERM, its normal way out, and reaps it.
