@@ -167,31 +167,23 @@ fn recorded_run(dir: &Path, on: On, rounds: u32, drop_inode_table: bool) -> std:
     rec
 }
 
-#[test]
-#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
-fn every_crash_state_of_ext4_is_clean_and_keeps_what_was_fsynced() {
-    let dir = test_dir("daxd-guest-crash-");
-    let d = dir.path();
-    let rounds = 20;
-    let rec = recorded_run(d, On::Disk, rounds, false);
+/// `daxd crash-states` on the recording `rec` with the checker of `rounds` rounds and
+/// `options` (device, samples, bounds); prints its summary line.
+fn crash_states(d: &Path, rec: &Path, rounds: u32, options: &[&str]) -> (bool, String, String) {
     let check = checker(d, rounds);
-    let (ok, out, err) = daxd_command(&[
-        "crash-states",
-        "--record",
-        rec.to_str().unwrap(),
-        "--samples",
-        "6",
-        "--max-states",
-        "400",
-        "--check",
-        &check,
-    ]);
-    let summary = out.lines().last().unwrap_or_default().to_owned();
-    eprintln!("crash-states: {summary}");
-    assert!(ok, "a crash state of a sound run failed:\n{out}\n{err}");
-    let states: u64 = summary.split(' ').next().unwrap().parse().unwrap();
-    assert!(states >= 200, "only {states} states: {summary}");
-    // The marks reached the states: the last FLUSH points read back every keep file.
+    let mut args = vec!["crash-states", "--record", rec.to_str().unwrap()];
+    args.extend_from_slice(options);
+    args.extend(["--check", &check]);
+    let (ok, out, err) = daxd_command(&args);
+    eprintln!(
+        "crash-states {options:?}: {}",
+        out.lines().last().unwrap_or_default()
+    );
+    (ok, out, err)
+}
+
+/// The marks reached the states: a state after the last round read back every keep file.
+fn assert_every_keep_file_checked(out: &str, rounds: u32) {
     assert!(
         out.lines()
             .any(|l| l.contains(&format!("marks up to fsynced-{rounds}")) && l.ends_with(": ok")),
@@ -201,20 +193,27 @@ fn every_crash_state_of_ext4_is_clean_and_keeps_what_was_fsynced() {
 
 #[test]
 #[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
+fn every_crash_state_of_ext4_is_clean_and_keeps_what_was_fsynced() {
+    let dir = test_dir("daxd-guest-crash-");
+    let d = dir.path();
+    let rounds = 20;
+    let rec = recorded_run(d, On::Disk, rounds, false);
+    let (ok, out, err) = crash_states(d, &rec, rounds, &["--samples", "6", "--max-states", "400"]);
+    assert!(ok, "a crash state of a sound run failed:\n{out}\n{err}");
+    let summary = out.lines().last().unwrap_or_default();
+    let states: u64 = summary.split(' ').next().unwrap().parse().unwrap();
+    assert!(states >= 200, "only {states} states: {summary}");
+    assert_every_keep_file_checked(&out, rounds);
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest; run by ci/test.sh"]
 fn lost_inode_table_writes_show_as_a_failing_crash_state() {
     let dir = test_dir("daxd-guest-crash-drop-");
     let d = dir.path();
     let rounds = 5;
     let rec = recorded_run(d, On::Disk, rounds, true);
-    let (ok, out, err) = daxd_command(&[
-        "crash-states",
-        "--record",
-        rec.to_str().unwrap(),
-        "--samples",
-        "2",
-        "--check",
-        &checker(d, rounds),
-    ]);
+    let (ok, out, err) = crash_states(d, &rec, rounds, &["--samples", "2"]);
     assert!(!ok, "the lost writes went unnoticed:\n{out}");
     assert!(out.contains("FAILED"), "{out}");
     assert!(
@@ -233,25 +232,9 @@ fn every_crash_state_of_ext4_on_dax_is_clean_and_keeps_what_was_fsynced() {
     let d = dir.path();
     let rounds = 10;
     let rec = recorded_run(d, On::Dax, rounds, false);
-    let (ok, out, err) = daxd_command(&[
-        "crash-states",
-        "--record",
-        rec.to_str().unwrap(),
-        "--device",
-        "pm0",
-        "--samples",
-        "6",
-        "--check",
-        &checker(d, rounds),
-    ]);
-    let summary = out.lines().last().unwrap_or_default().to_owned();
-    eprintln!("crash-states --device pm0: {summary}");
+    let (ok, out, err) = crash_states(d, &rec, rounds, &["--device", "pm0", "--samples", "6"]);
     assert!(ok, "a crash state of a DAX run failed:\n{out}\n{err}");
-    assert!(
-        out.lines()
-            .any(|l| l.contains(&format!("marks up to fsynced-{rounds}")) && l.ends_with(": ok")),
-        "no state was checked against all fsync'd files:\n{out}"
-    );
+    assert_every_keep_file_checked(&out, rounds);
     assert!(
         out.lines()
             .any(|l| l.contains("sample") && !l.contains(" 0 of ")),
@@ -269,28 +252,12 @@ fn crash_states_of_ext4_on_dax_qemu_maps_itself_come_at_marks() {
     let d = dir.path();
     let rounds = 10;
     let rec = recorded_run(d, On::MappedDax, rounds, false);
-    let (ok, out, err) = daxd_command(&[
-        "crash-states",
-        "--record",
-        rec.to_str().unwrap(),
-        "--device",
-        "pm0",
-        "--samples",
-        "6",
-        "--check",
-        &checker(d, rounds),
-    ]);
-    let summary = out.lines().last().unwrap_or_default().to_owned();
-    eprintln!("crash-states --device pm0 (QEMU 10): {summary}");
+    let (ok, out, err) = crash_states(d, &rec, rounds, &["--device", "pm0", "--samples", "6"]);
     assert!(ok, "a crash state of a DAX run failed:\n{out}\n{err}");
     // A FLUSH point at each mark (fs-made and one per round), and no samples: QEMU's
     // FLUSHes between two marks ordered what the guest wrote, and daxd did not see them.
     let points = out.lines().filter(|l| l.contains("(FLUSH point ")).count();
     assert_eq!(points, rounds as usize + 1, "FLUSH points:\n{out}");
     assert!(!out.contains("(sample "), "samples between marks:\n{out}");
-    assert!(
-        out.lines()
-            .any(|l| l.contains(&format!("marks up to fsynced-{rounds}")) && l.ends_with(": ok")),
-        "no state was checked against all fsync'd files:\n{out}"
-    );
+    assert_every_keep_file_checked(&out, rounds);
 }
