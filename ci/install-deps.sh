@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suites need on a fresh Debian bookworm machine (as root):
 # qemu-storage-daemon (peer backend), QEMU 10.0 from bookworm-backports (real guests),
-# fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools),
+# fio, e2fsprogs and util-linux (host-side checks and, over 9p, guest-side tools), xfsprogs
+# (the write-back suite mounts a small XFS),
 # the shellcheck linter (ci/test.sh runs it on every shell script), the
 # tools ci/build-guest.sh uses, mmdebstrap for ci/build-sid-root.sh (QEMU 11.1), and what
 # ci/qtest.sh needs to build QEMU's qtests, and libvirt. Idempotent: installs nothing when
@@ -21,7 +22,7 @@ need=()
 for tool in cc:gcc qemu-storage-daemon:qemu-utils fio:fio e2fsck:e2fsprogs debugfs:e2fsprogs \
     blkdiscard:util-linux depmod:kmod cpio:cpio xz:xz-utils mmdebstrap:mmdebstrap \
     curl:curl bzip2:bzip2 pkg-config:pkg-config ninja:ninja-build flex:flex bison:bison \
-    shellcheck:shellcheck; do
+    shellcheck:shellcheck mkfs.xfs:xfsprogs; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 qemu_ok || need+=(qemu-system-x86)

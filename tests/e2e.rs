@@ -20,3 +20,4 @@ mod resize;
 mod restart;
 mod support;
 mod systemd;
+mod writeback;

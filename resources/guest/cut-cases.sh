@@ -28,9 +28,11 @@ case_powercut() {
         sync_arg=--sync
         writethrough=on
     fi
+    # The same promise when writes take the pwrite(2) path.
+    [ "$mode" = flush-pwrite ] && sync_arg=--write-path=pwrite
     start_backend "$daxd" "$sync_arg" "writable=on,writethrough=$writethrough" || return
     case $mode in
-        flush)
+        flush | flush-pwrite)
             host "$client" --socket /mnt/blk.sock --seed "$seed" --first-seq "$first" --flush-every 8 \
                 --discard-every "$discards"
             ;;

@@ -448,6 +448,8 @@ pub enum FsKind {
     Tmpfs,
     /// Maps the zero page for a hole that is only read.
     Ext4,
+    /// Tracks dirty blocks per folio with iomap (ext4 with buffer heads).
+    Xfs,
 }
 
 impl SmallFs {
@@ -460,18 +462,22 @@ impl SmallFs {
             FsKind::Tmpfs => {
                 mount.args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]);
             }
-            FsKind::Ext4 => {
-                let image = dir.join("small.ext4");
+            FsKind::Ext4 | FsKind::Xfs => {
+                let (mkfs, force) = match kind {
+                    FsKind::Xfs => ("mkfs.xfs", "-f"),
+                    _ => ("mkfs.ext4", "-F"),
+                };
+                let image = dir.join(format!("small.{mkfs}"));
                 std::fs::File::create(&image)
                     .unwrap()
                     .set_len(size)
                     .unwrap();
-                let made = Command::new("mkfs.ext4")
-                    .args(["-q", "-F"])
+                let made = Command::new(mkfs)
+                    .args(["-q", force])
                     .arg(&image)
                     .status()
-                    .unwrap();
-                assert!(made.success(), "mkfs.ext4");
+                    .unwrap_or_else(|e| panic!("{mkfs}: {e} (ci/install-deps installs it)"));
+                assert!(made.success(), "{mkfs}");
                 mount.args(["-o", "loop"]).arg(&image);
             }
         }

@@ -67,6 +67,13 @@ struct Args {
     /// adaptive polling). 0: no polling.
     #[arg(long, default_value_t = 200)]
     backend_poll_us: u64,
+    /// The file each run starts from: prefilled (written once with 1 MiB writes and kept,
+    /// its page cache warm), sparse (a new file with no blocks), cold (prefilled, its page
+    /// cache dropped), copied (a prefilled source copied in with `cp`, then synced) or
+    /// converted (the source written by `qemu-img convert`, then synced). The last four
+    /// are made again before every run, the same for both backends.
+    #[arg(long, value_enum, default_value_t = State::Prefilled)]
+    state: State,
     /// An extra argument for daxd (repeatable).
     #[arg(long = "daxd-arg", value_name = "ARG", allow_hyphen_values = true)]
     daxd_args: Vec<String>,
@@ -92,6 +99,57 @@ impl Setup {
             Setup::QsdIothread => {
                 "daxd without options, qsd export in an iothread (QEMU's polling default)"
                     .to_owned()
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum State {
+    Prefilled,
+    Sparse,
+    Cold,
+    Copied,
+    Converted,
+}
+
+impl State {
+    /// Puts `file` (`size` bytes) into this state; `source` is a prefilled file to copy.
+    fn prepare(self, file: &Path, source: &Path, size: u64) {
+        match self {
+            State::Prefilled => prefill(file, size),
+            State::Sparse => {
+                let _ = std::fs::remove_file(file);
+                std::fs::File::create(file)
+                    .and_then(|f| f.set_len(size))
+                    .expect("create the sparse benchmark file");
+            }
+            State::Cold => {
+                prefill(file, size);
+                let f = std::fs::File::open(file).expect("open the benchmark file");
+                f.sync_all().expect("sync the benchmark file");
+                rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed)
+                    .expect("drop the benchmark file's page cache");
+            }
+            State::Copied | State::Converted => {
+                prefill(source, size);
+                let _ = std::fs::remove_file(file);
+                let mut command = if self == State::Copied {
+                    let mut c = Command::new("cp");
+                    c.arg(source).arg(file);
+                    c
+                } else {
+                    let mut c = Command::new("qemu-img");
+                    c.args(["convert", "-f", "raw", "-O", "raw"])
+                        .arg(source)
+                        .arg(file);
+                    c
+                };
+                let status = command.status().expect("run cp or qemu-img");
+                assert!(status.success(), "{command:?}: {status}");
+                std::fs::File::open(file)
+                    .and_then(|f| f.sync_all())
+                    .expect("sync the benchmark file");
             }
         }
     }
@@ -148,6 +206,15 @@ const WORKLOADS: &[Workload] = &[
     w("randwrite-4k-qd32-4q", Kind::RandWrite, 4096, 32, 4, 0),
     w("seqread-128k-qd8-4q", Kind::SeqRead, 128 << 10, 8, 4, 0),
     w("flushwrite-4k-qd8-every16", Kind::RandWrite, 4096, 8, 1, 16),
+    w("flushwrite-4k-qd1-every1", Kind::RandWrite, 4096, 1, 1, 1),
+    w(
+        "flushwrite-64k-seq-qd8-every64m",
+        Kind::SeqWrite,
+        64 << 10,
+        8,
+        1,
+        1024,
+    ),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -249,20 +316,22 @@ fn main() {
     );
     std::fs::create_dir_all(&args.dir).expect("create the benchmark directory");
     let file = args.dir.join("bench.img");
-    prefill(&file, args.size_mib << 20);
+    let source = args.dir.join("source.img");
+    args.state.prepare(&file, &source, args.size_mib << 20);
 
     let csv_path = args.dir.join("results.csv");
     let mut csv = String::from(
         "workload,backend,round,iops,mib_s,p50_us,p99_us,rss_kib,cpu_cores,iops_per_cpu_s\n",
     );
     println!(
-        "{} s per run, {} A/B pairs, file {} ({} MiB, prefilled, host page cache for both: \
+        "{} s per run, {} A/B pairs, file {} ({} MiB, {:?}; host page cache for both: \
          daxd maps it shared; qsd uses aio=io_uring,cache.direct=off); {}; \
          daxd args: {:?}; client {}",
         args.seconds,
         args.rounds,
         file.display(),
         args.size_mib,
+        args.state,
         args.config.describe(args.backend_poll_us),
         args.daxd_args,
         if args.client_poll {
@@ -566,6 +635,10 @@ fn run(
     round: usize,
     idle_seconds: f64,
 ) -> RunStats {
+    if args.state != State::Prefilled {
+        args.state
+            .prepare(file, &args.dir.join("source.img"), args.size_mib << 20);
+    }
     // Start every run from a clean file: dirty pages left by the previous run would make
     // this run's first flushes pay for writes it did not make.
     std::fs::File::open(file)

@@ -14,7 +14,9 @@ use daxd_registry::{FrameRange, LayoutChange, Pins, RegistryError};
 use daxd_virtio::Stream;
 
 use crate::request::{ChainBuffers, DiscardList, DiscardSegment, Request, MAX_DISCARD_SEGMENTS};
+use crate::stats::QueueStats;
 use crate::{BlkDevice, GuestWindow};
+use std::sync::atomic::Ordering;
 
 /// Why a well-formed request still failed.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +157,11 @@ impl BlkDevice {
 
     /// Makes every write completed so far durable and records the flush epoch.
     pub(crate) fn flush_region(&self) -> Result<(), ExecError> {
-        Ok(self.registry.flushing(|| self.region.flush())?)
+        let written: u64 = self.stats.iter().map(QueueStats::bytes_written).sum();
+        let since = written.saturating_sub(self.written_at_flush.swap(written, Ordering::Relaxed));
+        Ok(self
+            .registry
+            .flushing(|| self.region.flush_after_writes(since))?)
     }
 
     fn zero_ranges(

@@ -200,6 +200,8 @@ pub struct BlkDevice {
     /// Per queue.
     stats: Box<[QueueStats]>,
     region_flushes: AtomicU64,
+    /// The queues' bytes written when the last flush started: what the next one covers.
+    written_at_flush: AtomicU64,
     /// Fault rules (none unless a user sets some).
     faults: Arc<Faults>,
     /// Where stored writes and FLUSHes are logged (`--record`).
@@ -236,6 +238,7 @@ impl BlkDevice {
                 .map(|_| QueueStats::default())
                 .collect(),
             region_flushes: AtomicU64::new(0),
+            written_at_flush: AtomicU64::new(0),
             config,
             refusals: RefusalLog::new("virtio-blk"),
             faults: Arc::new(Faults::new(vec![daxd_fault::DISK.to_owned()])),

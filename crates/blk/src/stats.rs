@@ -142,6 +142,11 @@ impl QueueStats {
         }
     }
 
+    /// Bytes written by this queue's requests so far.
+    pub(crate) fn bytes_written(&self) -> u64 {
+        self.bytes_written.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn dropped(&self) {
         bump(&self.dropped, 1);
     }

@@ -298,8 +298,16 @@ type Call = (libc::c_long, &'static str);
 /// where they say so.
 macro_rules! calls {
     ($($sys:ident),* $(,)?) => {
-        &[$((libc::$sys, stringify!($sys))),*]
+        &[$((sys::$sys, stringify!($sys))),*]
     };
+}
+
+/// libc's system call numbers, and those it does not name yet.
+#[allow(non_upper_case_globals)]
+mod sys {
+    pub use libc::*;
+    /// Linux 6.5; the same number on every architecture.
+    pub const SYS_cachestat: c_long = 451;
 }
 
 /// What every thread does.
@@ -411,10 +419,13 @@ const QUEUE_WORKER: &[Call] = calls![
     SYS_lseek,
     SYS_pwrite64,
     SYS_fdatasync,
+    // Before a FLUSH's fdatasync: what the writes since the last one dirtied.
+    SYS_cachestat,
 ];
 
-/// A --record log's FLUSH entries are written once the FLUSH's outcome is known.
-const FLUSHER: &[Call] = calls![SYS_fdatasync, SYS_pwrite64];
+/// A --record log's FLUSH entries are written once the FLUSH's outcome is known;
+/// cachestat as for queue workers.
+const FLUSHER: &[Call] = calls![SYS_fdatasync, SYS_pwrite64, SYS_cachestat];
 
 /// The pmem mapper's.
 const PMEM_MAPPER: &[Call] = calls![

@@ -282,6 +282,16 @@ pub struct Args {
     #[arg(long)]
     pub direct: bool,
 
+    /// How writes into the region's allocated blocks reach the file. map: stores through
+    /// the shared mapping (no system call per write, but a store dirties the whole
+    /// page-cache folio it lands in, and a FLUSH writes all of it back). pwrite: pwrite(2)
+    /// from guest memory, which dirties only the blocks written. auto: the mapping until
+    /// FLUSHes find that writes dirty more than 4 times what they wrote (a file in large
+    /// folios, as after `cp` or `qemu-img convert`), then pwrite. Durability is the same
+    /// for all three.
+    #[arg(long, value_enum, default_value_t = WritePathArg::Auto, value_name = "PATH")]
+    pub write_path: WritePathArg,
+
     /// Do not lock the region file. By default a writable daxd holds an exclusive lock on
     /// it and a read-only one a shared lock (open file description locks, as QEMU's image
     /// locking), so a second writer (another daxd, a qemu-storage-daemon export) is
@@ -681,5 +691,23 @@ mod tests {
         assert!(
             Cli::try_parse_from(["daxd", "--region", "r", "--size", "4Q", "--fd", "3"]).is_err()
         );
+    }
+}
+
+/// `--write-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WritePathArg {
+    Auto,
+    Map,
+    Pwrite,
+}
+
+impl From<WritePathArg> for daxd_region::WritePath {
+    fn from(arg: WritePathArg) -> Self {
+        match arg {
+            WritePathArg::Auto => daxd_region::WritePath::Auto,
+            WritePathArg::Map => daxd_region::WritePath::Map,
+            WritePathArg::Pwrite => daxd_region::WritePath::Pwrite,
+        }
     }
 }

@@ -83,6 +83,7 @@ impl TryFrom<Args> for Config {
                 read_only: args.read_only,
                 direct: args.direct,
                 lock: !args.no_lock,
+                write_path: args.write_path.into(),
             },
             windows: args.windows,
             allow_overlap: args.allow_overlap,

@@ -9,6 +9,8 @@
 mod alloc;
 mod layout;
 mod lock;
+pub mod writeback;
+pub use writeback::WritePath;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -100,6 +102,8 @@ pub struct RegionConfig {
     /// Lock the file (exclusive when writable, shared when read-only) so that no other
     /// writer can use it at the same time.
     pub lock: bool,
+    /// How writes into allocated blocks reach the file (see [`writeback`]).
+    pub write_path: WritePath,
 }
 
 impl RegionConfig {
@@ -113,6 +117,7 @@ impl RegionConfig {
             read_only: false,
             direct: false,
             lock: true,
+            write_path: WritePath::Auto,
         }
     }
 }
@@ -134,6 +139,8 @@ pub struct Region {
     path: PathBuf,
     mapping: MmapRegion,
     allocation: alloc::Allocation,
+    /// Whether writes into allocated blocks go through the mapping or pwrite(2).
+    writeback: writeback::WriteBack,
     /// The file system allocates a page even to read a hole through a shared mapping
     /// (tmpfs), so reads must find blocks too.
     allocates_on_read: bool,
@@ -261,6 +268,7 @@ impl Region {
             path,
             mapping,
             allocation,
+            writeback: writeback::WriteBack::new(config.write_path),
             allocates_on_read,
             read_only: config.read_only,
             map_sync,
@@ -388,7 +396,8 @@ impl Region {
             return Err(RegionError::ReadOnly);
         }
         let dst = self.slice(offset, src.len())?;
-        if self.allocation.covers(offset, src.len() as u64) {
+        let allocated = self.allocation.covers(offset, src.len() as u64);
+        if allocated && !self.writeback.buffered() {
             src.copy_to_volatile_slice(dst);
             return Ok(());
         }
@@ -397,7 +406,9 @@ impl Region {
             let rest = src.offset(done).map_err(|_| rustix::io::Errno::FAULT)?;
             pwrite_volatile(&self.file, &rest, at)
         })?;
-        self.note_data(offset, src.len() as u64);
+        if !allocated {
+            self.note_data(offset, src.len() as u64);
+        }
         Ok(())
     }
 
@@ -547,6 +558,22 @@ impl Region {
         self.file
             .sync_data()
             .map_err(|source| self.io_error("flush", source))
+    }
+
+    /// [`Region::flush`] for a disk that wrote `written` bytes since its previous flush:
+    /// first looks at how much those writes dirtied, and turns writes to pwrite(2) where
+    /// that was far more (see [`writeback`]).
+    pub fn flush_after_writes(&self, written: u64) -> Result<(), RegionError> {
+        if !self.read_only && !self.map_sync {
+            self.writeback.before_flush(&self.file, &self.path, written);
+        }
+        self.flush()
+    }
+
+    /// Whether writes into allocated blocks go through pwrite(2) rather than the mapping
+    /// (see [`writeback`]).
+    pub fn writes_buffered(&self) -> bool {
+        self.writeback.buffered()
     }
 
     /// Deallocates `len` bytes at `offset`: they read back as zeroes and no longer use
