@@ -283,12 +283,16 @@ pub struct Args {
     pub direct: bool,
 
     /// How writes into the region's allocated blocks reach the file. map: stores through
-    /// the shared mapping (no system call per write, but a store dirties the whole
-    /// page-cache folio it lands in, and a FLUSH writes all of it back). pwrite: pwrite(2)
-    /// from guest memory, which dirties only the blocks written. auto: the mapping until
-    /// FLUSHes find that writes dirty more than 4 times what they wrote (a file in large
-    /// folios, as after `cp` or `qemu-img convert`), then pwrite. Durability is the same
-    /// for all three.
+    /// the shared mapping (no system call per write; but a store into a page that a FLUSH
+    /// cleaned faults, one into a page not in the page cache reads it from the disk first,
+    /// and a store dirties the whole page-cache folio it lands in, which a FLUSH then
+    /// writes back whole: up to 2 MiB for 4 KiB written in an image copied in with `cp`).
+    /// pwrite: pwrite(2) from guest memory (a system call per write; dirties only the
+    /// blocks written). auto: whichever FLUSHes show to be cheaper, looked at once a second
+    /// at most: pwrite while the pages dirty at a FLUSH are at least half the bytes written
+    /// since the previous one, the mapping again once they fall under a quarter (pages
+    /// rewritten between FLUSHes); the mapping without FLUSHes. Durability is the same for
+    /// all three.
     #[arg(long, value_enum, default_value_t = WritePathArg::Auto, value_name = "PATH")]
     pub write_path: WritePathArg,
 
