@@ -13,7 +13,7 @@ use std::process::Command;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::support::{pattern, Backend, Client, FsKind, SmallFs};
+use crate::support::{daxd_inspect, pattern, Backend, Client, FsKind, SmallFs};
 
 const MIB: u64 = 1 << 20;
 
@@ -59,7 +59,12 @@ fn flush_heavy_writes_into_a_copied_image(kind: FsKind) {
     let dir = tempfile::tempdir().unwrap();
     let fs = SmallFs::mount(dir.path(), kind, 512 * MIB);
     let image = copy_in_image(&fs, SIZE);
-    let daxd = Backend::start_daxd(dir.path(), &image, &[]);
+    let control = dir.path().join("control.sock");
+    let daxd = Backend::start_daxd(
+        dir.path(),
+        &image,
+        &["--control-socket", control.to_str().unwrap()],
+    );
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     let mut rng = SmallRng::seed_from_u64(0x3b1c);
     let mut model = std::collections::HashMap::new();
@@ -81,6 +86,17 @@ fn flush_heavy_writes_into_a_copied_image(kind: FsKind) {
         amplification <= 1.2,
         "{kind:?}: the host disk wrote {amplification:.2} bytes per byte the client wrote \
          ({written} bytes for {WRITES} writes of 4 KiB): writes dirty whole large folios"
+    );
+    // What an operator sees: writes went over to pwrite(2), once.
+    let inspection: serde_json::Value =
+        serde_json::from_str(&daxd_inspect(&control, &["--json"])).unwrap();
+    assert_eq!(
+        (
+            &inspection["blk"]["writes_pwrite"],
+            &inspection["blk"]["write_path_changes"]
+        ),
+        (&serde_json::json!(true), &serde_json::json!(1)),
+        "{kind:?}"
     );
     drop(client);
     assert!(daxd.terminate().success());

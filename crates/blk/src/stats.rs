@@ -250,6 +250,13 @@ pub struct BlkMetrics {
     pub version: u32,
     /// fdatasync calls for FLUSH requests (one may complete several).
     pub region_flushes: u64,
+    /// Writes into allocated blocks go through pwrite(2) rather than the mapping (see
+    /// `--write-path`).
+    #[serde(default)]
+    pub writes_pwrite: bool,
+    /// How often `--write-path auto` changed the path.
+    #[serde(default)]
+    pub write_path_changes: u64,
     pub queues: Vec<QueueMetrics>,
 }
 

@@ -576,6 +576,11 @@ impl Region {
         self.writeback.buffered()
     }
 
+    /// How often the write path changed (`WritePath::Auto`).
+    pub fn write_path_changes(&self) -> u64 {
+        self.writeback.changes()
+    }
+
     /// Deallocates `len` bytes at `offset`: they read back as zeroes and no longer use
     /// space in the file system where it can punch holes.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), RegionError> {

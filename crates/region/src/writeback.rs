@@ -29,7 +29,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,8 @@ pub(crate) struct WriteBack {
     buffered: AtomicBool,
     /// The kernel has no cachestat(2) (before Linux 6.5): nothing to look at.
     no_cachestat: AtomicBool,
+    /// How often the path changed.
+    changes: AtomicU64,
     /// When a flush last looked at the page cache.
     looked: Mutex<Option<Instant>>,
 }
@@ -122,7 +124,12 @@ impl WriteBack {
             buffered: AtomicBool::new(path == WritePath::Pwrite),
             no_cachestat: AtomicBool::new(false),
             looked: Mutex::new(None),
+            changes: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     pub(crate) fn buffered(&self) -> bool {
@@ -181,6 +188,9 @@ impl WriteBack {
             buffered
         };
         self.buffered.store(now, Ordering::Relaxed);
+        if now != buffered {
+            self.changes.fetch_add(1, Ordering::Relaxed);
+        }
         now != buffered
     }
 }
@@ -212,6 +222,7 @@ mod tests {
         assert!(writeback.buffered());
         assert!(writeback.observe(128 * 4096, 16 * 4096));
         assert!(!writeback.buffered());
+        assert_eq!(writeback.changes(), 2);
         // Between the two thresholds the path stays as it is.
         assert!(!writeback.observe(64 * 4096, 24 * 4096));
         assert!(!writeback.buffered());

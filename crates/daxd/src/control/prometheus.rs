@@ -39,6 +39,28 @@ pub fn prometheus(v: &Inspection) -> String {
         "daxd_blk_region_flushes_total {}",
         v.blk.region_flushes
     );
+    family(
+        &mut out,
+        "daxd_blk_writes_pwrite",
+        "gauge",
+        "1 while writes into allocated blocks go through pwrite(2), 0 through the mapping.",
+    );
+    let _ = writeln!(
+        out,
+        "daxd_blk_writes_pwrite {}",
+        u8::from(v.blk.writes_pwrite)
+    );
+    family(
+        &mut out,
+        "daxd_blk_write_path_changes_total",
+        "counter",
+        "Changes of the write path by --write-path auto.",
+    );
+    let _ = writeln!(
+        out,
+        "daxd_blk_write_path_changes_total {}",
+        v.blk.write_path_changes
+    );
     let blk = &v.blk.queues;
     family(
         &mut out,

@@ -122,9 +122,15 @@ pub(super) fn tables(v: &Inspection) -> String {
     }
     let _ = writeln!(
         out,
-        "region flushes: {}; FLUSHes in flight: {}",
+        "region flushes: {}; FLUSHes in flight: {}; writes through {} ({} changes)",
         blk.region_flushes,
-        blk.queues.iter().map(|q| q.flushes_in_flight).sum::<u64>()
+        blk.queues.iter().map(|q| q.flushes_in_flight).sum::<u64>(),
+        if blk.writes_pwrite {
+            "pwrite(2)"
+        } else {
+            "the mapping"
+        },
+        blk.write_path_changes
     );
     if v.faults.is_empty() {
         let _ = writeln!(out, "\nfault rules: none");
