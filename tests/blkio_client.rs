@@ -770,3 +770,143 @@ fn a_request_mix_on_new_sparse_regions_never_ends_daxd() {
         }
     }
 }
+
+/// What a soak samples of daxd: anonymous resident memory (its heap; the region's pages
+/// are file-backed and not counted), open file descriptors, threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessSample {
+    rss_anon_kib: u64,
+    fds: usize,
+    threads: usize,
+}
+
+fn sample(pid: u32) -> ProcessSample {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
+    };
+    ProcessSample {
+        rss_anon_kib: field("RssAnon:"),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count(),
+        threads: field("Threads:") as usize,
+    }
+}
+
+/// 1,000 connections one after another and 100 million 4 KiB requests among them (QD32
+/// on each of 2 queues, reads and writes at random offsets) against one daxd: its heap,
+/// open file descriptors and threads, sampled while each connection is up and after it
+/// ended, stay flat. `DAXD_SOAK_REQUESTS` and `DAXD_SOAK_CONNECTIONS` change the counts.
+#[test]
+#[ignore = "by hand: cargo test --release --test e2e soak_reconnects -- --ignored --nocapture"]
+fn soak_reconnects_and_requests_leave_daxd_flat() {
+    let env = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let connections = env("DAXD_SOAK_CONNECTIONS", 1000);
+    let requests = env("DAXD_SOAK_REQUESTS", 100_000_000);
+    let per_queue = requests / connections / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let region = new_region(&dir);
+    let span = 256 * MIB;
+    let daxd = Backend::start_daxd(
+        dir.path(),
+        &region,
+        &["--size", "256M", "--num-queues", "2"],
+    );
+    // Allocated first, so that requests take the mapping rather than the holes' paths.
+    {
+        let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
+        for mib in 0..span / MIB {
+            client
+                .q()
+                .write(mib * MIB, &pattern(mib, MIB as usize))
+                .unwrap();
+        }
+        client.q().flush().unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let idle = sample(daxd.pid());
+    eprintln!("idle, before the connections: {idle:?}");
+    let started = std::time::Instant::now();
+    let mut connected = Vec::new();
+    let mut after = Vec::new();
+    for n in 0..connections {
+        let client = Client::connect(&daxd.socket, 2, false)
+            .unwrap_or_else(|e| panic!("connection {n}: {}", e.message()));
+        let mut queues = client.queues.into_iter();
+        let (mut q0, mut q1) = (queues.next().unwrap(), queues.next().unwrap());
+        let other = std::thread::spawn(move || {
+            q1.random_io(per_queue, 32, span, 2 * n + 1);
+            q1
+        });
+        q0.random_io(per_queue, 32, span, 2 * n + 2);
+        let q1 = other.join().unwrap();
+        connected.push(sample(daxd.pid()));
+        drop((q0, q1, client.blkio));
+        // The connection's threads end once daxd has seen the disconnect.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let ended = loop {
+            let s = sample(daxd.pid());
+            if s.threads <= idle.threads || std::time::Instant::now() > deadline
+            {
+                break s;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        after.push(ended);
+        if n % 100 == 99 || n + 1 == connections {
+            eprintln!(
+                "after {} connections, {} requests, {:.0?}: connected {:?}, after {:?}",
+                n + 1,
+                (n + 1) * per_queue * 2,
+                started.elapsed(),
+                connected.last().unwrap(),
+                ended
+            );
+        }
+    }
+    let elapsed = started.elapsed();
+    let total = connections * per_queue * 2;
+    eprintln!(
+        "{connections} connections, {total} requests in {elapsed:.0?} ({:.0} per second)",
+        total as f64 / elapsed.as_secs_f64()
+    );
+    // Flat: the last tenth's descriptors and threads no more than the first tenth's
+    // (a connection's teardown ends a moment after the client's, so one sample may catch
+    // one more), and its heap no larger than the first tenth's (after the allocator
+    // settled) plus 1 MiB.
+    let tenth = (connections as usize / 10).max(1);
+    for (when, samples) in [("connected", &connected), ("after", &after)] {
+        let first = &samples[..tenth];
+        let last = &samples[samples.len() - tenth..];
+        let max =
+            |of: &[ProcessSample], f: fn(&ProcessSample) -> u64| of.iter().map(f).max().unwrap();
+        for (what, f, slack) in [
+            (
+                "open descriptors",
+                (|s: &ProcessSample| s.fds as u64) as fn(&ProcessSample) -> u64,
+                0,
+            ),
+            ("threads", |s: &ProcessSample| s.threads as u64, 0),
+            ("heap (KiB)", |s: &ProcessSample| s.rss_anon_kib, 1024),
+        ] {
+            let (early, late) = (max(first, f), max(last, f));
+            eprintln!("{when}: {what}: first tenth at most {early}, last tenth at most {late}");
+            assert!(
+                late <= early + slack,
+                "{when}: daxd's {what} grew from {early} to {late} over {connections} connections"
+            );
+        }
+    }
+    assert!(daxd.terminate().success());
+}

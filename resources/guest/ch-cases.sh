@@ -135,6 +135,54 @@ case_cloud_hypervisor() {
     tail -5 /tmp/backend.log | sed 's/^/BACKEND: /'
 }
 
+# ch_restart_loop BACKEND CLOUD_HYPERVISOR KERNEL INITRAMFS TOOLS RUNS: RUNS inner boots of
+# the restart step, each with the backend SIGKILLed and started again twice while the
+# inner guest writes and reads back (2 s apart), daxd logging at debug level. One line
+# per run (RESULT loop_N ch_exit blocks bad); a run that does not end (cloud-hypervisor
+# stopped by its 180 s timeout: exit 124) or reads back a bad block prints the inner
+# guest's console and the backend's log.
+case_ch_restart_loop() {
+    backend=$1 ch=$2 kernel=$3 initramfs=$4 tools=$5 runs=$6
+    load_kvm || return
+    mount -t tmpfs -o size=256M tmpfs /host/mnt
+    mount -t tmpfs tmpfs /host/run
+    mkdir -p /host/dev/shm
+    mount -t tmpfs tmpfs /host/dev/shm
+    truncate -s 64M /host/mnt/region.img
+    export RUST_LOG=debug
+    ch_backend "$backend" || return
+    run=1
+    while [ "$run" -le "$runs" ]; do
+        : > /tmp/backend.log
+        ch_boot restart > /tmp/ch-restart.console &
+        ch_pid=$!
+        i=0
+        while ! grep -q INNER-RESTART-READY /tmp/ch-restart.out 2> /dev/null && [ "$i" -lt 600 ]; do
+            sleep 0.1
+            i=$((i + 1))
+        done
+        for k in 1 2; do
+            sleep 2
+            echo "LOOP $run: kill $k after $(grep -c INNER-PROGRESS /tmp/ch-restart.out) progress lines"
+            kill -KILL "$backend_pid"
+            wait "$backend_pid" 2> /dev/null
+            sleep 0.5
+            ch_backend "$backend" || return
+        done
+        wait "$ch_pid"
+        ch_exit=$(sed -n 's/^RESULT ch_exit_restart //p' /tmp/ch-restart.console)
+        blocks=$(sed -n 's/^INNER restart: INNER-RESULT restart_blocks //p' /tmp/ch-restart.console)
+        bad=$(sed -n 's/^INNER restart: INNER-RESULT restart_bad //p' /tmp/ch-restart.console)
+        echo "RESULT loop_$run ${ch_exit:-none} ${blocks:-none} ${bad:-none}"
+        if [ "$ch_exit" != 0 ] || [ "$blocks" != 400 ] || [ "$bad" != 0 ]; then
+            sed "s/^/LOOP $run: /" /tmp/ch-restart.console
+            sed "s/^/LOOP $run BACKEND: /" /tmp/backend.log
+        fi
+        run=$((run + 1))
+    done
+    ch_stop_backend loop
+}
+
 # A region laid out as a 32 MiB pmem window at offset 0 and a 64 MiB disk after it.
 # cloud-hypervisor's --pmem maps a file from its first byte (it has no offset option) and
 # serves virtio-pmem itself; it does not put that mapping in a vhost-user backend's memory

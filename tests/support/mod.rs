@@ -251,6 +251,54 @@ impl QueueHandle {
         (order[0], took)
     }
 
+    /// `count` requests of 4 KiB, `depth` at a time, reads and writes alternating at
+    /// random 4 KiB-aligned offsets below `span`; panics on a failed request.
+    pub fn random_io(&mut self, count: u64, depth: usize, span: u64, seed: u64) {
+        assert!(depth <= self.completions.len() && depth * 4096 <= QUEUE_BUF);
+        let mut x = seed | 1;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let base = self.buf(depth * 4096).as_mut_ptr();
+        let mut submit = |q: &mut Blkioq, slot: usize, n: u64| {
+            // SAFETY: slot < depth: the slot's own 4 KiB of this handle's buffer.
+            let buf = unsafe { base.add(slot * 4096) };
+            let offset = next() % (span / 4096) * 4096;
+            if n % 2 == 0 {
+                q.read(offset, buf, 4096, slot, ReqFlags::empty());
+            } else {
+                q.write(offset, buf, 4096, slot, ReqFlags::empty());
+            }
+        };
+        let mut submitted = 0;
+        for slot in 0..depth.min(count as usize) {
+            submit(&mut self.q, slot, submitted);
+            submitted += 1;
+        }
+        let mut completed = 0;
+        while completed < count {
+            let mut timeout = Duration::from_secs(30);
+            let n = self
+                .q
+                .do_io(&mut self.completions[..depth], 1, Some(&mut timeout), None)
+                .expect("do_io");
+            assert!(n >= 1, "no request completed within 30 s");
+            for i in 0..n {
+                // SAFETY: do_io initialised the first `n` completions.
+                let c = unsafe { self.completions[i].assume_init_read() };
+                assert_eq!(c.ret, 0, "request {completed} failed");
+                completed += 1;
+                if submitted < count {
+                    submit(&mut self.q, c.user_data, submitted);
+                    submitted += 1;
+                }
+            }
+        }
+    }
+
     pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, Ret> {
         let buf = self.buf(len).as_mut_ptr();
         self.q.read(offset, buf, len, 0, ReqFlags::empty());
