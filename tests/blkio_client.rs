@@ -857,8 +857,7 @@ fn soak_reconnects_and_requests_leave_daxd_flat() {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let ended = loop {
             let s = sample(daxd.pid());
-            if s.threads <= idle.threads || std::time::Instant::now() > deadline
-            {
+            if s.threads <= idle.threads || std::time::Instant::now() > deadline {
                 break s;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));
