@@ -277,10 +277,19 @@ fn soak_cloud_hypervisor_restart_loop() {
         tools.display(),
     );
     let started = std::time::Instant::now();
+    // QEMU logs why the test guest's CPUs were reset (a triple fault under its emulation
+    // of nested SVM has been seen to end the test guest right after a restart).
+    let mut vm = Vm::diskless();
+    vm.extra = vec![
+        "-d".into(),
+        "cpu_reset,guest_errors".into(),
+        "-D".into(),
+        d.join("qemu-cpu-reset.log").display().to_string(),
+    ];
     let run = boot(
         d,
         "ch-loop",
-        &Vm::diskless(),
+        &vm,
         &script,
         Duration::from_secs(120 + 240 * u64::from(runs)),
         &mut |_, _| {},

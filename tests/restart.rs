@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::frontend::{Connection, GuestMem};
-use crate::support::guest::{boot_until, host_tool, Vm};
+use crate::support::guest::{boot, boot_for_a_verdict, boot_until, host_tool, Vm};
 use crate::support::{test_dir, Backend};
 
 const REGION_SIZE: u64 = 256 << 20;
@@ -267,5 +267,45 @@ fn requests_in_flight_at_a_crash_complete_once_after_the_restart() {
         sector(24),
         [0u8; 512],
         "the published write D was done again"
+    );
+}
+
+/// Which runs without a verdict are run again: a test guest whose QEMU ended by itself
+/// (it reset itself, or vanished) is; one that hung until the runner's timeout is a
+/// failure and is not. "QEMU" here is a shell that exits at once or sleeps past the
+/// timeout.
+#[test]
+#[ignore = "needs the test guest image (ci/build-guest.sh); run by ci/test.sh"]
+fn a_test_guest_that_hangs_fails_and_only_one_that_reset_is_run_again() {
+    let dir = test_dir("daxd-verdict-");
+    let d = dir.path();
+    let fake = |script: &str| {
+        let mut vm = Vm::diskless();
+        vm.qemu = vec!["sh".into(), "-c".into(), script.into(), "fake-qemu".into()];
+        vm
+    };
+    let run = |vm: &Vm, name: &str| {
+        boot(
+            d,
+            name,
+            vm,
+            "true\n",
+            Duration::from_secs(2),
+            &mut |_, _| {},
+        )
+    };
+    let reset = fake("exit 0");
+    let (boot, attempt) = boot_for_a_verdict(|n| run(&reset, &format!("reset-{n}")));
+    assert!(!boot.timed_out && boot.gave_no_verdict());
+    assert_eq!(attempt, 1, "a test guest that reset itself is run again");
+
+    let hung = fake("exec sleep 30");
+    let (boot, attempt) = boot_for_a_verdict(|n| run(&hung, &format!("hung-{n}")));
+    assert!(boot.timed_out && !boot.gave_no_verdict());
+    assert_eq!(attempt, 0, "a test guest that hung is not run again");
+    assert!(
+        boot.console.contains("[runner] QEMU killed after"),
+        "{}",
+        boot.console
     );
 }

@@ -127,14 +127,17 @@ pub struct Boot {
     pub case_output: BTreeMap<String, Vec<String>>,
     pub results: BTreeMap<String, String>,
     pub finished: bool,
+    /// The runner killed QEMU at its timeout: the guest hung.
+    pub timed_out: bool,
 }
 
 impl Boot {
     /// The guest gave no verdict: its script neither finished nor was cut off by the
-    /// runner's power cut. It reset itself, or stopped printing until the runner's
-    /// timeout killed it.
+    /// runner's power cut, and QEMU ended by itself: the test guest reset itself (QEMU
+    /// runs with -no-reboot) or its process vanished. A guest that stopped printing until
+    /// the runner's timeout killed it hung, and that is a verdict: a failure.
     pub fn gave_no_verdict(&self) -> bool {
-        !self.finished && !self.console.contains("\n[runner] power cut\n")
+        !self.finished && !self.timed_out && !self.console.contains("\n[runner] power cut\n")
     }
 
     /// The console's last `n` lines, for a report.
@@ -275,9 +278,9 @@ pub fn sid_qemu(dir: &Path) -> Vec<String> {
 /// session) such a test guest stops while its KVM guest runs. Once it reset itself (no
 /// panic, no message; QEMU exits as for a reboot), once it printed nothing more until the
 /// runner's timeout, with no hung-task report, right after daxd had been restarted under
-/// cloud-hypervisor's guest. The first is QEMU's TCG emulation of nested SVM; the second
-/// is not explained (that, or cloud-hypervisor's reconnection). A failure that anything in
-/// the guest reports ends with a verdict and is not run again.
+/// cloud-hypervisor's guest. Only the first is run again: a reset is QEMU's TCG emulation
+/// of nested SVM giving up. A guest that hangs until the runner's timeout is a failure
+/// (`Boot::timed_out`), as is any failure the guest reports.
 pub fn boot_for_a_verdict(mut attempt: impl FnMut(u32) -> Boot) -> (Boot, u32) {
     let boot = attempt(0);
     if !boot.gave_no_verdict() {
@@ -372,6 +375,7 @@ pub fn boot_until(
     }
     if status.is_none() {
         boot.finished = false;
+        boot.timed_out = true;
         boot.console
             .push_str(&format!("\n[runner] QEMU killed after {timeout:?}\n"));
     }
@@ -593,5 +597,6 @@ pub fn parse_console(console: String, console_log: PathBuf) -> Boot {
         cases,
         case_output,
         finished,
+        timed_out: false,
     }
 }
