@@ -170,9 +170,11 @@ case_ch_restart_loop() {
             ch_backend "$backend" || return
         done
         wait "$ch_pid"
-        ch_exit=$(sed -n 's/^RESULT ch_exit_restart //p' /tmp/ch-restart.console)
-        blocks=$(sed -n 's/^INNER restart: INNER-RESULT restart_blocks //p' /tmp/ch-restart.console)
-        bad=$(sed -n 's/^INNER restart: INNER-RESULT restart_bad //p' /tmp/ch-restart.console)
+        # The inner guest's console lines end in CR LF.
+        tr -d '\r' < /tmp/ch-restart.console > /tmp/ch-restart.lines
+        ch_exit=$(sed -n 's/^RESULT ch_exit_restart //p' /tmp/ch-restart.lines)
+        blocks=$(sed -n 's/^INNER restart: INNER-RESULT restart_blocks //p' /tmp/ch-restart.lines)
+        bad=$(sed -n 's/^INNER restart: INNER-RESULT restart_bad //p' /tmp/ch-restart.lines)
         echo "RESULT loop_$run ${ch_exit:-none} ${blocks:-none} ${bad:-none}"
         if [ "$ch_exit" != 0 ] || [ "$blocks" != 400 ] || [ "$bad" != 0 ]; then
             sed "s/^/LOOP $run: /" /tmp/ch-restart.console
