@@ -909,4 +909,3 @@ fn soak_reconnects_and_requests_leave_daxd_flat() {
     }
     assert!(daxd.terminate().success());
 }
-
