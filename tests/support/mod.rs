@@ -289,7 +289,15 @@ impl QueueHandle {
             for i in 0..n {
                 // SAFETY: do_io initialised the first `n` completions.
                 let c = unsafe { self.completions[i].assume_init_read() };
-                assert_eq!(c.ret, 0, "request {completed} failed");
+                assert_eq!(
+                    c.ret,
+                    0,
+                    "request {completed} failed: slot {} (buffer at {:#x}; this queue's buffers \
+                     start at {:#x})",
+                    c.user_data,
+                    base as usize + c.user_data * 4096,
+                    base as usize
+                );
                 completed += 1;
                 if submitted < count {
                     submit(&mut self.q, c.user_data, submitted);
