@@ -12,7 +12,9 @@ use log::warn;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_ring::{vring_avail, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+};
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
@@ -139,10 +141,16 @@ impl Tracking {
 pub(crate) type Descriptors<'m> = ChainWalk<'m, GuestMemory>;
 
 /// Serves the chains in `resubmit` (heads an earlier backend took from the ring, oldest
-/// first), then every available chain of `vring`, with `handle`, which returns the chain's
-/// used length, or `None` when it completes the chain later itself (a deferred FLUSH).
-/// One lock of the vring per batch; the ring's entries are read and written through
-/// `mem`, not through a fresh load of the vring's memory for each. The driver is notified
+/// first), then every available chain of `vring`, with `handle`, which gets the chain and
+/// the guest memory it lies in and returns the chain's used length, or `None` when it
+/// completes the chain later itself (a deferred FLUSH). One lock of the vring per batch;
+/// the ring's entries are read and written through one load of `memory` per batch, not a
+/// fresh load for each. That load is made after the batch's available index is read: a
+/// frontend adds memory (ADD_MEM_REG, SET_MEM_TABLE) and waits for the backend's reply
+/// before it makes chains available in it, so a table loaded before the index was read
+/// (the worker preempted in between, or polling) could miss the region the chains use,
+/// and they would be refused as outside guest memory (the reconnect soak met it once in
+/// about a thousand connections under load). The driver is notified
 /// (if it asks to be) at the end of each batch that completed something, and with
 /// EVENT_IDX also every [`NOTIFY_EARLY_EVERY`] within one; with EVENT_IDX the ring is
 /// checked again after notifications are re-enabled, so that a chain added in between is
@@ -151,11 +159,11 @@ pub(crate) type Descriptors<'m> = ChainWalk<'m, GuestMemory>;
 /// picked up without a system call on either side.
 pub(crate) fn drain(
     vring: &Vring,
-    mem: &GuestMemory,
+    memory: &GuestMemoryAtomic<GuestMemory>,
     settings: &Settings<'_>,
     tracking: &Tracking,
     resubmit: Vec<u16>,
-    mut handle: impl FnMut(u16, Descriptors<'_>) -> Option<u32>,
+    mut handle: impl FnMut(u16, Descriptors<'_>, &GuestMemory) -> Option<u32>,
 ) -> io::Result<()> {
     let Settings {
         event_idx,
@@ -169,7 +177,9 @@ pub(crate) fn drain(
     let mut completed = false;
     // Work served since the last early notification, see NOTIFY_EARLY_EVERY.
     let mut served = 0u64;
+    let mut guard = memory.memory();
     for head in resubmit {
+        let mem = &*guard;
         let queue = state.get_queue();
         let mut descriptors =
             ChainWalk::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
@@ -177,12 +187,13 @@ pub(crate) fn drain(
             // Released without a status: what the earlier backend took is not a request.
             warn!("cannot read request {head} again after a restart: {e}");
         }
-        if let Some(used) = handle(head, descriptors) {
+        if let Some(used) = handle(head, descriptors, mem) {
             tracking.publish(&mut state, mem, head, used)?;
             completed = true;
         }
     }
     loop {
+        let mem = &*guard;
         if !state.get_queue().ready() {
             // Stopped (GET_VRING_BASE) while this worker polled without the lock: from now
             // on it writes nothing into guest memory, not even the event index.
@@ -204,13 +215,29 @@ pub(crate) fn drain(
             ));
             return Ok(());
         }
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) {
+        // The chains available now, in the memory table as it is now (see above).
+        let avail = state
+            .get_queue()
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(io::Error::other)?;
+        let fresh = memory.memory();
+        if !std::ptr::eq::<GuestMemory>(&*fresh, mem) {
+            drop(state);
+            guard = fresh;
+            state = vring.get_mut();
+            continue;
+        }
+        drop(fresh);
+        while state.get_queue().next_avail() != avail.0 {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             tracking.take(head);
             let queue = state.get_queue();
             let descriptors =
                 ChainWalk::new(mem, GuestAddress(queue.desc_table()), queue.size(), head);
-            if let Some(used) = handle(head, descriptors) {
+            if let Some(used) = handle(head, descriptors, mem) {
                 tracking.publish(&mut state, mem, head, used)?;
                 completed = true;
                 served = served.saturating_add(REQUEST_BYTES + u64::from(used));
@@ -476,11 +503,11 @@ mod notification_tests {
         let mut before = Vec::new();
         drain(
             &vring,
-            &mem.memory(),
+            &mem,
             &settings,
             &Tracking::default(),
             Vec::new(),
-            |_, _| {
+            |_, _, _| {
                 before.push(notified(&call));
                 Some(used)
             },
@@ -532,11 +559,11 @@ mod notification_tests {
             // FLUSH does).
             drain(
                 &vring,
-                &mem.memory(),
+                &mem,
                 &settings,
                 &tracking,
                 Vec::new(),
-                |head, _| (head != 3).then_some(1),
+                |head, _, _| (head != 3).then_some(1),
             )
             .unwrap();
             assert_eq!(
@@ -555,6 +582,76 @@ mod notification_tests {
                 .read_obj::<u16>(GuestAddress(USED + 2))
                 .unwrap();
             assert_eq!(used, 4, "the completions are in the used ring either way");
+        }
+    }
+
+    /// A region the frontend adds while a worker drains, followed by a chain whose buffer
+    /// lies in it: the chain is served with the new memory table, not refused with the
+    /// table the worker loaded when it woke (as it was when one load served the whole
+    /// drain and the batch popped whatever the driver had added meanwhile).
+    #[test]
+    fn a_chain_made_available_after_memory_was_added_is_served_in_it() {
+        const NEW: u64 = 0x20000;
+        for event_idx in [false, true] {
+            let (vring, mem, _call) = ring_with(1, event_idx);
+            let refusals = RefusalLog::new("test");
+            let settings = Settings {
+                event_idx,
+                poll: None,
+                refusals: &refusals,
+            };
+            let mut in_memory = Vec::new();
+            let mut handle = |head: u16, _: Descriptors<'_>, table: &GuestMemory| {
+                let buffer = if head == 1 { NEW } else { 0x8000 };
+                in_memory.push(table.check_range(GuestAddress(buffer), 16));
+                if head == 0 {
+                    // While chain 0 is served: the frontend adds a region (and the handler
+                    // has replied), then the driver makes chain 1 available in it.
+                    let region =
+                        vm_memory::GuestRegionMmap::from_range(GuestAddress(NEW), 0x1000, None)
+                            .unwrap();
+                    let added = mem
+                        .memory()
+                        .insert_region(std::sync::Arc::new(region))
+                        .unwrap();
+                    let ring = mem.memory();
+                    ring.write_obj(Descriptor::new(NEW, 16, 0, 0), GuestAddress(16))
+                        .unwrap();
+                    ring.write_obj(1u16, GuestAddress(AVAIL + 4 + 2)).unwrap();
+                    drop(ring);
+                    mem.lock().unwrap().replace(added);
+                    mem.memory()
+                        .write_obj(2u16, GuestAddress(AVAIL + 2))
+                        .unwrap();
+                }
+                Some(1)
+            };
+            drain(
+                &vring,
+                &mem,
+                &settings,
+                &Tracking::default(),
+                Vec::new(),
+                &mut handle,
+            )
+            .unwrap();
+            if !event_idx {
+                // The driver kicked for chain 1.
+                drain(
+                    &vring,
+                    &mem,
+                    &settings,
+                    &Tracking::default(),
+                    Vec::new(),
+                    &mut handle,
+                )
+                .unwrap();
+            }
+            assert_eq!(
+                in_memory,
+                [true, true],
+                "EVENT_IDX {event_idx}: chain 1's buffer was outside the memory table it was served with"
+            );
         }
     }
 }

@@ -100,7 +100,6 @@ impl VhostUserBlkBackend {
         queue: usize,
         bufs: &mut ChainBuffers,
     ) -> io::Result<()> {
-        let mem = self.mem.memory();
         let limits = self
             .device
             .limits(self.acked_features.load(Ordering::Relaxed));
@@ -116,7 +115,7 @@ impl VhostUserBlkBackend {
             .unwrap_or_default();
         queue::drain(
             vring,
-            &mem,
+            &self.mem,
             &queue::Settings {
                 event_idx: self.event_idx.load(Ordering::Relaxed),
                 poll: self.poll.get(queue),
@@ -124,16 +123,16 @@ impl VhostUserBlkBackend {
             },
             &tracking,
             resubmit,
-            |head, descriptors| match self.device.handle(
+            |head, descriptors, mem| match self.device.handle(
                 queue,
                 descriptors,
-                &*mem,
+                mem,
                 &limits,
                 &guest_windows,
                 bufs,
             ) {
                 Handled::Done(used) => Some(used),
-                handled => self.complete_off_queue(vring, &tracking, head, handled, &mem),
+                handled => self.complete_off_queue(vring, &tracking, head, handled, mem),
             },
         )
     }

@@ -23,7 +23,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Backend, VhostUserFrontendReqHandler};
 use vhost_user_backend::{DaemonThread, VhostUserBackend};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -145,12 +145,11 @@ impl VhostUserPmemBackend {
     }
 
     fn process_queue(&self, vring: &Vring) -> io::Result<()> {
-        let mem = self.mem.memory();
         let mut scratch = self.chain.lock().unwrap_or_else(|e| e.into_inner());
         // FLUSH requests are rare and slow anyway: no polling.
         queue::drain(
             vring,
-            &mem,
+            &self.mem,
             &queue::Settings {
                 event_idx: self.event_idx.load(Ordering::Relaxed),
                 poll: None,
@@ -158,7 +157,7 @@ impl VhostUserPmemBackend {
             },
             &queue::Tracking::default(),
             Vec::new(),
-            |_, chain| Some(self.device.handle(chain, &*mem, &mut scratch)),
+            |_, chain, mem| Some(self.device.handle(chain, mem, &mut scratch)),
         )
     }
 }
