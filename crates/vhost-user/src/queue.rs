@@ -205,7 +205,15 @@ pub(crate) fn drain(
                 .disable_notification(mem)
                 .map_err(io::Error::other)?;
         }
-        if let Some(pending) = impossible_avail(&state, mem)? {
+        // The chains available now, to be read with the memory table as it is now (see
+        // above).
+        let avail = state
+            .get_queue()
+            .avail_idx(mem, Ordering::Acquire)
+            .map_err(io::Error::other)?
+            .0;
+        let pending = avail.wrapping_sub(state.get_queue().next_avail());
+        if pending > state.get_queue().size() {
             // virtio-queue would refuse every pop (logging each time) while the index
             // keeps saying there is work: the queue would spin. Nothing is served from a
             // ring in that state; the next kick or queue start looks again.
@@ -215,11 +223,6 @@ pub(crate) fn drain(
             ));
             return Ok(());
         }
-        // The chains available now, in the memory table as it is now (see above).
-        let avail = state
-            .get_queue()
-            .avail_idx(mem, Ordering::Acquire)
-            .map_err(io::Error::other)?;
         let fresh = memory.memory();
         if !std::ptr::eq::<GuestMemory>(&*fresh, mem) {
             drop(state);
@@ -228,7 +231,7 @@ pub(crate) fn drain(
             continue;
         }
         drop(fresh);
-        while state.get_queue().next_avail() != avail.0 {
+        while state.get_queue().next_avail() != avail {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
                 break;
             };
@@ -316,17 +319,6 @@ fn driver_declines_interrupts(avail_ring: u64, mem: &GuestMemory) -> io::Result<
         .and_then(|s| Ok(s.load::<u16>(0, Ordering::Acquire)?))
         .map_err(io::Error::other)?;
     Ok(u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 != 0)
-}
-
-/// How many chains the available ring claims beyond what was taken, if that is more than
-/// the ring holds (a driver or frontend out of step with the ring).
-fn impossible_avail(state: &VringState, mem: &GuestMemory) -> io::Result<Option<u16>> {
-    let queue = state.get_queue();
-    let avail = queue
-        .avail_idx(mem, Ordering::Acquire)
-        .map_err(io::Error::other)?;
-    let pending = avail.0.wrapping_sub(queue.next_avail());
-    Ok((pending > queue.size()).then_some(pending))
 }
 
 /// Completes a chain that [`drain`] left to its handler, from any thread.
