@@ -68,6 +68,26 @@ region_sha() {
         | sha256sum | cut -d' ' -f1
 }
 
+# ch_setup: kvm_amd loaded, tmpfs for the region (64 MiB, /host/mnt/region.img), the
+# sockets and cloud-hypervisor's shared memory.
+ch_setup() {
+    load_kvm || return 1
+    mount -t tmpfs -o size=256M tmpfs /host/mnt
+    mount -t tmpfs tmpfs /host/run
+    mkdir -p /host/dev/shm
+    mount -t tmpfs tmpfs /host/dev/shm
+    truncate -s 64M /host/mnt/region.img
+}
+
+# ch_wait_restart_ready: waits (up to 60 s) until the inner guest's restart step writes.
+ch_wait_restart_ready() {
+    i=0
+    while ! grep -q INNER-RESTART-READY /tmp/ch-restart.out 2> /dev/null && [ "$i" -lt 600 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+}
+
 # cloud_hypervisor BACKEND CLOUD_HYPERVISOR KERNEL INITRAMFS TOOLS VHOST_USER_BLOCK: the
 # inner guest's steps against BACKEND (daxd's path or qemu-storage-daemon): O_DIRECT
 # patterns and a discard, a second boot on the same backend, fio verify over both queues
@@ -77,12 +97,7 @@ region_sha() {
 # for the guest's DAX next to daxd's disk. TOOLS is the inner guest's tools disk.
 case_cloud_hypervisor() {
     backend=$1 ch=$2 kernel=$3 initramfs=$4 tools=$5 vubd=$6
-    load_kvm || return
-    mount -t tmpfs -o size=256M tmpfs /host/mnt
-    mount -t tmpfs tmpfs /host/run
-    mkdir -p /host/dev/shm
-    mount -t tmpfs tmpfs /host/dev/shm
-    truncate -s 64M /host/mnt/region.img
+    ch_setup || return
     ch_backend "$backend" || return
 
     ch_boot write
@@ -104,11 +119,7 @@ case_cloud_hypervisor() {
     # reconnects to the socket by itself.
     ch_boot restart > /tmp/ch-restart.console &
     ch_pid=$!
-    i=0
-    while ! grep -q INNER-RESTART-READY /tmp/ch-restart.out 2> /dev/null && [ "$i" -lt 600 ]; do
-        sleep 0.1
-        i=$((i + 1))
-    done
+    ch_wait_restart_ready
     sleep 2
     echo "RESULT killed_after $(grep -c INNER-PROGRESS /tmp/ch-restart.out)"
     kill -KILL "$backend_pid"
@@ -143,12 +154,7 @@ case_cloud_hypervisor() {
 # guest's console and the backend's log.
 case_ch_restart_loop() {
     backend=$1 ch=$2 kernel=$3 initramfs=$4 tools=$5 runs=$6
-    load_kvm || return
-    mount -t tmpfs -o size=256M tmpfs /host/mnt
-    mount -t tmpfs tmpfs /host/run
-    mkdir -p /host/dev/shm
-    mount -t tmpfs tmpfs /host/dev/shm
-    truncate -s 64M /host/mnt/region.img
+    ch_setup || return
     export RUST_LOG=debug
     ch_backend "$backend" || return
     run=1
@@ -156,11 +162,7 @@ case_ch_restart_loop() {
         : > /tmp/backend.log
         ch_boot restart > /tmp/ch-restart.console &
         ch_pid=$!
-        i=0
-        while ! grep -q INNER-RESTART-READY /tmp/ch-restart.out 2> /dev/null && [ "$i" -lt 600 ]; do
-            sleep 0.1
-            i=$((i + 1))
-        done
+        ch_wait_restart_ready
         for k in 1 2; do
             sleep 2
             echo "LOOP $run: kill $k after $(grep -c INNER-PROGRESS /tmp/ch-restart.out) progress lines"
