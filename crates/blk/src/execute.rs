@@ -6,6 +6,8 @@
 //! that a pmem window exposes too (dirty marking, layout-busy checks) or guest buffers
 //! that are themselves region pages (pins); neither takes a lock or allocates.
 
+use std::sync::atomic::Ordering;
+
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP};
 use vm_memory::{GuestMemoryBackend, GuestMemoryError};
 
@@ -16,7 +18,6 @@ use daxd_virtio::Stream;
 use crate::request::{ChainBuffers, DiscardList, DiscardSegment, Request, MAX_DISCARD_SEGMENTS};
 use crate::stats::QueueStats;
 use crate::{BlkDevice, GuestWindow};
-use std::sync::atomic::Ordering;
 
 /// Why a well-formed request still failed.
 #[derive(Debug, thiserror::Error)]

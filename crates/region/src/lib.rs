@@ -561,8 +561,8 @@ impl Region {
     }
 
     /// [`Region::flush`] for a disk that wrote `written` bytes since its previous flush:
-    /// first looks at how much those writes dirtied, and turns writes to pwrite(2) where
-    /// that was far more (see [`writeback`]).
+    /// first looks at how much those writes left dirty, which picks the path of the writes
+    /// to come (see [`writeback`]).
     pub fn flush_after_writes(&self, written: u64) -> Result<(), RegionError> {
         if !self.read_only && !self.map_sync {
             self.writeback.before_flush(&self.file, &self.path, written);
