@@ -51,20 +51,29 @@ fn copy_in_image(fs: &SmallFs, size: u64) -> std::path::PathBuf {
     image
 }
 
-/// 4 KiB writes at random 4 KiB-aligned offsets, each followed by a FLUSH (a database's
+/// How each write becomes durable.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Durable {
+    /// The client sends a FLUSH after it.
+    Flush,
+    /// daxd runs with `--sync`: every write is flushed before it completes.
+    Sync,
+}
+
+/// 4 KiB writes at random 4 KiB-aligned offsets, each made durable (a database's
 /// commits), into a copied-in image: the host disk writes about what the client wrote.
-fn flush_heavy_writes_into_a_copied_image(kind: FsKind) {
+fn flush_heavy_writes_into_a_copied_image(kind: FsKind, durable: Durable) {
     const SIZE: u64 = 128 * MIB;
     const WRITES: u64 = 4096;
     let dir = tempfile::tempdir().unwrap();
     let fs = SmallFs::mount(dir.path(), kind, 512 * MIB);
     let image = copy_in_image(&fs, SIZE);
     let control = dir.path().join("control.sock");
-    let daxd = Backend::start_daxd(
-        dir.path(),
-        &image,
-        &["--control-socket", control.to_str().unwrap()],
-    );
+    let mut args = vec!["--control-socket", control.to_str().unwrap()];
+    if durable == Durable::Sync {
+        args.push("--sync");
+    }
+    let daxd = Backend::start_daxd(dir.path(), &image, &args);
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     let mut rng = SmallRng::seed_from_u64(0x3b1c);
     let mut model = std::collections::HashMap::new();
@@ -73,18 +82,20 @@ fn flush_heavy_writes_into_a_copied_image(kind: FsKind) {
         let offset = rng.random_range(0..SIZE / 4096) * 4096;
         let data = pattern(n + 1000, 4096);
         client.q().write(offset, &data).unwrap();
-        client.q().flush().unwrap();
+        if durable == Durable::Flush {
+            client.q().flush().unwrap();
+        }
         model.insert(offset, data);
     }
     let written = device_bytes_written(&image) - before;
     let amplification = written as f64 / (WRITES * 4096) as f64;
     eprintln!(
-        "{kind:?}: {WRITES} writes of 4 KiB, each flushed: the device wrote {written} bytes, \
-         {amplification:.2} per byte written"
+        "{kind:?}, {durable:?}: {WRITES} writes of 4 KiB, each flushed: the device wrote \
+         {written} bytes, {amplification:.2} per byte written"
     );
     assert!(
         amplification <= 1.2,
-        "{kind:?}: the host disk wrote {amplification:.2} bytes per byte the client wrote \
+        "{kind:?}, {durable:?}: the host disk wrote {amplification:.2} bytes per byte the client wrote \
          ({written} bytes for {WRITES} writes of 4 KiB): writes dirty whole large folios"
     );
     // What an operator sees: writes went over to pwrite(2), once.
@@ -96,7 +107,7 @@ fn flush_heavy_writes_into_a_copied_image(kind: FsKind) {
             &inspection["blk"]["write_path_changes"]
         ),
         (&serde_json::json!(true), &serde_json::json!(1)),
-        "{kind:?}"
+        "{kind:?}, {durable:?}"
     );
     drop(client);
     assert!(daxd.terminate().success());
@@ -112,10 +123,15 @@ fn flush_heavy_writes_into_a_copied_image(kind: FsKind) {
 
 #[test]
 fn flush_heavy_writes_into_a_copied_image_on_ext4_write_back_what_they_wrote() {
-    flush_heavy_writes_into_a_copied_image(FsKind::Ext4);
+    flush_heavy_writes_into_a_copied_image(FsKind::Ext4, Durable::Flush);
+}
+
+#[test]
+fn sync_writes_into_a_copied_image_on_ext4_write_back_what_they_wrote() {
+    flush_heavy_writes_into_a_copied_image(FsKind::Ext4, Durable::Sync);
 }
 
 #[test]
 fn flush_heavy_writes_into_a_copied_image_on_xfs_write_back_what_they_wrote() {
-    flush_heavy_writes_into_a_copied_image(FsKind::Xfs);
+    flush_heavy_writes_into_a_copied_image(FsKind::Xfs, Durable::Flush);
 }

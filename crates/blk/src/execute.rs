@@ -95,7 +95,8 @@ impl BlkDevice {
                 self.registry
                     .mark_dirty(FrameRange::covering(start, data.len));
                 if self.config.sync {
-                    region.flush()?;
+                    // Each write is its own flush: it picks the write path as a FLUSH does.
+                    region.flush_after_writes(data.len)?;
                 }
                 Ok(Executed::Done(0))
             }
@@ -160,6 +161,8 @@ impl BlkDevice {
     pub(crate) fn flush_region(&self) -> Result<(), ExecError> {
         let written: u64 = self.stats.iter().map(QueueStats::bytes_written).sum();
         let since = written.saturating_sub(self.written_at_flush.swap(written, Ordering::Relaxed));
+        // Under --sync every write flushed itself and looked at what it left dirty.
+        let since = if self.config.sync { 0 } else { since };
         Ok(self
             .registry
             .flushing(|| self.region.flush_after_writes(since))?)

@@ -530,7 +530,7 @@ impl BlkDevice {
         BlkMetrics {
             version: METRICS_VERSION,
             region_flushes: self.region_flushes.load(Ordering::Relaxed),
-            writes_pwrite: self.region.writes_buffered(),
+            writes_pwrite: self.region.writes_pwrite(),
             write_path_changes: self.region.write_path_changes(),
             queues: self
                 .stats

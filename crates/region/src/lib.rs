@@ -397,7 +397,7 @@ impl Region {
         }
         let dst = self.slice(offset, src.len())?;
         let allocated = self.allocation.covers(offset, src.len() as u64);
-        if allocated && !self.writeback.buffered() {
+        if allocated && !self.writeback.writes_pwrite() {
             src.copy_to_volatile_slice(dst);
             return Ok(());
         }
@@ -572,8 +572,8 @@ impl Region {
 
     /// Whether writes into allocated blocks go through pwrite(2) rather than the mapping
     /// (see [`writeback`]).
-    pub fn writes_buffered(&self) -> bool {
-        self.writeback.buffered()
+    pub fn writes_pwrite(&self) -> bool {
+        self.writeback.writes_pwrite()
     }
 
     /// How often the write path changed (`WritePath::Auto`).
