@@ -6,8 +6,9 @@
 # qemu-storage-daemon, persistent memory with QEMU 10.0 and 11.1, power cuts and restarts,
 # libvirt, and cloud-hypervisor nested in the test guest (built by
 # ci/build-cloud-hypervisor.sh);
-# then QEMU's own vhost-user-blk qtests against daxd (ci/qtest.sh). The fuzz targets run
-# briefly after the unit tests (ci/fuzz.sh).
+# then QEMU's own vhost-user-blk qtests against daxd (ci/qtest.sh). After the unit tests,
+# the vendored crates' patch series is checked and their own tests run (ci/vendor.sh), and
+# the fuzz targets run briefly (ci/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +33,8 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo check --workspace --all-targets --target aarch64-unknown-linux-gnu --quiet
 cargo build --workspace --all-targets
 cargo test --workspace
+# The vendored crates: rebuilt from their releases and patch series, their own tests run.
+ci/vendor.sh
 ci/fuzz.sh
 ci/build-guest.sh >/dev/null
 ci/build-sid-root.sh >/dev/null

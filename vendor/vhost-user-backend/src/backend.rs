@@ -24,8 +24,8 @@ use std::ops::Deref;
 use std::sync::{Arc, Mutex, RwLock};
 
 use vhost::vhost_user::message::{
-    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight, VhostUserProtocolFeatures,
-    VhostUserShMemConfig, VhostUserSharedMsg,
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserInflight,
+    VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserSharedMsg,
 };
 use vhost::vhost_user::Backend;
 use vm_memory::bitmap::Bitmap;
@@ -37,12 +37,12 @@ use vhost::vhost_user::GpuBackend;
 use super::vring::VringT;
 use super::GM;
 
-/// A thread the daemon runs for a backend. (daxd patch.)
+/// A thread the daemon runs for a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DaemonThread {
     /// The thread that handles the frontend's vhost-user messages.
     Handler,
-    /// The vring worker with this thread index (see `queues_per_thread`).
+    /// The vring worker with this thread index (see `queues_per_thread()`).
     Worker(usize),
 }
 
@@ -155,6 +155,49 @@ pub trait VhostUserBackend: Send + Sync {
         Ok(())
     }
 
+    /// Create the area for in-flight I/O tracking (`VHOST_USER_GET_INFLIGHT_FD`).
+    ///
+    /// Only called if the backend offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`. `inflight`
+    /// holds the number of queues and their size; the backend returns the area's file with
+    /// its size and offset in it. The frontend keeps the file and gives it back with
+    /// `set_inflight_fd()` when the backend (or a new one) reconnects.
+    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight I/O tracking",
+        ))
+    }
+
+    /// Take the area for in-flight I/O tracking the frontend kept (`VHOST_USER_SET_INFLIGHT_FD`).
+    ///
+    /// Sent before the vrings start; the backend resubmits what the area shows in flight
+    /// when they do (see `start_vring()`).
+    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight I/O tracking",
+        ))
+    }
+
+    /// Called when a vring starts (it is ready and has its kick eventfd), before its kick is
+    /// watched.
+    ///
+    /// The place to restore the vring's state from in-flight tracking, so that requests the
+    /// previous backend took are served before new ones. An error fails the message that
+    /// started the vring.
+    fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called first thing on each thread the daemon starts for this backend (the message
+    /// handler and each vring worker), before it handles anything the frontend or the guest
+    /// sent.
+    ///
+    /// The place to confine the thread, e.g. with a seccomp filter of its own: the daemon
+    /// starts these threads itself, so without this a backend could only confine them at
+    /// its first callback, after they already ran other code.
+    fn thread_started(&self, _thread: DaemonThread) {}
+
     /// Handle IO events for backend registered file descriptors.
     ///
     /// This function gets called if the backend registered some additional listeners onto specific
@@ -198,37 +241,6 @@ pub trait VhostUserBackend: Send + Sync {
             "back end does not support state transfer",
         ))
     }
-
-    /// Creates the area for in-flight I/O tracking (`VHOST_USER_GET_INFLIGHT_FD`, for
-    /// backends that offer `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`): returns its size and
-    /// offset in the returned file. (daxd patch.)
-    fn get_inflight_fd(&self, _inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "back end does not support in-flight I/O tracking",
-        ))
-    }
-
-    /// Takes the area for in-flight I/O tracking the frontend kept
-    /// (`VHOST_USER_SET_INFLIGHT_FD`). (daxd patch.)
-    fn set_inflight_fd(&self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "back end does not support in-flight I/O tracking",
-        ))
-    }
-
-    /// Called when a vring starts (it is ready and has its kick eventfd), before its kick
-    /// is watched: the place to restore the queue from in-flight tracking. An error fails
-    /// the message that started the vring. (daxd patch.)
-    fn start_vring(&self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
-        Ok(())
-    }
-
-    /// Called first thing on a thread the daemon starts for this backend, before it
-    /// handles anything a frontend or guest sent: the place to confine the thread
-    /// (a seccomp filter of its own). (daxd patch.)
-    fn thread_started(&self, _thread: DaemonThread) {}
 
     fn get_shmem_config(&self) -> Result<VhostUserShMemConfig> {
         Err(std::io::Error::new(
@@ -346,6 +358,52 @@ pub trait VhostUserBackendMut: Send + Sync {
         Ok(())
     }
 
+    /// Create the area for in-flight I/O tracking (`VHOST_USER_GET_INFLIGHT_FD`).
+    ///
+    /// Only called if the backend offers `VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD`. `inflight`
+    /// holds the number of queues and their size; the backend returns the area's file with
+    /// its size and offset in it. The frontend keeps the file and gives it back with
+    /// `set_inflight_fd()` when the backend (or a new one) reconnects.
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight I/O tracking",
+        ))
+    }
+
+    /// Take the area for in-flight I/O tracking the frontend kept (`VHOST_USER_SET_INFLIGHT_FD`).
+    ///
+    /// Sent before the vrings start; the backend resubmits what the area shows in flight
+    /// when they do (see `start_vring()`).
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "back end does not support in-flight I/O tracking",
+        ))
+    }
+
+    /// Called when a vring starts (it is ready and has its kick eventfd), before its kick is
+    /// watched.
+    ///
+    /// The place to restore the vring's state from in-flight tracking, so that requests the
+    /// previous backend took are served before new ones. An error fails the message that
+    /// started the vring.
+    fn start_vring(&mut self, _queue_index: u32, _vring: &Self::Vring) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called first thing on each thread the daemon starts for this backend (the message
+    /// handler and each vring worker), before it handles anything the frontend or the guest
+    /// sent.
+    ///
+    /// The place to confine the thread, e.g. with a seccomp filter of its own: the daemon
+    /// starts these threads itself, so without this a backend could only confine them at
+    /// its first callback, after they already ran other code.
+    fn thread_started(&mut self, _thread: DaemonThread) {}
+
     /// Handle IO events for backend registered file descriptors.
     ///
     /// This function gets called if the backend registered some additional listeners onto specific
@@ -456,6 +514,14 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
         self.deref().queues_per_thread()
     }
 
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.deref().exit_event(thread_index)
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> Result<()> {
+        self.deref().stop_vring(queue_index)
+    }
+
     fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
         self.deref().get_inflight_fd(inflight)
     }
@@ -470,14 +536,6 @@ impl<T: VhostUserBackend> VhostUserBackend for Arc<T> {
 
     fn thread_started(&self, thread: DaemonThread) {
         self.deref().thread_started(thread)
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.deref().exit_event(thread_index)
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> Result<()> {
-        self.deref().stop_vring(queue_index)
     }
 
     fn handle_event(
@@ -575,6 +633,22 @@ impl<T: VhostUserBackendMut> VhostUserBackend for Mutex<T> {
 
     fn stop_vring(&self, queue_index: u32) -> Result<()> {
         self.lock().unwrap().stop_vring(queue_index)
+    }
+
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.lock().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.lock().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.lock().unwrap().start_vring(queue_index, vring)
+    }
+
+    fn thread_started(&self, thread: DaemonThread) {
+        self.lock().unwrap().thread_started(thread)
     }
 
     fn handle_event(
@@ -677,6 +751,22 @@ impl<T: VhostUserBackendMut> VhostUserBackend for RwLock<T> {
         self.write().unwrap().stop_vring(queue_index)
     }
 
+    fn get_inflight_fd(&self, inflight: &VhostUserInflight) -> Result<(VhostUserInflight, File)> {
+        self.write().unwrap().get_inflight_fd(inflight)
+    }
+
+    fn set_inflight_fd(&self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.write().unwrap().set_inflight_fd(inflight, file)
+    }
+
+    fn start_vring(&self, queue_index: u32, vring: &Self::Vring) -> Result<()> {
+        self.write().unwrap().start_vring(queue_index, vring)
+    }
+
+    fn thread_started(&self, thread: DaemonThread) {
+        self.write().unwrap().thread_started(thread)
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -718,22 +808,38 @@ pub mod tests {
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
     use vmm_sys_util::event::{new_event_consumer_and_notifier, EventFlag};
 
-    pub struct MockVhostBackend {
+    // `B`: the guest memory's bitmap (`BitmapMmapRegion` for a backend that logs dirty
+    // pages).
+    pub struct MockVhostBackend<B = ()> {
         events: u64,
         event_idx: bool,
         acked_features: u64,
         exit_event_fds: Vec<(EventConsumer, EventNotifier)>,
         stop_calls: usize,
+        start_calls: Vec<u32>,
+        fail_start: bool,
+        threads_started: Vec<(DaemonThread, Option<String>)>,
+        bitmap: std::marker::PhantomData<fn() -> B>,
     }
 
     impl MockVhostBackend {
         pub fn new() -> Self {
+            Self::with_bitmap()
+        }
+    }
+
+    impl<B: Bitmap + 'static> MockVhostBackend<B> {
+        pub fn with_bitmap() -> Self {
             let mut backend = MockVhostBackend {
                 events: 0,
                 event_idx: false,
                 acked_features: 0,
                 exit_event_fds: vec![],
                 stop_calls: 0,
+                start_calls: vec![],
+                fail_start: false,
+                threads_started: vec![],
+                bitmap: std::marker::PhantomData,
             };
 
             // Create a event_fd for each thread. We make it NONBLOCKing in
@@ -756,11 +862,24 @@ pub mod tests {
         pub fn stop_calls(&self) -> usize {
             self.stop_calls
         }
+
+        pub fn start_calls(&self) -> &[u32] {
+            &self.start_calls
+        }
+
+        pub fn fail_start(&mut self, fail: bool) {
+            self.fail_start = fail;
+        }
+
+        /// Each `thread_started()` call, with the name of the thread it was made on.
+        pub fn threads_started(&self) -> &[(DaemonThread, Option<String>)] {
+            &self.threads_started
+        }
     }
 
-    impl VhostUserBackendMut for MockVhostBackend {
-        type Bitmap = ();
-        type Vring = VringRwLock;
+    impl<B: Bitmap + 'static> VhostUserBackendMut for MockVhostBackend<B> {
+        type Bitmap = B;
+        type Vring = VringRwLock<GuestMemoryAtomic<GuestMemoryMmap<B>>>;
 
         fn num_queues(&self) -> usize {
             2
@@ -807,7 +926,10 @@ pub mod tests {
             Ok(())
         }
 
-        fn update_memory(&mut self, _atomic_mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Result<()> {
+        fn update_memory(
+            &mut self,
+            _atomic_mem: GuestMemoryAtomic<GuestMemoryMmap<B>>,
+        ) -> Result<()> {
             Ok(())
         }
 
@@ -836,11 +958,24 @@ pub mod tests {
             Ok(())
         }
 
+        fn start_vring(&mut self, queue_index: u32, _vring: &Self::Vring) -> Result<()> {
+            if self.fail_start {
+                return Err(std::io::Error::other("cannot restore the vring"));
+            }
+            self.start_calls.push(queue_index);
+            Ok(())
+        }
+
+        fn thread_started(&mut self, thread: DaemonThread) {
+            let name = std::thread::current().name().map(String::from);
+            self.threads_started.push((thread, name));
+        }
+
         fn handle_event(
             &mut self,
             _device_event: u16,
             _evset: EventSet,
-            _vrings: &[VringRwLock],
+            _vrings: &[Self::Vring],
             _thread_id: usize,
         ) -> Result<()> {
             self.events += 1;

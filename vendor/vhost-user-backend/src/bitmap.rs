@@ -24,7 +24,7 @@ pub trait BitmapReplace: Bitmap {
     /// Replace the internal `Bitmap`
     fn replace(&self, bitmap: Self::InnerBitmap);
 
-    /// Stop logging: the frontend turned `VHOST_F_LOG_ALL` off. (daxd patch.)
+    /// Stop logging: the frontend acked features without `VHOST_F_LOG_ALL`.
     fn clear(&self) {}
 }
 
@@ -179,7 +179,7 @@ impl AtomicBitmapMmap {
     // Sets the memory range as dirty. The `offset` is relative to the memory region,
     // so an offset of `0` references the start of the memory region. Any attempt to
     // access beyond the end of the bitmap are simply ignored.
-    // Public so that a backend can keep its own `Bitmap` around it. (daxd patch.)
+    // Public so that a backend can keep its own `Bitmap` around the log.
     pub fn mark_dirty(&self, offset: usize, len: usize) {
         if len == 0 {
             return;
@@ -410,6 +410,29 @@ mod tests {
         bitmap.replace(log);
 
         test_all(&bitmap, region_len);
+    }
+
+    #[test]
+    #[cfg(not(miri))] // Miri cannot mmap files
+    fn test_bitmap_cleared_stops_logging() {
+        // A log memory area able to track 32 pages, and a 32-page guest memory region
+        let f = tmp_file(4);
+        let region: GuestRegionMmap<()> =
+            GuestRegionMmap::from_range(GuestAddress(0), LOG_PAGE_SIZE * 32, None).unwrap();
+        let logmem = Arc::new(MmapLogReg::from_file(f.as_fd(), 0, 4).unwrap());
+        let log = AtomicBitmapMmap::new(&region, logmem.clone()).unwrap();
+        let bitmap = BitmapMmapRegion::default();
+        bitmap.replace(log);
+
+        bitmap.mark_dirty(0, LOG_PAGE_SIZE);
+        bitmap.clear();
+        bitmap.mark_dirty(LOG_PAGE_SIZE * 2, LOG_PAGE_SIZE);
+
+        // The log itself has the first page only, and the region no longer reports any.
+        let log = AtomicBitmapMmap::new(&region, logmem).unwrap();
+        assert!(log.dirty_at(0));
+        assert!((1..32).all(|page| !log.dirty_at(page * LOG_PAGE_SIZE)));
+        assert!(!bitmap.dirty_at(0));
     }
 
     #[test]

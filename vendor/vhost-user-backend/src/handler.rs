@@ -79,9 +79,9 @@ impl std::fmt::Display for VhostUserHandlerError {
 
 impl error::Error for VhostUserHandlerError {}
 
-/// daxd patch: a memory region that claims more bytes than its (regular or memfd) file
-/// holds would map fine and then kill the process with SIGBUS at the first access past
-/// the end of the file; such a region is refused when it arrives.
+/// Refuses a memory region that claims more bytes than its regular (or memfd) file
+/// holds: it would map fine and then kill the process with SIGBUS at the first access
+/// past the end of the file.
 fn check_backing(file: &File, offset: u64, size: u64) -> VhostUserResult<()> {
     let meta = file.metadata().map_err(VhostUserError::ReqHandlerError)?;
     if meta.file_type().is_file()
@@ -131,7 +131,7 @@ pub struct VhostUserHandler<T: VhostUserBackend> {
     pending_mem: Option<GuestMemoryMmap<T::Bitmap>>,
     worker_threads: Vec<thread::JoinHandle<VringEpollResult<()>>>,
     // The dirty log the frontend gave (`SET_LOG_BASE`), kept so that memory mapped later
-    // (a new table, an added region) is logged too. (daxd patch.)
+    // (a new table, an added region) is logged too.
     log: Option<Arc<MmapLogReg>>,
 }
 
@@ -142,7 +142,6 @@ where
     T::Vring: Clone + Send + Sync + 'static,
     T::Bitmap: Clone + Send + Sync + 'static,
 {
-    /// The backend, for the daemon's threads. (daxd patch.)
     pub(crate) fn backend(&self) -> &T {
         &self.backend
     }
@@ -280,8 +279,7 @@ where
 
     fn initialize_vring(&self, vring: &T::Vring, index: u8) -> VhostUserResult<()> {
         vring.set_queue_ready(true);
-        // daxd patch: the backend sets up the queue (in-flight recovery) before kicks are
-        // watched.
+        // The backend restores the vring (in-flight I/O tracking) before kicks are watched.
         self.backend
             .start_vring(u32::from(index), vring)
             .map_err(VhostUserError::ReqHandlerError)?;
@@ -381,7 +379,7 @@ where
         self.features_acked = true;
 
         // The frontend ends logging by acking features without LOG_ALL (after a migration,
-        // or one that failed): from then on nothing is marked. (daxd patch.)
+        // or one that failed): from then on nothing is marked.
         if features & VhostUserVirtioFeatures::LOG_ALL.bits() == 0 && self.log.take().is_some() {
             for region in self.atomic_mem.memory().iter() {
                 (**region).bitmap().clear();
@@ -464,7 +462,7 @@ where
             return Ok(Some(bases));
         }
 
-        // Logged from its first write, if a log is on. (daxd patch.)
+        // Logged from its first write, if a log is on.
         self.attach_log(&mem)?;
 
         // Updating the inner GuestMemory object here will cause all our vrings to
@@ -608,8 +606,9 @@ where
             .ok_or(VhostUserError::InvalidParam)?;
 
         vring.set_call(file);
-        // daxd patch: one interrupt for a new call eventfd, as libvhost-user sends: a driver
-        // may have missed a completion while the backend was away (reconnect).
+        // One interrupt for a new call eventfd, as libvhost-user sends: the driver may have
+        // missed a completion while the backend was away (a reconnect), and it would wait
+        // for it forever.
         if let Err(e) = vring.signal_used_queue() {
             log::warn!("cannot signal vring {index} once at SET_VRING_CALL: {e}");
         }
@@ -718,7 +717,7 @@ where
         &mut self,
         inflight: &vhost::vhost_user::message::VhostUserInflight,
     ) -> VhostUserResult<(vhost::vhost_user::message::VhostUserInflight, File)> {
-        // daxd patch: the backend creates the area (it offers the feature only if it can).
+        // The backend offers the feature only if it implements this.
         self.backend
             .get_inflight_fd(inflight)
             .map_err(VhostUserError::ReqHandlerError)
@@ -729,7 +728,6 @@ where
         inflight: &vhost::vhost_user::message::VhostUserInflight,
         file: File,
     ) -> VhostUserResult<()> {
-        // daxd patch: the backend maps the area and recovers from it when queues start.
         self.backend
             .set_inflight_fd(inflight, file)
             .map_err(VhostUserError::ReqHandlerError)
@@ -788,7 +786,7 @@ where
             .insert_region(guest_region)
             .map_err(|e| VhostUserError::ReqHandlerError(io::Error::other(e)))?;
 
-        // Logged from its first write, if a log is on. (daxd patch.)
+        // Logged from its first write, if a log is on.
         self.attach_log(&mem)?;
 
         self.atomic_mem.lock().unwrap().replace(mem);
@@ -949,8 +947,8 @@ where
     // See https://qemu-project.gitlab.io/qemu/interop/vhost-user.html#migration.
     // Logging ends with a `SET_FEATURES` without `LOG_ALL` (see `set_features`).
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostUserResult<()> {
-        // A log smaller than it claims would end the process with SIGBUS at the first
-        // mark past the file's end. (daxd patch.)
+        // A log smaller than it claims would end the process with SIGBUS at the first mark
+        // past the file's end.
         check_backing(&file, log.mmap_offset, log.mmap_size)?;
         let logmem = Arc::new(
             MmapLogReg::from_file(file.as_fd(), log.mmap_offset, log.mmap_size)
@@ -971,7 +969,6 @@ where
     T::Bitmap: BitmapReplace,
 {
     // Points every region of `mem` at the dirty log, if there is one; all regions or none.
-    // (daxd patch.)
     fn attach_log(&self, mem: &GuestMemoryMmap<T::Bitmap>) -> VhostUserResult<()> {
         let Some(logmem) = &self.log else {
             return Ok(());
@@ -1098,6 +1095,93 @@ mod tests {
             events >= 1,
             "Backend SHOULD have been kicked after enabling"
         );
+    }
+
+    #[test]
+    fn test_start_vring_called_when_vring_starts() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+        let mut handler = VhostUserHandler::new(backend.clone(), mem).unwrap();
+        let kick = || {
+            let (consumer, _) = new_event_consumer_and_notifier(EventFlag::empty()).unwrap();
+            // Safety: we own the consumer's fd.
+            Some(unsafe { File::from_raw_fd(consumer.into_raw_fd()) })
+        };
+
+        // A vring starts once it has its kick, and only once.
+        handler.set_vring_kick(1, kick()).unwrap();
+        assert_eq!(backend.lock().unwrap().start_calls(), &[1]);
+        handler.set_vring_call(1, kick()).unwrap();
+        assert_eq!(backend.lock().unwrap().start_calls(), &[1]);
+
+        // A backend that cannot start the vring fails the message.
+        backend.lock().unwrap().fail_start(true);
+        handler.set_vring_kick(0, kick()).unwrap_err();
+        assert_eq!(backend.lock().unwrap().start_calls(), &[1]);
+    }
+
+    #[test]
+    fn test_new_call_eventfd_signalled_once() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+        let mut handler = VhostUserHandler::new(backend, mem).unwrap();
+        let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // Safety: the duplicate is ours to own.
+        let file = unsafe { File::from_raw_fd(call.try_clone().unwrap().into_raw_fd()) };
+
+        handler.set_vring_call(0, Some(file)).unwrap();
+
+        assert_eq!(call.read().unwrap(), 1);
+        // Once: nothing else was completed.
+        assert!(call.read().is_err());
+    }
+
+    #[test]
+    fn test_dirty_log_covers_memory_added_later_and_ends_without_log_all() {
+        use crate::bitmap::BitmapMmapRegion;
+        use std::os::unix::fs::FileExt;
+        use vhost::vhost_user::message::{VhostUserLog, VhostUserSingleMemoryRegion};
+        use vm_memory::{Bytes, GuestAddressSpace};
+
+        let file = |len: u64| {
+            let file = tempfile::tempfile().unwrap();
+            file.set_len(len).unwrap();
+            file
+        };
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<BitmapMmapRegion>::new());
+        let backend = Arc::new(Mutex::new(
+            MockVhostBackend::<BitmapMmapRegion>::with_bitmap(),
+        ));
+        let mut handler = VhostUserHandler::new(backend, mem.clone()).unwrap();
+        let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+        let page = 0x1000;
+
+        // A log shorter than it claims is refused.
+        let log = VhostUserLog::new(8, 0);
+        handler.set_log_base(&log, file(4)).unwrap_err();
+
+        // The frontend starts logging before any memory is mapped, as after a reconnect.
+        handler.set_features(log_all).unwrap();
+        let log_file = file(8);
+        handler
+            .set_log_base(&log, log_file.try_clone().unwrap())
+            .unwrap();
+        let region = VhostUserSingleMemoryRegion::new(0, 16 * page, 0x7000_0000, 0);
+        handler.add_mem_region(&region, file(16 * page), None).unwrap();
+        mem.memory().write_obj(1u8, GuestAddress(2 * page)).unwrap();
+        let mut bits = [0u8; 1];
+        log_file.read_exact_at(&mut bits, 0).unwrap();
+        assert_eq!(bits[0], 1 << 2, "a write to page 2 of memory added while logging");
+
+        // Acking features without LOG_ALL ends logging.
+        handler.set_features(0).unwrap();
+        mem.memory().write_obj(1u8, GuestAddress(5 * page)).unwrap();
+        log_file.read_exact_at(&mut bits, 0).unwrap();
+        assert_eq!(bits[0], 1 << 2, "nothing logged after LOG_ALL was turned off");
     }
 
     // These tests need access to `/dev/userfaultfd`.

@@ -340,6 +340,42 @@ mod tests {
     use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
     #[test]
+    fn test_thread_started_on_each_daemon_thread() {
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),
+        );
+        let backend = Arc::new(Mutex::new(MockVhostBackend::new()));
+        let mut daemon = VhostUserDaemon::new("test".to_owned(), backend.clone(), mem).unwrap();
+        let tmpdir = tempfile::tempdir().unwrap();
+        let path = tmpdir.path().join("socket");
+        let mut listener = Listener::new(&path, false).unwrap();
+        let frontend = UnixStream::connect(&path).unwrap();
+        daemon.start(&mut listener).unwrap();
+        drop(frontend);
+        daemon.wait().unwrap_err();
+
+        // Each thread announced itself, from itself: the handler once it was started, the
+        // two workers (one queue each) when the daemon was made (they may take a while).
+        for _ in 0..500 {
+            if backend.lock().unwrap().threads_started().len() >= 3 {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let mut started = backend.lock().unwrap().threads_started().to_vec();
+        started.sort_by_key(|(thread, _)| format!("{thread:?}"));
+        let worker = Some("vring_worker".to_owned());
+        assert_eq!(
+            started,
+            [
+                (DaemonThread::Handler, Some("test".to_owned())),
+                (DaemonThread::Worker(0), worker.clone()),
+                (DaemonThread::Worker(1), worker),
+            ]
+        );
+    }
+
+    #[test]
     fn test_new_daemon() {
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x100000), 0x10000)]).unwrap(),

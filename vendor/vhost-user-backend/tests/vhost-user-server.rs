@@ -28,6 +28,8 @@ struct MockVhostBackend {
     events: u64,
     event_idx: bool,
     acked_features: u64,
+    // The in-flight area the frontend gave back, and its file's size.
+    inflight: Option<(VhostUserInflight, u64)>,
 }
 
 impl MockVhostBackend {
@@ -38,6 +40,7 @@ impl MockVhostBackend {
             events: 0,
             event_idx: false,
             acked_features: 0,
+            inflight: None,
         }
     }
 }
@@ -107,6 +110,27 @@ impl VhostUserBackendMut for MockVhostBackend {
 
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![1, 1]
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        inflight: &VhostUserInflight,
+    ) -> Result<(VhostUserInflight, File)> {
+        // A header of 16 bytes, then a 16-byte entry per descriptor.
+        let size = u64::from(inflight.num_queues) * (16 + 16 * u64::from(inflight.queue_size));
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        let area = VhostUserInflight {
+            mmap_size: size,
+            mmap_offset: 0,
+            ..*inflight
+        };
+        Ok((area, file))
+    }
+
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> Result<()> {
+        self.inflight = Some((*inflight, file.metadata()?.len()));
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -293,35 +317,99 @@ fn test_vhost_user_enable() {
 }
 
 fn vhost_user_set_inflight(path: &Path, barrier: Arc<Barrier>) {
-    let mut frontend = setup_frontend(path, barrier);
-    let eventfd = EventFd::new(0).unwrap();
-    // No implementation for inflight_fd yet.
+    let mut frontend = setup_frontend(path, barrier.clone());
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(0x2000).unwrap();
     let inflight = VhostUserInflight {
-        mmap_size: 0x100000,
+        mmap_size: 0x2000,
         mmap_offset: 0,
-        num_queues: 1,
+        num_queues: 2,
         queue_size: 256,
     };
-    frontend
-        .set_inflight_fd(&inflight, eventfd.as_raw_fd())
-        .unwrap_err();
+    let result = frontend.set_inflight_fd(&inflight, file.as_raw_fd());
+    // Let the server look at what the back-end got.
+    barrier.wait();
+    barrier.wait();
+    result.unwrap();
 }
 
 #[test]
 fn test_vhost_user_set_inflight() {
-    vhost_user_server(vhost_user_set_inflight);
+    vhost_user_server_with_fn(vhost_user_set_inflight, |backend, barrier| {
+        barrier.wait();
+        let got = backend.lock().unwrap().inflight;
+        barrier.wait();
+        let (inflight, file_size) = got.expect("no in-flight area");
+        assert_eq!(
+            (inflight.mmap_size, inflight.num_queues, inflight.queue_size),
+            (0x2000, 2, 256)
+        );
+        assert_eq!(file_size, 0x2000);
+    });
 }
 
 fn vhost_user_get_inflight(path: &Path, barrier: Arc<Barrier>) {
     let mut frontend = setup_frontend(path, barrier);
-    // No implementation for inflight_fd yet.
     let inflight = VhostUserInflight {
-        mmap_size: 0x100000,
+        mmap_size: 0,
         mmap_offset: 0,
-        num_queues: 1,
+        num_queues: 2,
         queue_size: 256,
     };
-    assert!(frontend.get_inflight_fd(&inflight).is_err());
+    // The back-end's area, in the file it sent.
+    let (area, file) = frontend.get_inflight_fd(&inflight).unwrap();
+    assert_eq!(area.mmap_size, 2 * (16 + 16 * 256));
+    assert_eq!(file.metadata().unwrap().len(), area.mmap_size);
+}
+
+#[test]
+fn test_vhost_user_get_inflight() {
+    vhost_user_server(vhost_user_get_inflight);
+}
+
+fn short_memfd() -> File {
+    let memfd = nix::sys::memfd::memfd_create("test", nix::sys::memfd::MFdFlags::empty()).unwrap();
+    let file = File::from(memfd);
+    file.set_len(0x100000).unwrap();
+    file
+}
+
+// A region that reaches past the end of its file is refused: mapped, its first access
+// past the end would end the back-end with SIGBUS.
+fn vhost_user_mem_table_past_file_end(path: &Path, barrier: Arc<Barrier>) {
+    let frontend = setup_frontend(path, barrier);
+    let file = short_memfd();
+    let region =
+        VhostUserMemoryRegionInfo::new(0x100000, 0x100000, 0x7000_0000, 0x1000, file.as_raw_fd());
+    frontend.set_mem_table(&[region]).unwrap_err();
+}
+
+fn vhost_user_add_mem_region_past_file_end(path: &Path, barrier: Arc<Barrier>) {
+    let mut frontend = setup_frontend(path, barrier);
+    let file = short_memfd();
+    let region =
+        VhostUserMemoryRegionInfo::new(0x100000, 0x200000, 0x7000_0000, 0, file.as_raw_fd());
+    frontend.add_mem_region(&region).unwrap_err();
+}
+
+fn vhost_user_mem_table_wrapping_offset(path: &Path, barrier: Arc<Barrier>) {
+    let frontend = setup_frontend(path, barrier);
+    let file = short_memfd();
+    let region = VhostUserMemoryRegionInfo::new(
+        0x100000,
+        0x100000,
+        0x7000_0000,
+        u64::MAX - 0xfff,
+        file.as_raw_fd(),
+    );
+    frontend.set_mem_table(&[region]).unwrap_err();
+}
+
+#[test]
+fn test_vhost_user_memory_past_file_end() {
+    vhost_user_server(vhost_user_mem_table_past_file_end);
+    vhost_user_server(vhost_user_add_mem_region_past_file_end);
+    vhost_user_server(vhost_user_mem_table_wrapping_offset);
 }
 
 #[test]
@@ -339,11 +427,6 @@ fn vhost_user_get_shared_object(path: &Path, barrier: Arc<Barrier>) {
             uuid: Uuid::new_v4(),
         })
         .unwrap();
-}
-
-#[test]
-fn test_vhost_user_get_inflight() {
-    vhost_user_server(vhost_user_get_inflight);
 }
 
 #[cfg(feature = "postcopy")]

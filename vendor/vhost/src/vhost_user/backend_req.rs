@@ -308,6 +308,37 @@ mod tests {
     }
 
     #[test]
+    fn test_config_change() {
+        let (mut frontend, backend) = frontend_backend_pair();
+
+        // A header without payload; without REPLY_ACK nothing is awaited.
+        backend.handle_config_change().unwrap();
+        let (hdr, fds) = frontend.recv_header().unwrap();
+        assert_eq!(hdr.get_code().unwrap(), BackendReq::CONFIG_CHANGE_MSG);
+        assert_eq!(hdr.get_size(), 0);
+        assert!(!hdr.is_need_reply());
+        assert!(fds.is_none());
+
+        // With REPLY_ACK the frontend's reply is awaited, and a failure is reported.
+        backend.set_reply_ack_flag(true);
+        let reply = VhostUserMsgHeader::new(
+            BackendReq::CONFIG_CHANGE_MSG,
+            VhostUserHeaderFlag::REPLY.bits(),
+            mem::size_of::<VhostUserU64>() as u32,
+        );
+        frontend
+            .send_message(&reply, &VhostUserU64::new(0), None)
+            .unwrap();
+        backend.handle_config_change().unwrap();
+        let (hdr, _) = frontend.recv_header().unwrap();
+        assert!(hdr.is_need_reply());
+        frontend
+            .send_message(&reply, &VhostUserU64::new(1), None)
+            .unwrap();
+        backend.handle_config_change().unwrap_err();
+    }
+
+    #[test]
     fn test_shmem_map() {
         let (mut frontend, backend) = frontend_backend_pair();
 
