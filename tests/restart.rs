@@ -276,7 +276,7 @@ fn requests_in_flight_at_a_crash_complete_once_after_the_restart() {
 /// timeout.
 #[test]
 #[ignore = "needs the test guest image (ci/build-guest.sh); run by ci/test.sh"]
-fn a_test_guest_that_hangs_fails_and_only_one_that_reset_is_run_again() {
+fn a_test_guest_that_hangs_fails_and_only_one_that_reset_or_halted_is_run_again() {
     let dir = test_dir("daxd-verdict-");
     let d = dir.path();
     let fake = |script: &str| {
@@ -299,13 +299,24 @@ fn a_test_guest_that_hangs_fails_and_only_one_that_reset_is_run_again() {
     assert!(!boot.timed_out && boot.gave_no_verdict());
     assert_eq!(attempt, 1, "a test guest that reset itself is run again");
 
-    let hung = fake("exec sleep 30");
+    // Still running, printing nothing: a hang.
+    let hung = fake("while :; do :; done");
     let (boot, attempt) = boot_for_a_verdict(|n| run(&hung, &format!("hung-{n}")));
-    assert!(boot.timed_out && !boot.gave_no_verdict());
+    assert!(boot.timed_out && !boot.halted && !boot.gave_no_verdict());
     assert_eq!(attempt, 0, "a test guest that hung is not run again");
     assert!(
         boot.console.contains("[runner] QEMU killed after"),
         "{}",
         boot.console
     );
+
+    // Using no CPU at all: its CPUs halted for good.
+    let halted = fake("exec sleep 60");
+    let (boot, attempt) = boot_for_a_verdict(|n| run(&halted, &format!("halted-{n}")));
+    assert!(boot.timed_out && boot.halted && boot.gave_no_verdict());
+    assert_eq!(
+        attempt, 1,
+        "a test guest whose CPUs all halted is run again"
+    );
+    assert!(boot.console.contains("every vCPU"), "{}", boot.console);
 }

@@ -129,15 +129,48 @@ pub struct Boot {
     pub finished: bool,
     /// The runner killed QEMU at its timeout: the guest hung.
     pub timed_out: bool,
+    /// At the timeout QEMU used no CPU time (see [`QEMU_IDLE_SAMPLE`]): every vCPU of the
+    /// test guest halted and no interrupt, not even its own timers, woke one.
+    pub halted: bool,
+}
+
+/// How long a QEMU that reached the runner's timeout is watched for CPU time before it is
+/// killed. A test guest that is merely waiting (on a hung backend, say) still runs its
+/// timers, its watchdogs and the `timeout`s of its scripts, and under TCG that costs QEMU
+/// CPU time every second; one whose vCPUs all halted for good uses none.
+pub const QEMU_IDLE_SAMPLE: Duration = Duration::from_secs(5);
+
+/// CPU time (user and system, all threads) `pid` has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5); this slice starts at field 3.
+    let ticks = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(ticks(14)? + ticks(15)?)
+}
+
+/// Whether `pid` used no CPU time over [`QEMU_IDLE_SAMPLE`] (at most one tick, 10 ms at
+/// the usual 100 Hz, for rounding).
+fn idle_for_a_sample(pid: u32) -> bool {
+    let Some(before) = cpu_ticks(pid) else {
+        return false;
+    };
+    std::thread::sleep(QEMU_IDLE_SAMPLE);
+    cpu_ticks(pid).is_some_and(|after| after.saturating_sub(before) <= 1)
 }
 
 impl Boot {
     /// The guest gave no verdict: its script neither finished nor was cut off by the
-    /// runner's power cut, and QEMU ended by itself: the test guest reset itself (QEMU
-    /// runs with -no-reboot) or its process vanished. A guest that stopped printing until
-    /// the runner's timeout killed it hung, and that is a verdict: a failure.
+    /// runner's power cut, and either QEMU ended by itself (the test guest reset itself,
+    /// QEMU runs with -no-reboot, or its process vanished) or at the runner's timeout QEMU
+    /// was idle with every vCPU halted ([`Boot::halted`]). A guest that stopped printing
+    /// until the runner's timeout while QEMU still ran it hung, and that is a verdict: a
+    /// failure.
     pub fn gave_no_verdict(&self) -> bool {
-        !self.finished && !self.timed_out && !self.console.contains("\n[runner] power cut\n")
+        !self.finished
+            && (!self.timed_out || self.halted)
+            && !self.console.contains("\n[runner] power cut\n")
     }
 
     /// The console's last `n` lines, for a report.
@@ -275,12 +308,13 @@ pub fn sid_qemu(dir: &Path) -> Vec<String> {
 /// Runs `attempt(0)` and, if that boot gave no verdict, reports it with the end of its
 /// console and runs `attempt(1)`; returns the boot and its attempt number. For test guests
 /// that run KVM guests of their own: now and then (2 of 13 cloud-hypervisor runs in one
-/// session) such a test guest stops while its KVM guest runs. Once it reset itself (no
-/// panic, no message; QEMU exits as for a reboot), once it printed nothing more until the
-/// runner's timeout, with no hung-task report, right after daxd had been restarted under
-/// cloud-hypervisor's guest. Only the first is run again: a reset is QEMU's TCG emulation
-/// of nested SVM giving up. A guest that hangs until the runner's timeout is a failure
-/// (`Boot::timed_out`), as is any failure the guest reports.
+/// session) such a test guest stops while its KVM guest runs, in one of two ways, both
+/// QEMU's TCG emulation of nested SVM giving up: it resets itself (no panic, no message;
+/// QEMU exits as for a reboot), or every one of its vCPUs halts and no interrupt wakes
+/// one again (QEMU idle, its vCPU threads asleep, nothing printed; seen in the
+/// cloud-hypervisor restart loop). Those two are run again. A guest that hangs until the
+/// runner's timeout while QEMU still runs it is a failure (`Boot::timed_out`), as is any
+/// failure the guest reports.
 pub fn boot_for_a_verdict(mut attempt: impl FnMut(u32) -> Boot) -> (Boot, u32) {
     let boot = attempt(0);
     if !boot.gave_no_verdict() {
@@ -334,6 +368,7 @@ pub fn boot_until(
     let deadline = Instant::now() + timeout;
     let mut answered = 0;
     let mut was_cut = false;
+    let mut halted = false;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break Some(status);
@@ -358,7 +393,9 @@ pub fn boot_until(
         }
         if Instant::now() > deadline {
             // The guest is stuck: end QEMU; the report below says the script never
-            // finished, whatever kill and wait return.
+            // finished, whatever kill and wait return. First see whether it stopped
+            // because the emulated CPUs did (see `Boot::halted`).
+            halted = idle_for_a_sample(child.id());
             child.kill().ok();
             child.wait().ok();
             break None;
@@ -376,8 +413,15 @@ pub fn boot_until(
     if status.is_none() {
         boot.finished = false;
         boot.timed_out = true;
+        boot.halted = halted;
         boot.console
             .push_str(&format!("\n[runner] QEMU killed after {timeout:?}\n"));
+        if halted {
+            boot.console.push_str(&format!(
+                "[runner] QEMU had used no CPU time for {QEMU_IDLE_SAMPLE:?}: every vCPU of \
+                 the test guest halted with no interrupt to wake it\n"
+            ));
+        }
     }
     if status.is_some_and(|s| !s.success()) || !boot.finished {
         boot.console.push_str(&format!(
@@ -598,5 +642,6 @@ pub fn parse_console(console: String, console_log: PathBuf) -> Boot {
         case_output,
         finished,
         timed_out: false,
+        halted: false,
     }
 }
