@@ -55,7 +55,7 @@ pub(crate) enum Executed {
 impl BlkDevice {
     /// Executes `request`, whose chain is in `bufs`.
     // Inlined into both callers: out of line, the call costs about 55 instructions a
-    // request (callgrind, cargo bench -p daxd-blk), 1 % of the whole request path.
+    // request (callgrind, the hot-path bench), 1 % of the whole request path.
     #[inline(always)]
     pub(crate) fn execute<M: GuestMemoryBackend>(
         &self,

@@ -12,8 +12,8 @@
 //! vhost-user-backend's own `BitmapMmapRegion` does the same with an `Arc` clone for every
 //! slice and a lock for every mark; here a slice ([`DirtyLogSlice`]) borrows the region's
 //! bitmap, and a mark with no log attached is one relaxed load inlined into the copy, so
-//! that the request path costs what it did without logging: `cargo bench -p daxd-blk`
-//! measures both kinds of memory (under callgrind, 0.7 % more instructions with this
+//! that the request path costs what it did without logging (the hot-path bench, when it
+//! could still run on plain memory: under callgrind, 0.7 % more instructions with this
 //! bitmap than with none; with vm-memory's generic `RefSlice` and an out-of-line mark it
 //! was 2.4 %).
 

@@ -7,7 +7,7 @@ mod config_notifier;
 pub mod dirty_log;
 mod flusher;
 pub mod inflight;
-mod queue;
+pub mod queue;
 mod server;
 pub mod vhu_blk;
 pub mod vhu_pmem;

@@ -1,4 +1,5 @@
-//! Draining a virtqueue, shared by every device's backend.
+//! Draining a virtqueue, shared by every device's backend. Public for the hot-path bench
+//! (`benches/hot_path.rs`), which serves requests through [`drain`] as a queue worker does.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +25,7 @@ use crate::inflight::InflightArea;
 
 /// How a device's queues are drained.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Settings<'a> {
+pub struct Settings<'a> {
     /// VIRTIO_RING_F_EVENT_IDX was negotiated.
     pub event_idx: bool,
     /// How long an empty queue is polled before notifications are re-enabled (none: not
@@ -40,7 +41,7 @@ pub(crate) struct Settings<'a> {
 /// all). A busy queue then never sleeps, an idle one costs one window after its last
 /// request and nothing after.
 #[derive(Debug)]
-pub(crate) struct AdaptivePoll {
+pub struct AdaptivePoll {
     max_ns: u64,
     window_ns: AtomicU64,
     /// When the worker last went to sleep, in ns since `epoch` (0: not since the start).
@@ -102,7 +103,7 @@ impl AdaptivePoll {
 /// Where a queue's requests are tracked for a successor after a crash (in-flight I/O
 /// tracking), if the frontend gave an area.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Tracking {
+pub struct Tracking {
     pub area: Option<Arc<InflightArea>>,
     pub queue: usize,
 }
@@ -138,7 +139,7 @@ impl Tracking {
 }
 
 /// A chain's descriptors, as the devices read them.
-pub(crate) type Descriptors<'m> = ChainWalk<'m, GuestMemory>;
+pub type Descriptors<'m> = ChainWalk<'m, GuestMemory>;
 
 /// Serves the chains in `resubmit` (heads an earlier backend took from the ring, oldest
 /// first), then every available chain of `vring`, with `handle`, which gets the chain and
@@ -152,12 +153,12 @@ pub(crate) type Descriptors<'m> = ChainWalk<'m, GuestMemory>;
 /// and they would be refused as outside guest memory (the reconnect soak met it once in
 /// about a thousand connections under load). The driver is notified
 /// (if it asks to be) at the end of each batch that completed something, and with
-/// EVENT_IDX also every [`NOTIFY_EARLY_EVERY`] within one; with EVENT_IDX the ring is
+/// EVENT_IDX also every `NOTIFY_EARLY_EVERY` within one; with EVENT_IDX the ring is
 /// checked again after notifications are re-enabled, so that a chain added in between is
 /// not left waiting. With `poll`, an empty queue is watched that long before
 /// notifications are re-enabled: meanwhile the driver does not kick, and a new request is
 /// picked up without a system call on either side.
-pub(crate) fn drain(
+pub fn drain(
     vring: &Vring,
     memory: &GuestMemoryAtomic<GuestMemory>,
     settings: &Settings<'_>,

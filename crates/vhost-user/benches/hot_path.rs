@@ -1,7 +1,10 @@
-//! The blk data path without sockets: 4 KiB reads and writes on a region, as queue workers
-//! serve them: the chain popped from a split ring (avail index, ring entry, three
-//! descriptors), parsed and executed, its used entry published and the EVENT_IDX check
-//! made. `cargo bench -p daxd-blk` prints ns per request; under
+//! The blk data path without sockets: 4 KiB reads and writes on a region, served the way
+//! a queue worker serves them, through `queue::drain`: the batch's available index read,
+//! the memory table loaded, the chain popped and walked (three descriptors), parsed and
+//! executed, its used entry published with in-flight tracking around it, and the
+//! notification decided (EVENT_IDX; no call eventfd, so the decision is measured and not
+//! the write(2) a guest's interrupt costs). One request per batch, as at queue depth 1.
+//! `cargo bench -p daxd-vhost-user` prints ns per request; under
 //! `valgrind --tool=callgrind` it gives repeatable instruction counts.
 //!
 //! Three cases, each with 1 queue and with 2 queues served in parallel (one thread each):
@@ -13,11 +16,12 @@
 //!   window (every request pins them), as when a guest does block I/O to and from its
 //!   DAX-mapped persistent memory.
 //!
-//! Each on two kinds of guest memory: plain (`GuestMemoryMmap<()>`, what daxd used before
-//! it could log dirty pages for live migration) and daxd's (`GuestMemoryMmap<DirtyLog>`,
-//! no log attached, as whenever the VM is not being migrated): the cost of being able to
-//! log, on the request path. The two run alternately, three times, so that a drift of the
-//! machine shows as a spread between rounds rather than as a difference between them.
+//! Each without and with in-flight tracking (the area a frontend gives with
+//! `SET_INFLIGHT_FD`, which QEMU and cloud-hypervisor do on every connection): the cost
+//! of surviving a restart, on the request path. The two run alternately, three times, so
+//! that a drift of the machine shows as a spread between rounds rather than as a
+//! difference between them. Guest memory is daxd's (`dirty_log::GuestMemory`), with no
+//! log attached, as whenever the VM is not being migrated.
 //!
 //! Set DAXD_BENCH_ITERS to change the number of requests per queue and case (default
 //! 1,000,000), and DAXD_BENCH_FAULT_RULES to a number of fault rules that every request is
@@ -29,15 +33,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
 
+use vhost::vhost_user::message::VhostUserInflight;
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::{Bitmap, BitmapSlice};
 use vm_memory::mmap::NewBitmap;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryAtomic, GuestMemoryMmap};
 
-use daxd_vhost_user::dirty_log::DirtyLog;
+use daxd_vhost_user::dirty_log::{DirtyLog, GuestMemory, Vring};
+use daxd_vhost_user::inflight::{self, InflightArea};
+use daxd_vhost_user::queue::{self, Settings, Tracking};
 
 use daxd_blk::{BlkConfig, BlkDevice, ChainBuffers, GuestWindow, Handled, Serial};
 use daxd_region::{Layout, Region, RegionConfig, Serve, Window};
@@ -141,8 +147,13 @@ fn main() {
         .unwrap()
         .set_len(2 * QUEUE_RAM)
         .unwrap();
-    let plain = guest_memory::<()>(&path, &ram);
-    let logging = guest_memory::<DirtyLog>(&path, &ram);
+    let driver = guest_memory::<()>(&path, &ram);
+    let mem =
+        GuestMemoryAtomic::new(Arc::try_unwrap(guest_memory::<DirtyLog>(&path, &ram)).unwrap());
+    // The area QEMU asks for and gives back on every connection.
+    let request = VhostUserInflight::new(0, 0, 2, QUEUE_SIZE);
+    let (area, file) = inflight::create(&request, 2, QUEUE_SIZE.into()).unwrap();
+    let area = Arc::new(InflightArea::map(&area, file, 2, QUEUE_SIZE.into()).unwrap());
 
     let mut mapped = false;
     for case in [Case::NothingMapped, Case::WindowOutside, Case::InsideWindow] {
@@ -166,42 +177,34 @@ fn main() {
             ("write 4 KiB", VIRTIO_BLK_T_OUT),
         ] {
             for queues in [1, 2] {
-                let (mut plain_ns, mut logging_ns) = (Vec::new(), Vec::new());
+                let (mut bare_ns, mut tracked_ns) = (Vec::new(), Vec::new());
                 for _ in 0..ROUNDS {
-                    let (device, driver) = (&device, &plain);
-                    plain_ns.push(run(
-                        device,
-                        driver,
-                        &plain,
-                        guest_window,
-                        case,
-                        kind,
-                        queues,
-                        iters,
-                    ));
-                    logging_ns.push(run(
-                        device,
-                        driver,
-                        &logging,
-                        guest_window,
-                        case,
-                        kind,
-                        queues,
-                        iters,
-                    ));
+                    for (area, times) in [(None, &mut bare_ns), (Some(&area), &mut tracked_ns)] {
+                        times.push(run(
+                            &device,
+                            &driver,
+                            &mem,
+                            area,
+                            guest_window,
+                            case,
+                            kind,
+                            queues,
+                            iters,
+                        ));
+                    }
                 }
-                let (plain_ns, logging_ns) = (median(plain_ns), median(logging_ns));
+                let (bare_ns, tracked_ns) = (median(bare_ns), median(tracked_ns));
                 println!(
-                    "{name}, {}, {queues} queue(s): {plain_ns:.0} ns per request per queue on plain memory, {logging_ns:.0} ns with the dirty-log bitmap ({:+.1}%) (medians of {ROUNDS} alternating rounds of {iters} requests per queue)",
+                    "{name}, {}, {queues} queue(s): {bare_ns:.0} ns per request per queue, {tracked_ns:.0} ns with in-flight tracking ({:+.1}%) (medians of {ROUNDS} alternating rounds of {iters} requests per queue)",
                     case.name(),
-                    (logging_ns / plain_ns - 1.0) * 100.0
+                    (tracked_ns / bare_ns - 1.0) * 100.0
                 );
             }
         }
     }
 }
 
-/// Alternating rounds per kind of memory.
+/// Alternating rounds without and with tracking.
 const ROUNDS: usize = 3;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -211,8 +214,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Guest RAM for rings, headers and statuses mapped from the file at `ram`, and the window
 /// mapped from the region file at `path` as QEMU maps a memory-backend-file, with bitmap
-/// `B`. Every call maps the same memory again, so that the driver's side of the bench can
-/// work on plain memory while the device's side uses the kind measured.
+/// `B`. Every call maps the same memory again: the driver's side of the bench works on
+/// its own mapping, as a guest does.
 fn guest_memory<B: NewBitmap>(
     path: &std::path::Path,
     ram: &std::path::Path,
@@ -242,28 +245,30 @@ fn guest_memory<B: NewBitmap>(
 }
 
 /// Runs `iters` requests of `kind` on each of `queues` threads at once, the device's side
-/// (ring, parse, execute) on `mem` and the driver's (header, avail index, status check) on
-/// `driver`; returns the mean time per request of one queue.
+/// (`queue::drain`: ring, parse, execute, tracking in `area` if any) on `mem` and the
+/// driver's (header, avail index, status check) on `driver`; returns the mean time per
+/// request of one queue.
 #[allow(clippy::too_many_arguments)]
-fn run<B>(
+fn run(
     device: &Arc<BlkDevice>,
     driver: &Arc<GuestMemoryMmap<()>>,
-    mem: &Arc<GuestMemoryMmap<B>>,
+    mem: &GuestMemoryAtomic<GuestMemory>,
+    area: Option<&Arc<InflightArea>>,
     guest_window: GuestWindow,
     case: Case,
     kind: u32,
     queues: u64,
     iters: u64,
-) -> f64
-where
-    B: Bitmap + Send + Sync + 'static,
-    for<'a> <B as vm_memory::bitmap::WithBitmapSlice<'a>>::S: BitmapSlice,
-{
+) -> f64 {
     let barrier = Arc::new(Barrier::new(queues as usize));
     let threads: Vec<_> = (0..queues)
         .map(|q| {
             let (device, driver, mem, barrier) =
                 (device.clone(), driver.clone(), mem.clone(), barrier.clone());
+            let tracking = Tracking {
+                area: area.cloned(),
+                queue: q as usize,
+            };
             std::thread::spawn(move || {
                 let limits = device.limits(device.features());
                 let windows: &[GuestWindow] = match case {
@@ -285,7 +290,7 @@ where
                 let data_flags = if kind == VIRTIO_BLK_T_IN { w } else { 0 };
                 let expected = if kind == VIRTIO_BLK_T_IN { 4097 } else { 1 };
                 let mut bufs = ChainBuffers::new();
-                // One chain, always at descriptors 0..3 and always the ring's only entry;
+                // One chain, always at descriptors 0..3 and always the batch's only entry;
                 // the driver rewrites the header and makes it available again each time.
                 let (desc_table, avail_ring, used_ring) = (ram, ram + 0x3000, ram + 0x4000);
                 let chain = [
@@ -303,13 +308,22 @@ where
                         .write_obj(0u16, GuestAddress(avail_ring + 4 + 2 * slot))
                         .unwrap();
                 }
-                let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-                queue.set_desc_table_address(Some(desc_table as u32), Some(0));
-                queue.set_avail_ring_address(Some(avail_ring as u32), Some(0));
-                queue.set_used_ring_address(Some(used_ring as u32), Some(0));
-                queue.set_event_idx(true);
-                queue.set_ready(true);
-                assert!(queue.is_valid(&*mem));
+                // A fresh ring each run: the indexes start at 0.
+                for at in [avail_ring, used_ring] {
+                    driver.write_obj(0u32, GuestAddress(at)).unwrap();
+                }
+                let vring = Vring::new(mem.clone(), QUEUE_SIZE).unwrap();
+                vring.set_queue_size(QUEUE_SIZE);
+                vring
+                    .set_queue_info(desc_table, avail_ring, used_ring)
+                    .unwrap();
+                vring.set_queue_event_idx(true);
+                vring.set_queue_ready(true);
+                let settings = Settings {
+                    event_idx: true,
+                    poll: None,
+                    refusals: device.refusals(),
+                };
                 barrier.wait();
                 let start = Instant::now();
                 for i in 0..iters {
@@ -326,23 +340,36 @@ where
                             Ordering::Release,
                         )
                         .unwrap();
-                    let head = queue.pop_descriptor_chain(&*mem).unwrap().head_index();
-                    // Walked as daxd's queue walks it.
-                    let chain = daxd_virtio::ChainWalk::new(
-                        &*mem,
-                        GuestAddress(queue.desc_table()),
-                        queue.size(),
-                        head,
-                    );
-                    let used = device.handle(q as usize, chain, &*mem, &limits, windows, &mut bufs);
-                    let Handled::Done(used) = used else {
-                        panic!("request {i} was not completed: {used:?}");
-                    };
-                    queue.add_used(&*mem, head, used).unwrap();
-                    black_box(queue.needs_notification(&*mem).unwrap());
+                    let mut served = 0;
+                    queue::drain(
+                        &vring,
+                        &mem,
+                        &settings,
+                        &tracking,
+                        Vec::new(),
+                        |_, descriptors, mem| {
+                            served += 1;
+                            match device.handle(
+                                q as usize,
+                                descriptors,
+                                mem,
+                                &limits,
+                                windows,
+                                &mut bufs,
+                            ) {
+                                Handled::Done(used) => {
+                                    assert_eq!(used, expected);
+                                    Some(used)
+                                }
+                                handled => panic!("request {i} was not completed: {handled:?}"),
+                            }
+                        },
+                    )
+                    .unwrap();
+                    assert_eq!(served, 1);
                     assert_eq!(driver.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
-                    assert_eq!(used, expected);
                 }
+                black_box(&vring);
                 start.elapsed().as_nanos() as f64 / iters as f64
             })
         })
