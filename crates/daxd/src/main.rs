@@ -33,7 +33,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use daxd_blk::{BlkConfig, BlkDevice, Serial};
 use daxd_fault::Faults;
 use daxd_pmem::PmemDevice;
-use daxd_region::{Layout, Region};
+use daxd_region::{Layout, Region, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::{ConfigNotifier, ServeError, Server, SocketAddr, Stopper};
 
@@ -239,6 +239,112 @@ fn describe(socket: &SocketAddr) -> String {
     }
 }
 
+/// The fault rules of `config`, for the disk and the pmem window daxd serves (QEMU serves
+/// the FLUSHes of the windows it maps itself).
+fn fault_rules(config: &Config, pmem_window: Option<&Window>) -> Result<Arc<Faults>, Error> {
+    let mut devices = vec![daxd_fault::DISK.to_owned()];
+    devices.extend(pmem_window.map(|w| w.name.clone()));
+    let faults = Arc::new(Faults::new(devices));
+    for rule in &config.faults {
+        let text = rule.to_string();
+        let id = faults
+            .add(rule.clone())
+            .map_err(|source| Error::FaultRule {
+                rule: text.clone(),
+                source,
+            })?;
+        info!("fault rule {id}: {text}");
+    }
+    Ok(faults)
+}
+
+/// Gives every pmem window all its blocks (zeroes written into its holes) before anyone
+/// maps it: a guest's DAX store into a hole would fault in the VMM when the host file
+/// system is full.
+fn allocate_pmem_windows(region: &Region, layout: &Layout) -> Result<(), Error> {
+    for w in layout.pmem() {
+        if !region.is_read_only() {
+            region
+                .fill_holes(w.offset, w.size)
+                .map_err(|source| Error::PmemAllocation {
+                    window: w.name.clone(),
+                    source,
+                })?;
+        }
+        info!(
+            "pmem window {}: region bytes {:#x}+{:#x}, allocated (QEMU options: daxd print-qemu-args)",
+            w.name, w.offset, w.size
+        );
+    }
+    Ok(())
+}
+
+/// The disk: `disk` of the region as virtio-blk, recorded when `config` records.
+fn open_disk(
+    config: &Config,
+    region: &Arc<Region>,
+    registry: &Arc<Registry>,
+    disk: &Window,
+    faults: &Arc<Faults>,
+    recording: &mut Recording,
+) -> Result<Arc<BlkDevice>, Error> {
+    let serial = config
+        .serial
+        .unwrap_or_else(|| Serial::for_file(region.path(), region.identity().ino));
+    let blk_config = BlkConfig {
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+        read_only: config.read_only,
+        sync: config.sync,
+        serial,
+    };
+    let mut blk = BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
+        .map_err(Error::Blk)?
+        .with_faults(faults.clone());
+    if let Some(dir) = &config.record {
+        let log = recording.record_disk(dir, region, disk)?;
+        blk = blk.with_record(log);
+    }
+    Ok(Arc::new(blk))
+}
+
+/// Says what the disk serves, where, and how.
+fn log_serving(config: &Config, region: &Region, disk: &Window, blk: &BlkDevice) {
+    info!(
+        "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
+        region.path().display(),
+        disk.name,
+        blk.size(),
+        region.size(),
+        if region.is_read_only() { ", read-only" } else { "" },
+        if region.is_map_sync() { ", MAP_SYNC" } else { "" },
+        describe(&config.socket),
+        blk.config().num_queues,
+        blk.config().queue_size,
+        blk.config().serial,
+        if blk.config().sync { ", write-through" } else { "" },
+    );
+}
+
+/// The virtio-pmem device daxd serves for `window`, recorded when `config` records.
+fn open_pmem(
+    config: &Config,
+    region: &Arc<Region>,
+    registry: &Arc<Registry>,
+    window: Window,
+    faults: &Arc<Faults>,
+    recording: &mut Recording,
+) -> Result<Arc<PmemDevice>, Error> {
+    let mut device = PmemDevice::new(region.clone(), registry.clone(), window, config.queue_size)
+        .map_err(Error::Pmem)?
+        .with_faults(faults.clone());
+    if let Some(dir) = &config.record {
+        let recorder = recording.record_window(dir, region, device.window(), true)?;
+        device = device.with_record(recorder);
+    }
+    Ok(Arc::new(device))
+}
+
 /// The region, its devices and their sockets, before any thread serves them.
 struct Opened {
     region: Arc<Region>,
@@ -265,73 +371,21 @@ impl Opened {
         let layout = Arc::new(config.layout(region.size())?);
         let registry = Arc::new(Registry::new(region.frames()));
         let disk = layout.blk().ok_or(Error::NoDisk)?;
-        let serial = config
-            .serial
-            .unwrap_or_else(|| Serial::for_file(region.path(), region.identity().ino));
-        let blk_config = BlkConfig {
-            num_queues: config.num_queues,
-            queue_size: config.queue_size,
-            read_only: config.read_only,
-            sync: config.sync,
-            serial,
-        };
         // The devices rules may name: the disk, and the pmem window whose FLUSHes daxd
         // serves (QEMU serves those of the windows it maps itself).
         let pmem_window = match &config.pmem_socket {
             Some(_) => Some(config.pmem_window(&layout)?.clone()),
             None => None,
         };
-        let mut devices = vec![daxd_fault::DISK.to_owned()];
-        devices.extend(pmem_window.iter().map(|w| w.name.clone()));
-        let faults = Arc::new(Faults::new(devices));
-        for rule in &config.faults {
-            let text = rule.to_string();
-            let id = faults
-                .add(rule.clone())
-                .map_err(|source| Error::FaultRule {
-                    rule: text.clone(),
-                    source,
-                })?;
-            info!("fault rule {id}: {text}");
-        }
-        let mut blk = BlkDevice::new(region.clone(), registry.clone(), disk, blk_config)
-            .map_err(Error::Blk)?
-            .with_faults(faults.clone());
+        let faults = fault_rules(config, pmem_window.as_ref())?;
         let mut recording = Recording::default();
-        if let Some(dir) = &config.record {
-            let log = recording.record_disk(dir, &region, disk)?;
-            blk = blk.with_record(log);
-        }
-        let blk = Arc::new(blk);
-        for w in layout.pmem() {
-            // A guest's DAX store into a hole would fault in the VMM when the host file
-            // system is full: pmem windows get all their blocks (zeroes written into
-            // their holes) before anyone maps them.
-            if !region.is_read_only() {
-                region
-                    .fill_holes(w.offset, w.size)
-                    .map_err(|source| Error::PmemAllocation {
-                        window: w.name.clone(),
-                        source,
-                    })?;
-            }
-            info!(
-                "pmem window {}: region bytes {:#x}+{:#x}, allocated (QEMU options: daxd print-qemu-args)",
-                w.name, w.offset, w.size
-            );
-        }
+        let blk = open_disk(config, &region, &registry, disk, &faults, &mut recording)?;
+        allocate_pmem_windows(&region, &layout)?;
         let notifier = Arc::new(ConfigNotifier::default());
         let mut sockets = Vec::new();
         let pmem = match (&config.pmem_socket, pmem_window) {
             (Some(addr), Some(window)) => {
-                let mut device =
-                    PmemDevice::new(region.clone(), registry.clone(), window, config.queue_size)
-                        .map_err(Error::Pmem)?
-                        .with_faults(faults.clone());
-                if let Some(dir) = &config.record {
-                    let recorder = recording.record_window(dir, &region, device.window(), true)?;
-                    device = device.with_record(recorder);
-                }
+                let pmem = open_pmem(config, &region, &registry, window, &faults, &mut recording)?;
                 let server = Server::listen(addr, "pmem").map_err(|source| Error::Serve {
                     device: "pmem",
                     source,
@@ -341,10 +395,10 @@ impl Opened {
                 }
                 info!(
                     "serving pmem window {} as vhost-user virtio-pmem on {}",
-                    device.window().name,
+                    pmem.window().name,
                     describe(addr)
                 );
-                Some((Arc::new(device), server))
+                Some((pmem, server))
             }
             _ => None,
         };
@@ -384,20 +438,7 @@ impl Opened {
         if let SocketAddr::Path(path) = &config.socket {
             sockets.push(absolute(path));
         }
-        info!(
-            "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
-            region.path().display(),
-            disk.name,
-            blk.size(),
-            region.size(),
-            if region.is_read_only() { ", read-only" } else { "" },
-            if region.is_map_sync() { ", MAP_SYNC" } else { "" },
-            describe(&config.socket),
-            blk.config().num_queues,
-            blk.config().queue_size,
-            blk.config().serial,
-            if blk.config().sync { ", write-through" } else { "" },
-        );
+        log_serving(config, &region, disk, &blk);
         Ok(Opened {
             region,
             layout,

@@ -154,108 +154,38 @@ impl Region {
     ///
     /// An existing file is never truncated or grown unless `config.resize` asks for it.
     pub fn open(config: &RegionConfig) -> Result<Region, RegionError> {
-        let path = config.path.clone();
-        let io_err = |what, source| RegionError::Io {
-            what,
-            path: path.clone(),
-            source,
-        };
         if let Some(size) = config.size {
             check_size(size)?;
         }
         if config.read_only && config.resize {
-            return Err(RegionError::ReadOnlyResize { path });
+            return Err(RegionError::ReadOnlyResize {
+                path: config.path.clone(),
+            });
         }
-
-        let exists = match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => true,
-            Ok(_) => return Err(RegionError::NotRegularFile { path }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            Err(e) => return Err(io_err("inspect", e)),
-        };
-
-        let file = if exists {
-            OpenOptions::new()
-                .read(true)
-                .write(!config.read_only)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| io_err("open", e))?
-        } else {
-            let Some(size) = config.size else {
-                return Err(RegionError::MissingFile { path });
-            };
-            if config.read_only {
-                return Err(RegionError::ReadOnlyResize { path });
-            }
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .custom_flags(libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(|e| io_err("create", e))?;
-            file.set_len(size).map_err(|e| io_err("size", e))?;
-            info!("created region file {} of {size} bytes", path.display());
-            file
-        };
-
+        let file = open_or_create(config)?;
         if config.lock {
             // Before anything about the file changes: a refused start leaves it as it was.
-            let kind = if config.read_only {
-                LockKind::Shared
-            } else {
-                LockKind::Exclusive
-            };
-            lock::lock(&file, kind).map_err(|e| match e {
-                lock::LockError::Conflict(Some(held)) => RegionError::Locked {
-                    path: path.clone(),
-                    held,
-                },
-                lock::LockError::Conflict(None) => {
-                    RegionError::LockedByUnknown { path: path.clone() }
-                }
-                lock::LockError::Io(source) => io_err("lock", source),
-            })?;
+            lock_file(&file, config)?;
         }
-
-        let meta = file.metadata().map_err(|e| io_err("inspect", e))?;
-        let mut size = meta.len();
-        if let Some(requested) = config.size {
-            if requested != size {
-                if !config.resize {
-                    return Err(RegionError::SizeMismatch {
-                        path,
-                        actual: size,
-                        requested,
-                    });
-                }
-                file.set_len(requested).map_err(|e| io_err("resize", e))?;
-                file.sync_all().map_err(|e| io_err("sync", e))?;
-                info!(
-                    "resized region file {} from {size} to {requested} bytes",
-                    path.display()
-                );
-                size = requested;
-            }
-        }
-        check_size(size)?;
-
+        let meta = file
+            .metadata()
+            .map_err(|e| io_error(config, "inspect", e))?;
+        let size = settle_size(&file, meta.len(), config)?;
         // Through /proc, so that it is the same inode even if the path changed meanwhile.
         let shareable = OpenOptions::new()
             .read(true)
             .write(!config.read_only)
             .custom_flags(libc::O_CLOEXEC)
             .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-            .map_err(|e| io_err("open a second descriptor of", e))?;
+            .map_err(|e| io_error(config, "open a second descriptor of", e))?;
         let file = Arc::new(file);
         let (mapping, map_sync) = map_file(&file, size, config.read_only, config.direct).map_err(
             |source| match config.direct {
                 true => RegionError::NotDax {
-                    path: path.clone(),
+                    path: config.path.clone(),
                     source,
                 },
-                false => io_err("map", io::Error::other(source)),
+                false => io_error(config, "map", io::Error::other(source)),
             },
         )?;
         let allocation = alloc::Allocation::scan(&file, size);
@@ -265,7 +195,7 @@ impl Region {
         Ok(Region {
             file,
             shareable,
-            path,
+            path: config.path.clone(),
             mapping,
             allocation,
             writeback: writeback::WriteBack::new(config.write_path),
@@ -705,6 +635,97 @@ fn pwrite_volatile<B: BitmapSlice>(
         )
     };
     usize::try_from(written).map_err(|_| last_errno())
+}
+
+/// An I/O error of `what` on the region file of `config`.
+fn io_error(config: &RegionConfig, what: &'static str, source: io::Error) -> RegionError {
+    RegionError::Io {
+        what,
+        path: config.path.clone(),
+        source,
+    }
+}
+
+/// Opens the region file, or creates it with `config.size` bytes where it is missing.
+fn open_or_create(config: &RegionConfig) -> Result<File, RegionError> {
+    let path = &config.path;
+    let exists = match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => true,
+        Ok(_) => return Err(RegionError::NotRegularFile { path: path.clone() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_error(config, "inspect", e)),
+    };
+    if exists {
+        return OpenOptions::new()
+            .read(true)
+            .write(!config.read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| io_error(config, "open", e));
+    }
+    let Some(size) = config.size else {
+        return Err(RegionError::MissingFile { path: path.clone() });
+    };
+    if config.read_only {
+        return Err(RegionError::ReadOnlyResize { path: path.clone() });
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| io_error(config, "create", e))?;
+    file.set_len(size)
+        .map_err(|e| io_error(config, "size", e))?;
+    info!("created region file {} of {size} bytes", path.display());
+    Ok(file)
+}
+
+/// Locks the region file: exclusive when writable, shared when read-only.
+fn lock_file(file: &File, config: &RegionConfig) -> Result<(), RegionError> {
+    let kind = if config.read_only {
+        LockKind::Shared
+    } else {
+        LockKind::Exclusive
+    };
+    lock::lock(file, kind).map_err(|e| match e {
+        lock::LockError::Conflict(Some(held)) => RegionError::Locked {
+            path: config.path.clone(),
+            held,
+        },
+        lock::LockError::Conflict(None) => RegionError::LockedByUnknown {
+            path: config.path.clone(),
+        },
+        lock::LockError::Io(source) => io_error(config, "lock", source),
+    })
+}
+
+/// The region's size: the file's `size`, which must be the one `config` asks for, unless
+/// `config.resize` lets the file be truncated or grown to it.
+fn settle_size(file: &File, size: u64, config: &RegionConfig) -> Result<u64, RegionError> {
+    let size = match config.size {
+        Some(requested) if requested != size => {
+            if !config.resize {
+                return Err(RegionError::SizeMismatch {
+                    path: config.path.clone(),
+                    actual: size,
+                    requested,
+                });
+            }
+            file.set_len(requested)
+                .map_err(|e| io_error(config, "resize", e))?;
+            file.sync_all().map_err(|e| io_error(config, "sync", e))?;
+            info!(
+                "resized region file {} from {size} to {requested} bytes",
+                config.path.display()
+            );
+            requested
+        }
+        _ => size,
+    };
+    check_size(size)?;
+    Ok(size)
 }
 
 fn check_size(size: u64) -> Result<(), RegionError> {
