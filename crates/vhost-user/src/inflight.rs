@@ -98,6 +98,14 @@ fn area_bytes(
     Ok(queue_bytes(request.queue_size) * usize::from(request.num_queues))
 }
 
+/// A queue's next submission counter, on a cache line of its own: each queue worker bumps
+/// its own for every request, and two on one line made two workers take the line in turn
+/// (the hot-path bench, 2 queues: tracking cost 5.5-18.4 % per request with the counters
+/// side by side, 1.2-5.3 % apart; one run each).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+struct Counter(AtomicU64);
+
 /// The mapped area of one connection.
 #[derive(Debug)]
 pub struct InflightArea {
@@ -105,7 +113,7 @@ pub struct InflightArea {
     queue_size: u16,
     num_queues: usize,
     /// The next submission counter of each queue.
-    counters: Vec<AtomicU64>,
+    counters: Vec<Counter>,
 }
 
 /// What the area says about a queue when it starts.
@@ -155,7 +163,9 @@ impl InflightArea {
             map,
             queue_size: request.queue_size,
             num_queues: usize::from(request.num_queues),
-            counters: (0..request.num_queues).map(|_| AtomicU64::new(0)).collect(),
+            counters: (0..request.num_queues)
+                .map(|_| Counter::default())
+                .collect(),
         };
         for queue in 0..area.num_queues {
             if let Some(q) = area.queue(queue) {
@@ -182,7 +192,10 @@ impl InflightArea {
             return;
         }
         let entry = HEADER + ENTRY * usize::from(head);
-        q.put(counter.fetch_add(1, Ordering::Relaxed), entry + COUNTER_AT);
+        q.put(
+            counter.0.fetch_add(1, Ordering::Relaxed),
+            entry + COUNTER_AT,
+        );
         q.put(1u8, entry + INFLIGHT_AT);
     }
 
@@ -212,7 +225,7 @@ impl InflightArea {
         let Some(q) = self.queue(queue) else {
             return Recovery::Fresh;
         };
-        let counter = &self.counters[queue];
+        let counter = &self.counters[queue].0;
         if q.load::<u16>(VERSION_AT, Ordering::Acquire).unwrap_or(0) == 0 {
             q.put(VERSION, VERSION_AT);
             counter.store(0, Ordering::Relaxed);
