@@ -1,4 +1,12 @@
 //! `daxd inspect --prometheus`: the Prometheus text exposition of an inspection.
+//!
+//! Written here rather than with the `prometheus-client` crate: that crate writes only the
+//! OpenMetrics text format (counter families named without `_total`, `# UNIT` lines, a
+//! closing `# EOF`), and the reader this output is for, node_exporter's textfile
+//! collector, parses only the Prometheus text format 0.0.4 (node_exporter issue 1988;
+//! OpenMetrics files from Rust exporters fail there with "text format parsing error").
+//! The exposition is a snapshot of counters daxd keeps anyway, so a registry of live
+//! metric objects would add a second copy of each without removing this code's job.
 
 use std::fmt::Write as _;
 
