@@ -3,6 +3,7 @@
 //! the real-guest suites (marked ignored) with `cargo test --test e2e -- --ignored`.
 
 mod blkio_client;
+mod block_device;
 mod ci_scripts;
 mod cloud_hypervisor;
 mod confine;

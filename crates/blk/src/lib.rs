@@ -345,19 +345,23 @@ impl BlkDevice {
 
     /// The device's config space.
     pub fn config_space(&self) -> VirtioBlkConfig {
-        let sectors_per_page = (PAGE_SIZE / SECTOR_SIZE) as u16;
+        // A file's page cache takes any sector and writes whole pages back; a block
+        // device addresses its logical blocks and writes its physical ones whole.
+        let kind = self.region.kind();
+        let (logical, physical) = (kind.logical_block(), kind.physical_block());
+        let logical_per_physical = (physical / logical).max(1);
         let max_segments = (request::MAX_DISCARD_SEGMENTS as u32).into();
         VirtioBlkConfig {
             capacity: (self.size() >> SECTOR_SHIFT).into(),
             // Room for the header and the status in a queue-sized chain.
             seg_max: (u32::from(self.config.queue_size) - 2).into(),
-            blk_size: (SECTOR_SIZE as u32).into(),
-            physical_block_exp: sectors_per_page.trailing_zeros() as u8,
-            min_io_size: sectors_per_page.into(),
+            blk_size: logical.into(),
+            physical_block_exp: logical_per_physical.trailing_zeros() as u8,
+            min_io_size: (logical_per_physical as u16).into(),
             num_queues: self.config.num_queues.into(),
             max_discard_sectors: MAX_DISCARD_SECTORS.into(),
             max_discard_seg: max_segments,
-            discard_sector_alignment: u32::from(sectors_per_page).into(),
+            discard_sector_alignment: (physical / SECTOR_SIZE as u32).into(),
             max_write_zeroes_sectors: MAX_DISCARD_SECTORS.into(),
             max_write_zeroes_seg: max_segments,
             write_zeroes_may_unmap: 1,

@@ -311,8 +311,9 @@ fn open_disk(
 /// Says what the disk serves, where, and how.
 fn log_serving(config: &Config, region: &Region, disk: &Window, blk: &BlkDevice) {
     info!(
-        "serving {} (window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
+        "serving {} ({}, window {}: {} of {} bytes{}{}) as virtio-blk on {}: {} queue(s) of up to {}, serial {}{}",
         region.path().display(),
+        region.kind().describe(),
         disk.name,
         blk.size(),
         region.size(),

@@ -7,6 +7,7 @@
 //! the same pages through its MMU at the same time.
 
 mod alloc;
+mod kind;
 mod layout;
 mod lock;
 pub mod writeback;
@@ -15,7 +16,7 @@ pub use writeback::WritePath;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,6 +27,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 pub use alloc::GRANULE;
+pub use kind::{BlockDevice, RegionKind};
 pub use layout::{Layout, LayoutError, Serve, Window, PMEM_ALIGN};
 pub use lock::LockKind;
 
@@ -51,8 +53,14 @@ pub enum RegionError {
         actual: u64,
         requested: u64,
     },
-    #[error("region file {path} is not a regular file; daxd serves regular files only")]
+    #[error("region {path} is neither a regular file nor a block device")]
     NotRegularFile { path: PathBuf },
+    #[error("region {path} is a block device: it cannot be created or resized (drop --resize; --size, if given, must be the device's size)")]
+    BlockDeviceResize { path: PathBuf },
+    #[error("block device {path} is read-only: serve it with --read-only")]
+    ReadOnlyDevice { path: PathBuf },
+    #[error("block device {path} is in use: mounted, or claimed by another process (another daxd, a VMM); daxd claims a whole block device for itself")]
+    DeviceBusy { path: PathBuf },
     #[error("a read-only region cannot be created or resized: {path}")]
     ReadOnlyResize { path: PathBuf },
     #[error("cannot {what} {path}")]
@@ -147,6 +155,7 @@ pub struct Region {
     read_only: bool,
     map_sync: bool,
     identity: FileIdentity,
+    kind: RegionKind,
 }
 
 impl Region {
@@ -162,15 +171,21 @@ impl Region {
                 path: config.path.clone(),
             });
         }
-        let file = open_or_create(config)?;
-        if config.lock {
+        let (file, kind) = open_or_create(config)?;
+        // A block device is claimed when it is opened (O_EXCL).
+        if config.lock && kind == RegionKind::File {
             // Before anything about the file changes: a refused start leaves it as it was.
             lock_file(&file, config)?;
         }
         let meta = file
             .metadata()
             .map_err(|e| io_error(config, "inspect", e))?;
-        let size = settle_size(&file, meta.len(), config)?;
+        let current = match kind {
+            RegionKind::File => meta.len(),
+            RegionKind::BlockDevice(_) => rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+                .map_err(|e| io_error(config, "find the size of", e.into()))?,
+        };
+        let size = settle_size(&file, current, config)?;
         // Through /proc, so that it is the same inode even if the path changed meanwhile.
         let shareable = OpenOptions::new()
             .read(true)
@@ -189,9 +204,11 @@ impl Region {
             },
         )?;
         let allocation = alloc::Allocation::scan(&file, size);
-        let allocates_on_read = rustix::fs::fstatfs(&*file)
-            .map(|fs| fs.f_type == libc::TMPFS_MAGIC)
-            .unwrap_or(false);
+        // (A device node's file system is devtmpfs, which says nothing about the device.)
+        let allocates_on_read = kind == RegionKind::File
+            && rustix::fs::fstatfs(&*file)
+                .map(|fs| fs.f_type == libc::TMPFS_MAGIC)
+                .unwrap_or(false);
         Ok(Region {
             file,
             shareable,
@@ -206,7 +223,13 @@ impl Region {
                 dev: meta.dev(),
                 ino: meta.ino(),
             },
+            kind,
         })
+    }
+
+    /// What backs the region.
+    pub fn kind(&self) -> RegionKind {
+        self.kind
     }
 
     pub fn path(&self) -> &Path {
@@ -548,6 +571,15 @@ impl Region {
         match rustix::fs::fallocate(&*self.file, mode, offset, len) {
             Ok(()) => Ok(()),
             Err(e)
+                if mode.contains(FallocateFlags::PUNCH_HOLE)
+                    && matches!(self.kind, RegionKind::BlockDevice(_))
+                    && (e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS) =>
+            {
+                // A device that cannot unmap and read back zeroes (no WRITE ZEROES with
+                // unmap): zeroes written instead, which the kernel falls back to itself.
+                self.write_zeroes(offset, len)
+            }
+            Err(e)
                 if mode.contains(FallocateFlags::ZERO_RANGE)
                     && (e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS) =>
             {
@@ -646,22 +678,27 @@ fn io_error(config: &RegionConfig, what: &'static str, source: io::Error) -> Reg
     }
 }
 
-/// Opens the region file, or creates it with `config.size` bytes where it is missing.
-fn open_or_create(config: &RegionConfig) -> Result<File, RegionError> {
+/// Opens the region file, or creates it with `config.size` bytes where it is missing; or
+/// opens and claims the block device.
+fn open_or_create(config: &RegionConfig) -> Result<(File, RegionKind), RegionError> {
     let path = &config.path;
     let exists = match std::fs::metadata(path) {
         Ok(meta) if meta.is_file() => true,
+        Ok(meta) if meta.file_type().is_block_device() => {
+            return open_block_device(config, meta.rdev());
+        }
         Ok(_) => return Err(RegionError::NotRegularFile { path: path.clone() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(io_error(config, "inspect", e)),
     };
     if exists {
-        return OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(!config.read_only)
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
-            .map_err(|e| io_error(config, "open", e));
+            .map_err(|e| io_error(config, "open", e))?;
+        return Ok((file, RegionKind::File));
     }
     let Some(size) = config.size else {
         return Err(RegionError::MissingFile { path: path.clone() });
@@ -679,7 +716,43 @@ fn open_or_create(config: &RegionConfig) -> Result<File, RegionError> {
     file.set_len(size)
         .map_err(|e| io_error(config, "size", e))?;
     info!("created region file {} of {size} bytes", path.display());
-    Ok(file)
+    Ok((file, RegionKind::File))
+}
+
+/// Opens the block device `config.path` (device number `rdev`); a writable one with
+/// `O_EXCL`, which claims it: the kernel refuses the open while the device is mounted or
+/// claimed, and refuses others' claims while daxd holds it.
+fn open_block_device(config: &RegionConfig, rdev: u64) -> Result<(File, RegionKind), RegionError> {
+    let path = &config.path;
+    if config.resize {
+        return Err(RegionError::BlockDeviceResize { path: path.clone() });
+    }
+    let device =
+        BlockDevice::of(rdev).map_err(|e| io_error(config, "read the sysfs facts of", e))?;
+    if device.read_only && !config.read_only {
+        return Err(RegionError::ReadOnlyDevice { path: path.clone() });
+    }
+    let mut flags = libc::O_CLOEXEC;
+    if !config.read_only && config.lock {
+        flags |= libc::O_EXCL;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EBUSY) => RegionError::DeviceBusy { path: path.clone() },
+            _ => io_error(config, "open", e),
+        })?;
+    info!(
+        "{}: a block device of {} logical and {} physical bytes per block{}",
+        path.display(),
+        device.logical_block,
+        device.physical_block,
+        if device.read_only { ", read-only" } else { "" }
+    );
+    Ok((file, RegionKind::BlockDevice(device)))
 }
 
 /// Locks the region file: exclusive when writable, shared when read-only.

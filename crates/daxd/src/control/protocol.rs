@@ -80,6 +80,12 @@ pub struct RegionInfo {
     pub size: u64,
     pub frames: u64,
     pub map_sync: bool,
+    /// "file" or "block device".
+    #[serde(default)]
+    pub kind: String,
+    /// The disk's `blk_size`: 512 for files, the device's logical block size.
+    #[serde(default)]
+    pub logical_block: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

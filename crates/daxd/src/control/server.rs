@@ -35,6 +35,8 @@ impl Inspection {
                 size: region.size(),
                 frames: region.frames(),
                 map_sync: region.is_map_sync(),
+                kind: region.kind().describe().to_owned(),
+                logical_block: region.kind().logical_block(),
             },
             windows: layout
                 .windows()

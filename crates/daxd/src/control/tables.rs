@@ -27,10 +27,12 @@ pub(super) fn tables(v: &Inspection) -> String {
     let region = &v.region;
     let _ = writeln!(
         out,
-        "region {}: {} bytes, {} page frames{}",
+        "region {} ({}): {} bytes, {} page frames, {}-byte blocks{}",
         region.path.display(),
+        region.kind,
         region.size,
         region.frames,
+        region.logical_block,
         if region.map_sync { ", MAP_SYNC" } else { "" }
     );
     let _ = writeln!(out, "\nWINDOW       OFFSET        SIZE          SERVE");
