@@ -12,30 +12,35 @@
 //! `align_up(16 * queue_size + 2, 64)` bytes apart.
 
 use std::fs::File;
+use std::mem::{offset_of, size_of};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{MemfdFlags, SealFlags};
-use vhost::vhost_user::message::VhostUserInflight;
+use vhost::vhost_user::message::{DescStateSplit, QueueRegionSplit, VhostUserInflight};
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, VolatileMemory, VolatileSlice};
 
 /// The area's version, set in a queue's header when it is first used.
 const VERSION: u16 = 1;
-/// Bytes of a queue's header.
-const HEADER: usize = 16;
+/// Bytes of a queue's header: `QueueRegionSplit` up to its `desc` field, which in
+/// libvhost-user's struct is the array of entries itself, not a pointer to it.
+const HEADER: usize = offset_of!(QueueRegionSplit, desc);
 /// Bytes of one descriptor's entry.
-const ENTRY: usize = 16;
+const ENTRY: usize = size_of::<DescStateSplit>();
 const ALIGNMENT: usize = 64;
 
 // Header fields.
-const VERSION_AT: usize = 8;
-const DESC_NUM_AT: usize = 10;
-const LAST_BATCH_HEAD_AT: usize = 12;
-const USED_IDX_AT: usize = 14;
+const VERSION_AT: usize = offset_of!(QueueRegionSplit, version);
+const DESC_NUM_AT: usize = offset_of!(QueueRegionSplit, desc_num);
+const LAST_BATCH_HEAD_AT: usize = offset_of!(QueueRegionSplit, last_batch_head);
+const USED_IDX_AT: usize = offset_of!(QueueRegionSplit, used_idx);
 // Entry fields.
-const INFLIGHT_AT: usize = 0;
-const COUNTER_AT: usize = 8;
+const INFLIGHT_AT: usize = offset_of!(DescStateSplit, inflight);
+const COUNTER_AT: usize = offset_of!(DescStateSplit, counter);
+
+// libvhost-user's layout, which QEMU hands to whichever backend comes next.
+const _: () = assert!(HEADER == 16 && ENTRY == 16 && COUNTER_AT == 8 && USED_IDX_AT == 14);
 
 #[derive(Debug, thiserror::Error)]
 pub enum InflightError {
