@@ -87,8 +87,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("the resize was refused: {0}")]
-    Resize(String),
+    #[error("the resize was refused")]
+    Resize(#[source] crate::control::ResizeRefused),
     #[error("daxd refused: {0}")]
     Fault(String),
     #[error("--fault {rule}")]

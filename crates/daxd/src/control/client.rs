@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::prometheus::prometheus;
 use daxd_fault::{RuleInfo, RuleSpec};
 
-use super::protocol::{FrontendNotice, Inspection, Request, Resized};
+use super::protocol::{FrontendNotice, Inspection, Request, ResizeRefused, Resized};
 use super::tables::tables;
 use crate::error::Error;
 
@@ -47,7 +47,7 @@ pub fn fetch(control_socket: &Path) -> Result<Inspection, Error> {
 
 /// `daxd resize`: asks a running daxd to grow its disk to `bytes`; prints what it did.
 pub fn resize(control_socket: &Path, bytes: u64) -> Result<String, Error> {
-    let resized: Result<Resized, String> = ask(control_socket, Request::Resize { bytes })?;
+    let resized: Result<Resized, ResizeRefused> = ask(control_socket, Request::Resize { bytes })?;
     let resized = resized.map_err(Error::Resize)?;
     let mut text = format!(
         "disk window {}: {} bytes (was {})\n",

@@ -15,6 +15,7 @@ mod server;
 mod tables;
 
 pub use client::{fault_add, fault_clear, fault_list, inspect, mark, resize, Format};
+pub use protocol::ResizeRefused;
 pub use server::ControlSocket;
 
 #[cfg(test)]

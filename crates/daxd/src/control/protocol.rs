@@ -45,6 +45,28 @@ pub struct Resized {
     pub frontend: FrontendNotice,
 }
 
+/// Why a running daxd did not resize its disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizeRefused {
+    #[error("daxd serves no disk")]
+    NoDisk,
+    #[error("window {window} is served as pmem too, and a VMM maps pmem windows at a fixed size; only a window served as blk alone can grow")]
+    ServedAsPmem { window: String },
+    /// The new size does not fit in the region; `largest` is what the disk could have.
+    #[error("{layout}. daxd grows the disk inside its region file, which it does not grow while serving: to leave room, start daxd with a larger --size (a sparse region file costs no space until written) and the disk as a window, e.g. --window name=disk,size={largest},serve=blk")]
+    BeyondRegion { layout: String, largest: u64 },
+    /// Another layout rule (alignment, overlap), as the layout states it.
+    #[error("{0}")]
+    Layout(String),
+    /// The disk would shrink, as the device states it.
+    #[error("{0} (shrink it offline: stop daxd, change --window or --size with --resize)")]
+    Shrink(String),
+    /// The disk could not grow, as the device states it.
+    #[error("{0}")]
+    Disk(String),
+}
+
 /// Whether the frontend heard of a new disk size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -57,7 +79,8 @@ pub enum FrontendNotice {
     NoChannel,
     /// It has not answered within the wait; it may still act on it.
     NoAnswer,
-    /// The channel failed (e.g. the frontend just went away).
+    /// The channel failed (e.g. the frontend just went away); the error as text, since
+    /// it crosses the control socket only to be shown.
     Failed(String),
 }
 

@@ -15,7 +15,9 @@ use daxd_region::{Layout, LayoutError, Region, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::ConfigNotifier;
 
-use super::protocol::{FrontendNotice, Inspection, RegionInfo, Request, Resized, WindowInfo};
+use super::protocol::{
+    FrontendNotice, Inspection, RegionInfo, Request, ResizeRefused, Resized, WindowInfo,
+};
 use crate::error::Error;
 use crate::recording::Recording;
 
@@ -187,13 +189,10 @@ impl ControlSocket {
     }
 
     /// Grows the disk window to `bytes` inside the region, and tells the frontend.
-    fn resize(&mut self, bytes: u64) -> Result<Resized, String> {
-        let disk = self.layout.blk().ok_or("daxd serves no disk")?.clone();
+    fn resize(&mut self, bytes: u64) -> Result<Resized, ResizeRefused> {
+        let disk = self.layout.blk().ok_or(ResizeRefused::NoDisk)?.clone();
         if disk.serve.pmem() {
-            return Err(format!(
-                "window {} is served as pmem too, and a VMM maps pmem windows at a fixed size; only a window served as blk alone can grow",
-                disk.name
-            ));
+            return Err(ResizeRefused::ServedAsPmem { window: disk.name });
         }
         let windows = self
             .layout
@@ -206,17 +205,15 @@ impl ControlSocket {
             .collect();
         let layout = Layout::new(self.region.size(), windows, self.layout.allows_overlap())
             .map_err(|e| match e {
-                LayoutError::BeyondRegion { region_size, .. } => format!(
-                    "{e}. daxd grows the disk inside its region file, which it does not grow while serving: to leave room, start daxd with a larger --size (a sparse region file costs no space until written) and the disk as a window, e.g. --window name=disk,size={},serve=blk",
-                    disk.size.min(region_size)
-                ),
-                e => e.to_string(),
+                LayoutError::BeyondRegion { region_size, .. } => ResizeRefused::BeyondRegion {
+                    layout: e.to_string(),
+                    largest: disk.size.min(region_size),
+                },
+                e => ResizeRefused::Layout(e.to_string()),
             })?;
         let before = self.blk.grow(bytes).map_err(|e| match e {
-            BlkError::Shrink { .. } => format!(
-                "{e} (shrink it offline: stop daxd, change --window or --size with --resize)"
-            ),
-            e => e.to_string(),
+            BlkError::Shrink { .. } => ResizeRefused::Shrink(e.to_string()),
+            e => ResizeRefused::Disk(e.to_string()),
         })?;
         self.layout = Arc::new(layout);
         let frontend = if before == bytes {
