@@ -238,6 +238,9 @@ struct RunStats {
     ops: u64,
     bytes: u64,
     elapsed: f64,
+    /// Seconds of the measurement during which at least one FLUSH was in flight: near
+    /// `elapsed`, the workload waits on the backend's flush (`fdatasync`) all the time.
+    flush_busy: f64,
     latencies_ns: Vec<u32>,
     /// The backend's resident memory outside the benchmark file's mapping, at the end of
     /// the measurement, in KiB.
@@ -265,6 +268,11 @@ impl RunStats {
 
     fn iops(&self) -> f64 {
         self.ops as f64 / self.elapsed
+    }
+
+    /// Share of the measured time with a FLUSH in flight, in per cent.
+    fn flush_share(&self) -> f64 {
+        100.0 * self.flush_busy / self.elapsed
     }
     /// Requests per second of backend CPU time.
     fn iops_per_cpu_s(&self) -> f64 {
@@ -341,7 +349,7 @@ fn main() {
         }
     );
     println!(
-        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>11}",
+        "{:<27} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7} {:>8} {:>9} {:>9} {:>11} {:>9}",
         "workload",
         "daxd IOPS",
         "qsd IOPS",
@@ -356,7 +364,8 @@ fn main() {
         "d RSS MiB",
         "CPU d/q",
         "IOPS/CPU",
-        "WA d/q"
+        "WA d/q",
+        "FLUSH% d/q"
     );
     let mut summaries = Vec::new();
     let mut idle_lines = Vec::new();
@@ -494,7 +503,7 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
     let daxd_iops = med(&mut |s| s.iops(), true);
     let qsd_iops = med(&mut |s| s.iops(), false);
     println!(
-        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2} {:>8.2}x {:>5}/{:<5}",
+        "{:<27} {:>10.0} {:>10.0} {:>9.1} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>6.2}x {:>7.2} {:>8.1} {:>4.2}/{:<4.2} {:>8.2}x {:>5}/{:<5} {:>4.0}/{:<4.0}",
         workload.name,
         daxd_iops,
         qsd_iops,
@@ -511,7 +520,9 @@ fn report(workload: &Workload, pairs: &mut [(RunStats, RunStats)]) -> Summary {
         med(&mut |s| s.cpu_cores, false),
         efficiency,
         wa(med(&mut |s| s.write_amplification(), true)),
-        wa(med(&mut |s| s.write_amplification(), false))
+        wa(med(&mut |s| s.write_amplification(), false)),
+        med(&mut |s| s.flush_share(), true),
+        med(&mut |s| s.flush_share(), false)
     );
     let _ = std::io::stdout().flush();
     Summary {
@@ -818,6 +829,8 @@ fn drive(
         total.ops += s.ops;
         total.bytes += s.bytes;
         total.elapsed = s.elapsed.max(total.elapsed);
+        // (The FLUSH workloads use one queue; with more, the busiest queue's share.)
+        total.flush_busy = s.flush_busy.max(total.flush_busy);
         total.latencies_ns.extend(s.latencies_ns);
     }
     if idle_seconds > 0.0 {
@@ -895,6 +908,9 @@ fn queue_loop(
     }
     let mut in_flight = w.depth;
     let mut stop = false;
+    // FLUSHes in flight, and since when at least one has been.
+    let mut flushes = 0u32;
+    let mut flushing_since = Instant::now();
     while in_flight > 0 {
         let n = q
             .do_io(&mut completions, 1, None, None)
@@ -908,6 +924,14 @@ fn queue_loop(
             let c = unsafe { c.assume_init_read() };
             assert!(c.ret == 0, "request failed: {}", c.ret);
             let slot = c.user_data;
+            if is_flush[slot] {
+                flushes -= 1;
+                if flushes == 0 {
+                    let from = flushing_since.max(measure_from);
+                    let to = now.min(end);
+                    stats.flush_busy += to.saturating_duration_since(from).as_secs_f64();
+                }
+            }
             if now >= measure_from && now < end && !is_flush[slot] {
                 stats.ops += 1;
                 stats.bytes += w.block as u64;
@@ -925,6 +949,12 @@ fn queue_loop(
                 false
             };
             is_flush[slot] = flush;
+            if flush {
+                if flushes == 0 {
+                    flushing_since = now;
+                }
+                flushes += 1;
+            }
             let offset = next_offset(slot, issued[slot]);
             issued[slot] += 1;
             started_at[slot] = now;
