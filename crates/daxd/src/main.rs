@@ -30,10 +30,11 @@ use recording::Recording;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use arc_swap::ArcSwap;
 use daxd_blk::{BlkConfig, BlkDevice, Serial};
 use daxd_fault::Faults;
 use daxd_pmem::PmemDevice;
-use daxd_region::{Layout, Region, Window};
+use daxd_region::{Layout, Region, SharedLayout, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::{ConfigNotifier, ServeError, Server, SocketAddr, Stopper};
 
@@ -349,7 +350,7 @@ fn open_pmem(
 /// The region, its devices and their sockets, before any thread serves them.
 struct Opened {
     region: Arc<Region>,
-    layout: Arc<Layout>,
+    layout: SharedLayout,
     /// The write logs, while recording.
     recording: Arc<Recording>,
     blk: Arc<BlkDevice>,
@@ -369,19 +370,20 @@ impl Opened {
             config.layout(size)?;
         }
         let region = Arc::new(Region::open(&config.region).map_err(Error::Region)?);
-        let layout = Arc::new(config.layout(region.size())?);
+        let layout: SharedLayout = Arc::new(ArcSwap::from_pointee(config.layout(region.size())?));
+        let current = layout.load_full();
         let registry = Arc::new(Registry::new(region.frames()));
-        let disk = layout.blk().ok_or(Error::NoDisk)?;
+        let disk = current.blk().ok_or(Error::NoDisk)?;
         // The devices rules may name: the disk, and the pmem window whose FLUSHes daxd
         // serves (QEMU serves those of the windows it maps itself).
         let pmem_window = match &config.pmem_socket {
-            Some(_) => Some(config.pmem_window(&layout)?.clone()),
+            Some(_) => Some(config.pmem_window(&current)?.clone()),
             None => None,
         };
         let faults = fault_rules(config, pmem_window.as_ref())?;
         let mut recording = Recording::default();
         let blk = open_disk(config, &region, &registry, disk, &faults, &mut recording)?;
-        allocate_pmem_windows(&region, &layout)?;
+        allocate_pmem_windows(&region, &current)?;
         let notifier = Arc::new(ConfigNotifier::default());
         let mut sockets = Vec::new();
         let pmem = match (&config.pmem_socket, pmem_window) {
@@ -408,7 +410,7 @@ impl Opened {
             let served = pmem
                 .as_ref()
                 .map(|(device, _)| device.window().name.clone());
-            for window in layout.pmem() {
+            for window in current.pmem() {
                 if Some(&window.name) != served.as_ref() {
                     recording.record_window(dir, &region, window, false)?;
                 }

@@ -11,7 +11,12 @@ use crate::PAGE_SIZE;
 /// memory-device rules).
 pub const PMEM_ALIGN: u64 = 2 << 20;
 
+/// The layout as it is now, one copy shared by everything that reads it: a resize (the
+/// control socket) stores a new one, readers load whichever is current.
+pub type SharedLayout = std::sync::Arc<arc_swap::ArcSwap<Layout>>;
+
 /// How a window is served.
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Serve {
     /// As the virtio-blk disk.

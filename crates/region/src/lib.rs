@@ -28,7 +28,7 @@ use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 pub use alloc::GRANULE;
 pub use kind::{BlockDevice, RegionKind};
-pub use layout::{Layout, LayoutError, Serve, Window, PMEM_ALIGN};
+pub use layout::{Layout, LayoutError, Serve, SharedLayout, Window, PMEM_ALIGN};
 pub use lock::LockKind;
 
 /// Bytes in a page frame: the unit of guest-visible mappings and of the registry.

@@ -19,7 +19,7 @@ use crate::{ConfigNotifier, VhostUserBlkBackend, VhostUserPmemBackend};
 
 use daxd_blk::BlkDevice;
 use daxd_pmem::PmemDevice;
-use daxd_region::Layout;
+use daxd_region::SharedLayout;
 use daxd_registry::{OwnerId, Registry};
 
 /// Errors setting up or serving a vhost-user socket.
@@ -282,7 +282,7 @@ impl Server {
     pub fn serve_blk(
         self,
         device: Arc<BlkDevice>,
-        layout: Arc<Layout>,
+        layout: SharedLayout,
         notifier: Arc<ConfigNotifier>,
         poll: std::time::Duration,
     ) -> Result<(), ServeError> {
@@ -404,10 +404,10 @@ mod tests {
     use daxd_blk::{BlkConfig, Serial};
     use daxd_region::{Region, RegionConfig};
 
-    fn blk_device(dir: &Path) -> (Arc<BlkDevice>, Arc<Layout>) {
+    fn blk_device(dir: &Path) -> (Arc<BlkDevice>, SharedLayout) {
         let region =
             Arc::new(Region::open(&RegionConfig::new(dir.join("r.img"), Some(1 << 20))).unwrap());
-        let layout = Arc::new(Layout::new(region.size(), vec![], false).unwrap());
+        let layout = Arc::new(daxd_region::Layout::new(region.size(), vec![], false).unwrap());
         let registry = Arc::new(Registry::new(region.frames()));
         let device = BlkDevice::new(
             region,
@@ -422,7 +422,7 @@ mod tests {
             },
         )
         .unwrap();
-        (Arc::new(device), layout)
+        (Arc::new(device), Arc::new(arc_swap::ArcSwap::new(layout)))
     }
 
     /// Stops a server thread and returns how long it took to end, and how.

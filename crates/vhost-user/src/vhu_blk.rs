@@ -28,7 +28,7 @@ use crate::inflight::{self, InflightArea, Recovery};
 use crate::queue::{self, Tracking};
 use daxd_blk::guest_windows::{GuestFile, GuestWindows};
 use daxd_blk::{BlkDevice, ChainBuffers, Handled};
-use daxd_region::Layout;
+use daxd_region::SharedLayout;
 use daxd_registry::OwnerId;
 
 /// The blk device as seen by one vhost-user connection. A fresh one is made for every
@@ -37,7 +37,7 @@ use daxd_registry::OwnerId;
 #[derive(Debug)]
 pub struct VhostUserBlkBackend {
     device: Arc<BlkDevice>,
-    layout: Arc<Layout>,
+    layout: SharedLayout,
     notifier: Arc<ConfigNotifier>,
     /// This connection's mappings in the registry.
     owner: OwnerId,
@@ -64,7 +64,7 @@ pub struct VhostUserBlkBackend {
 impl VhostUserBlkBackend {
     pub fn new(
         device: Arc<BlkDevice>,
-        layout: Arc<Layout>,
+        layout: SharedLayout,
         notifier: Arc<ConfigNotifier>,
         owner: OwnerId,
         mem: GuestMemoryAtomic<GuestMemory>,
@@ -186,6 +186,7 @@ impl VhostUserBlkBackend {
         self.guest_windows
             .update(&self.device, self.owner, files, |offset, len| {
                 self.layout
+                    .load()
                     .pmem_window_at(offset, len)
                     .map(|w| format!("pmem window {}", w.name))
                     .unwrap_or_else(|| "no declared pmem window".to_owned())

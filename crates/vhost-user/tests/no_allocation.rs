@@ -102,13 +102,15 @@ impl Rig {
     fn new(dir: &Path) -> Rig {
         let region =
             Arc::new(Region::open(&RegionConfig::new(dir.join("r.img"), Some(REGION))).unwrap());
-        let layout = Arc::new(Layout::new(region.size(), vec![], false).unwrap());
+        let layout = Arc::new(arc_swap::ArcSwap::from_pointee(
+            Layout::new(region.size(), vec![], false).unwrap(),
+        ));
         let registry = Arc::new(Registry::new(region.frames()));
         let device = Arc::new(
             BlkDevice::new(
                 region,
                 registry.clone(),
-                layout.blk().unwrap(),
+                layout.load().blk().unwrap(),
                 BlkConfig {
                     num_queues: 1,
                     queue_size: QUEUE_SIZE,

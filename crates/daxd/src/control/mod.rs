@@ -101,7 +101,7 @@ mod tests {
             &path,
             0o600,
             region.clone(),
-            layout.clone(),
+            Arc::new(arc_swap::ArcSwap::new(layout.clone())),
             registry.clone(),
             blk.clone(),
             Default::default(),

@@ -11,7 +11,7 @@ use log::{error, info, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use daxd_blk::{BlkDevice, BlkError};
-use daxd_region::{Layout, LayoutError, Region, Window};
+use daxd_region::{Layout, LayoutError, Region, SharedLayout, Window};
 use daxd_registry::Registry;
 use daxd_vhost_user::ConfigNotifier;
 
@@ -62,8 +62,8 @@ pub struct ControlSocket {
     pub(super) listener: UnixListener,
     path: PathBuf,
     region: Arc<Region>,
-    /// The layout as it is now: a resize replaces it.
-    layout: Arc<Layout>,
+    /// The layout as it is now: a resize replaces it, for the blk backends too.
+    layout: SharedLayout,
     registry: Arc<Registry>,
     blk: Arc<BlkDevice>,
     notifier: Arc<ConfigNotifier>,
@@ -80,7 +80,7 @@ impl ControlSocket {
         path: &Path,
         mode: u32,
         region: Arc<Region>,
-        layout: Arc<Layout>,
+        layout: SharedLayout,
         registry: Arc<Registry>,
         blk: Arc<BlkDevice>,
         notifier: Arc<ConfigNotifier>,
@@ -138,7 +138,7 @@ impl ControlSocket {
         let json = match answer {
             Ok(Request::Inspect) => serde_json::to_vec(&Inspection::of(
                 &self.region,
-                &self.layout,
+                &self.layout.load(),
                 &self.registry,
                 &self.blk,
             )),
@@ -190,12 +190,12 @@ impl ControlSocket {
 
     /// Grows the disk window to `bytes` inside the region, and tells the frontend.
     fn resize(&mut self, bytes: u64) -> Result<Resized, ResizeRefused> {
-        let disk = self.layout.blk().ok_or(ResizeRefused::NoDisk)?.clone();
+        let current = self.layout.load_full();
+        let disk = current.blk().ok_or(ResizeRefused::NoDisk)?.clone();
         if disk.serve.pmem() {
             return Err(ResizeRefused::ServedAsPmem { window: disk.name });
         }
-        let windows = self
-            .layout
+        let windows = current
             .windows()
             .iter()
             .map(|w| Window {
@@ -203,19 +203,20 @@ impl ControlSocket {
                 ..w.clone()
             })
             .collect();
-        let layout = Layout::new(self.region.size(), windows, self.layout.allows_overlap())
-            .map_err(|e| match e {
+        let layout = Layout::new(self.region.size(), windows, current.allows_overlap()).map_err(
+            |e| match e {
                 LayoutError::BeyondRegion { region_size, .. } => ResizeRefused::BeyondRegion {
                     layout: e.to_string(),
                     largest: disk.size.min(region_size),
                 },
                 e => ResizeRefused::Layout(e.to_string()),
-            })?;
+            },
+        )?;
         let before = self.blk.grow(bytes).map_err(|e| match e {
             BlkError::Shrink { .. } => ResizeRefused::Shrink(e.to_string()),
             e => ResizeRefused::Disk(e.to_string()),
         })?;
-        self.layout = Arc::new(layout);
+        self.layout.store(Arc::new(layout));
         let frontend = if before == bytes {
             FrontendNotice::Unchanged
         } else {
