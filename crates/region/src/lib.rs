@@ -54,7 +54,7 @@ pub enum RegionError {
         requested: u64,
     },
     #[error("region {path} is neither a regular file nor a block device")]
-    NotRegularFile { path: PathBuf },
+    NeitherFileNorBlockDevice { path: PathBuf },
     #[error("region {path} is a block device: it cannot be created or resized (drop --resize; --size, if given, must be the device's size)")]
     BlockDeviceResize { path: PathBuf },
     #[error("block device {path} is read-only: serve it with --read-only")]
@@ -687,7 +687,7 @@ fn open_or_create(config: &RegionConfig) -> Result<(File, RegionKind), RegionErr
         Ok(meta) if meta.file_type().is_block_device() => {
             return open_block_device(config, meta.rdev());
         }
-        Ok(_) => return Err(RegionError::NotRegularFile { path: path.clone() }),
+        Ok(_) => return Err(RegionError::NeitherFileNorBlockDevice { path: path.clone() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(io_error(config, "inspect", e)),
     };
