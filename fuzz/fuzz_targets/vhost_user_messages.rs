@@ -31,7 +31,12 @@ fn socket() -> &'static PathBuf {
         let server = Server::listen(&SocketAddr::Path(path.clone()), "blk").unwrap();
         std::thread::spawn(move || {
             server
-                .serve_blk(device, layout, Default::default(), Duration::ZERO)
+                .serve_blk(
+                    device,
+                    Arc::new(arc_swap::ArcSwap::new(layout)),
+                    Default::default(),
+                    Duration::ZERO,
+                )
                 .expect("the server stopped");
         });
         path
