@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::support::{
-    daxd_inspect, file_bytes, next_data, pattern, refused_start, test_dir, Backend, Client,
+    file_bytes, inspection_json, next_data, pattern, refused_start, test_dir, Backend, Client,
 };
 
 const MIB: u64 = 1 << 20;
@@ -69,8 +69,7 @@ fn a_block_device_region_is_served_with_its_size_and_discards_reach_the_device()
     let mut client = Client::connect(&daxd.socket, 1, false).unwrap();
     // The size is the device's: no --size given, none in stat.
     assert_eq!(client.capacity, 64 * MIB);
-    let inspection: serde_json::Value =
-        serde_json::from_str(&daxd_inspect(&control, &["--json"])).unwrap();
+    let inspection = inspection_json(&control);
     assert_eq!(inspection["region"]["kind"], "block device");
     assert_eq!(inspection["region"]["logical_block"], 512);
 
@@ -164,8 +163,7 @@ fn a_block_device_with_4k_sectors_is_a_disk_with_4k_blocks() {
     let client = Client::connect(&daxd.socket, 1, false).unwrap();
     // The driver learns the block size from the config space (blkio's request alignment).
     assert_eq!(client.blkio.get_i32("request-alignment").unwrap(), 4096);
-    let inspection: serde_json::Value =
-        serde_json::from_str(&daxd_inspect(&control, &["--json"])).unwrap();
+    let inspection = inspection_json(&control);
     assert_eq!(inspection["region"]["logical_block"], 4096);
     drop(client);
     assert!(daxd.terminate().success());

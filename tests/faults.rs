@@ -7,8 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::{
-    daxd_command, daxd_fault as fault, daxd_inspect, fault_rules, file_bytes, pattern,
-    refused_start, Backend, Client,
+    daxd_command, daxd_fault as fault, daxd_inspect, fault_rules, file_bytes, inspection_json,
+    pattern, refused_start, Backend, Client,
 };
 
 const EIO: i32 = -5;
@@ -109,8 +109,7 @@ fn fail_drop_and_corrupt_rules_do_what_they_say_and_count_their_hits() {
 
     // Each rule's hits are what the client did to it; inspect shows them too.
     assert_eq!(hits(&control), [(2, 1), (3, 1), (4, 1), (5, 1), (6, 1)]);
-    let inspection: serde_json::Value =
-        serde_json::from_str(&daxd_inspect(&control, &["--json"])).unwrap();
+    let inspection = inspection_json(&control);
     assert_eq!(inspection["faults"].as_array().unwrap().len(), 5);
     assert!(daxd_inspect(&control, &["--prometheus"])
         .lines()

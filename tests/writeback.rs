@@ -13,7 +13,7 @@ use std::process::Command;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::support::{daxd_inspect, pattern, Backend, Client, FsKind, SmallFs};
+use crate::support::{inspection_json, pattern, Backend, Client, FsKind, SmallFs};
 
 const MIB: u64 = 1 << 20;
 
@@ -99,8 +99,7 @@ fn flush_heavy_writes_into_a_copied_image(kind: FsKind, durable: Durable) {
          ({written} bytes for {WRITES} writes of 4 KiB): writes dirty whole large folios"
     );
     // What an operator sees: writes went over to pwrite(2), once.
-    let inspection: serde_json::Value =
-        serde_json::from_str(&daxd_inspect(&control, &["--json"])).unwrap();
+    let inspection = inspection_json(&control);
     assert_eq!(
         (
             &inspection["blk"]["writes_pwrite"],

@@ -130,7 +130,7 @@ pub struct Boot {
     /// The runner killed QEMU at its timeout: the guest hung.
     pub timed_out: bool,
     /// At the timeout a vCPU of the test guest had halted for good: over
-    /// [`QEMU_IDLE_SAMPLE`] its thread in QEMU neither ran nor was woken, so no interrupt,
+    /// [`VCPU_STOP_SAMPLE`] its thread in QEMU neither ran nor was woken, so no interrupt,
     /// not even the guest's own timers, reached it (QEMU's TCG emulation of nested SVM
     /// loses them now and then; a hung backend leaves the guest's CPUs waking).
     pub halted: bool,
@@ -141,7 +141,7 @@ pub struct Boot {
 /// wakes at least every 4 s (its soft-lockup watchdog's timer), and a guest that is merely
 /// waiting (on a hung backend, say) runs its watchdogs and the `timeout`s of its scripts
 /// too.
-pub const QEMU_IDLE_SAMPLE: Duration = Duration::from_secs(10);
+pub const VCPU_STOP_SAMPLE: Duration = Duration::from_secs(10);
 
 /// Context switches and CPU time (user and system, in clock ticks) of each vCPU thread of
 /// QEMU `pid`: the threads it names `CPU n/...` (`-name ...,debug-threads=on`).
@@ -178,13 +178,13 @@ fn vcpu_activity(pid: u32) -> Vec<(String, u64, u64)> {
 }
 
 /// Whether a vCPU thread of QEMU `pid` neither ran nor was woken over
-/// [`QEMU_IDLE_SAMPLE`]: that vCPU halted and no interrupt reaches it any more.
+/// [`VCPU_STOP_SAMPLE`]: that vCPU halted and no interrupt reaches it any more.
 fn a_vcpu_stopped_for_a_sample(pid: u32) -> bool {
     let before = vcpu_activity(pid);
     if before.is_empty() {
         return false;
     }
-    std::thread::sleep(QEMU_IDLE_SAMPLE);
+    std::thread::sleep(VCPU_STOP_SAMPLE);
     let after = vcpu_activity(pid);
     before.iter().any(|vcpu| after.contains(vcpu))
 }
@@ -448,7 +448,7 @@ pub fn boot_until(
         if halted {
             boot.console.push_str(&format!(
                 "[runner] a vCPU of the test guest had neither run nor been woken for \
-                 {QEMU_IDLE_SAMPLE:?}: halted with no interrupt reaching it\n"
+                 {VCPU_STOP_SAMPLE:?}: halted with no interrupt reaching it\n"
             ));
         }
     }

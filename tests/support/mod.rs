@@ -441,10 +441,13 @@ pub fn fault_rules(control: &Path) -> Vec<daxd_fault::RuleInfo> {
 
 /// The registry as `daxd inspect --json` reports it, read as the registry's own type.
 pub fn inspect(control: &Path) -> daxd_registry::Snapshot {
-    let mut inspection: serde_json::Value =
-        serde_json::from_str(&daxd_inspect(control, &["--json"]))
-            .expect("inspect --json prints JSON");
+    let mut inspection = inspection_json(control);
     serde_json::from_value(inspection["registry"].take()).expect("the registry is a Snapshot")
+}
+
+/// `daxd inspect --json` of a running daxd, parsed.
+pub fn inspection_json(control: &Path) -> serde_json::Value {
+    serde_json::from_str(&daxd_inspect(control, &["--json"])).expect("inspect --json prints JSON")
 }
 
 /// A temporary directory for one test; kept (and its path printed) when the environment
