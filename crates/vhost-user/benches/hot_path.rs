@@ -28,7 +28,6 @@
 //! matched against and none acts on (default none: the cost of rules being possible).
 
 use std::fs::OpenOptions;
-use std::hint::black_box;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -369,7 +368,6 @@ fn run(
                     assert_eq!(served, 1);
                     assert_eq!(driver.read_obj::<u8>(GuestAddress(status)).unwrap(), 0);
                 }
-                black_box(&vring);
                 start.elapsed().as_nanos() as f64 / iters as f64
             })
         })
