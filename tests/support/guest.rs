@@ -134,6 +134,10 @@ pub struct Boot {
     /// not even the guest's own timers, reached it (QEMU's TCG emulation of nested SVM
     /// loses them now and then; a hung backend leaves the guest's CPUs waking).
     pub halted: bool,
+    /// The test guest finished, but a guest nested in it stopped on its own CPU rather
+    /// than on its disk (see `cloud_hypervisor::inner_timer_stopped`): what the runner
+    /// found, for the report. Such a run is run again, as one with a halted vCPU is.
+    pub nested_cpu_stopped: Option<String>,
 }
 
 /// How long a QEMU that reached the runner's timeout is watched before it is killed, for a
@@ -193,13 +197,15 @@ impl Boot {
     /// The guest gave no verdict: its script neither finished nor was cut off by the
     /// runner's power cut, and either QEMU ended by itself (the test guest reset itself,
     /// QEMU runs with -no-reboot, or its process vanished) or at the runner's timeout a
-    /// vCPU had stopped for good ([`Boot::halted`]). A guest that stopped printing until
-    /// the runner's timeout while its vCPUs still ran or woke hung, and that is a verdict:
-    /// a failure.
+    /// vCPU had stopped for good ([`Boot::halted`]), or it finished but a guest nested in
+    /// it stopped on its own CPU ([`Boot::nested_cpu_stopped`]). A guest that stopped
+    /// printing until the runner's timeout while its vCPUs still ran or woke hung, and
+    /// that is a verdict: a failure.
     pub fn gave_no_verdict(&self) -> bool {
-        !self.finished
-            && (!self.timed_out || self.halted)
-            && !self.console.contains("\n[runner] power cut\n")
+        if self.console.contains("\n[runner] power cut\n") {
+            return false;
+        }
+        self.nested_cpu_stopped.is_some() || (!self.finished && (!self.timed_out || self.halted))
     }
 
     /// The console's last `n` lines, for a report.
@@ -350,8 +356,11 @@ pub fn boot_for_a_verdict(mut attempt: impl FnMut(u32) -> Boot) -> (Boot, u32) {
         return (boot, 0);
     }
     eprintln!(
-        "the test guest gave no verdict (console log {}); running it again. Its console ended:\n{}",
+        "the test guest gave no verdict (console log {}{}); running it again. Its console ended:\n{}",
         boot.console_log.display(),
+        boot.nested_cpu_stopped
+            .as_deref()
+            .map_or(String::new(), |why| format!("; {why}")),
         boot.console_tail(15)
     );
     (attempt(1), 1)
@@ -674,5 +683,6 @@ pub fn parse_console(console: String, console_log: PathBuf) -> Boot {
         finished,
         timed_out: false,
         halted: false,
+        nested_cpu_stopped: None,
     }
 }
