@@ -44,6 +44,19 @@ pub enum Mode {
     None,
 }
 
+/// How daxd reaches its region, which decides whether its threads need the file calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RegionIo {
+    /// A file or block device: reads of holes, writes into them, discards, fdatasync,
+    /// and files of a `--record` log.
+    #[default]
+    SystemCalls,
+    /// A device-DAX device without a `--record` log: loads, stores and cache write-back
+    /// through the mapping, and no system call on the region or any file at all: the lists
+    /// drop [`REGION_IO`].
+    MappingOnly,
+}
+
 /// A kind of daxd thread (see the crate documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ThreadKind {
@@ -140,31 +153,42 @@ impl ThreadKind {
         }
     }
 
-    /// The system calls this kind of thread makes itself.
-    fn own(self) -> Vec<libc::c_long> {
+    /// The system calls this kind of thread makes itself, reaching the region by `io`.
+    fn own(self, io: RegionIo) -> Vec<libc::c_long> {
         self.lists()
             .iter()
             .flat_map(|list| list.iter().map(|&(nr, _)| nr))
+            // The handler's lseek is of memory tables and in-flight areas.
+            .filter(|nr| {
+                io == RegionIo::SystemCalls
+                    || self == ThreadKind::Handler
+                    || !REGION_IO.iter().any(|&(call, _)| call == *nr)
+            })
             .collect()
     }
 
     /// The system calls a thread of this kind may make: its own and those of every thread
-    /// it creates, which inherit its filter.
+    /// it creates, which inherit its filter (for a region reached by system calls).
     pub fn allowed(self) -> BTreeSet<libc::c_long> {
-        let mut calls: BTreeSet<_> = self.own().into_iter().collect();
+        self.allowed_with(RegionIo::SystemCalls)
+    }
+
+    /// [`ThreadKind::allowed`] for a region reached by `io`.
+    pub fn allowed_with(self, io: RegionIo) -> BTreeSet<libc::c_long> {
+        let mut calls: BTreeSet<_> = self.own(io).into_iter().collect();
         for child in self.children() {
-            calls.extend(child.allowed());
+            calls.extend(child.allowed_with(io));
         }
         calls
     }
 
     /// The filter that lets this kind's calls through and meets any other with
     /// `mismatch`.
-    fn program(self, mismatch: SeccompAction) -> Result<BpfProgram, ConfineError> {
+    fn program(self, mismatch: SeccompAction, io: RegionIo) -> Result<BpfProgram, ConfineError> {
         let arch = TargetArch::try_from(std::env::consts::ARCH)
             .map_err(|_| ConfineError::Arch(std::env::consts::ARCH))?;
         let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = self
-            .allowed()
+            .allowed_with(io)
             .into_iter()
             .map(|call| (call, Vec::new()))
             .collect();
@@ -197,7 +221,9 @@ static POLICY: OnceLock<Policy> = OnceLock::new();
 
 /// Builds every kind's filter (so that a list that does not compile fails at start, not in
 /// a thread) and, for `trap`, the SIGSYS handler. Threads confine themselves with [`enter`].
-pub fn init(mode: Mode) -> Result<(), ConfineError> {
+/// `io` says how daxd reaches its region: a device-DAX device only through its mapping,
+/// which takes the file calls off every list.
+pub fn init(mode: Mode, io: RegionIo) -> Result<(), ConfineError> {
     settle_malloc();
     let mismatch = match mode {
         Mode::Kill => Some(SeccompAction::KillProcess),
@@ -208,7 +234,7 @@ pub fn init(mode: Mode) -> Result<(), ConfineError> {
     let mut programs = BTreeMap::new();
     if let Some(mismatch) = mismatch {
         for kind in ThreadKind::ALL {
-            programs.insert(kind, kind.program(mismatch.clone())?);
+            programs.insert(kind, kind.program(mismatch.clone(), io)?);
         }
     }
     if mode == Mode::Trap {
@@ -438,6 +464,17 @@ const PMEM_MAPPER: &[Call] = calls![
     SYS_statx,
     SYS_sendmsg,
     SYS_recvmsg,
+];
+
+/// The calls that reach the region's file (or a `--record` log's files): none of them is
+/// allowed where the region is memory only ([`RegionIo::MappingOnly`]).
+const REGION_IO: &[Call] = calls![
+    SYS_pread64,
+    SYS_pwrite64,
+    SYS_fallocate,
+    SYS_fdatasync,
+    SYS_lseek,
+    SYS_cachestat,
 ];
 
 /// The config change on the backend channel, and the frontend's reply.

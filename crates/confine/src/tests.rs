@@ -47,6 +47,47 @@ fn a_queue_worker_cannot_reach_out() {
 }
 
 #[test]
+fn threads_serving_memory_only_make_no_file_calls() {
+    let file_calls = [
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_fdatasync,
+        libc::SYS_fallocate,
+        libc::SYS_lseek,
+    ];
+    for kind in [
+        ThreadKind::Main,
+        ThreadKind::QueueWorker,
+        ThreadKind::Flusher,
+        ThreadKind::PmemMapper,
+    ] {
+        let allowed = kind.allowed_with(RegionIo::MappingOnly);
+        for call in file_calls {
+            assert!(
+                !allowed.contains(&call),
+                "{} threads may make call {call}",
+                kind.name()
+            );
+        }
+        // Nothing else is taken away: eventfds are still read, log lines written.
+        let with_files = kind.allowed();
+        assert!(allowed.is_subset(&with_files));
+        assert_eq!(
+            with_files.difference(&allowed).count(),
+            with_files
+                .iter()
+                .filter(|c| file_calls.contains(c) || **c == sys::SYS_cachestat)
+                .count()
+        );
+        assert!(allowed.contains(&libc::SYS_write));
+    }
+    // A handler still sizes memory tables with lseek.
+    assert!(ThreadKind::Handler
+        .allowed_with(RegionIo::MappingOnly)
+        .contains(&libc::SYS_lseek));
+}
+
+#[test]
 fn every_filter_compiles() {
     for mismatch in [
         SeccompAction::KillProcess,
@@ -54,7 +95,10 @@ fn every_filter_compiles() {
         SeccompAction::Trap,
     ] {
         for kind in ThreadKind::ALL {
-            kind.program(mismatch.clone()).unwrap();
+            kind.program(mismatch.clone(), RegionIo::SystemCalls)
+                .unwrap();
+            kind.program(mismatch.clone(), RegionIo::MappingOnly)
+                .unwrap();
         }
     }
 }
@@ -77,7 +121,7 @@ fn child_queue_worker_calls_socket() {
         Ok("log") => Mode::Log,
         _ => return,
     };
-    init(mode).unwrap();
+    init(mode, RegionIo::SystemCalls).unwrap();
     let worker = std::thread::spawn(|| {
         enter(ThreadKind::QueueWorker).unwrap();
         // Allowed: a write (this line), memory, time.
@@ -165,7 +209,7 @@ fn child_queue_worker_shrinks_its_heap() {
     if std::env::var(CHILD).as_deref() != Ok("trap") {
         return;
     }
-    init(Mode::Trap).unwrap();
+    init(Mode::Trap, RegionIo::SystemCalls).unwrap();
     let worker = std::thread::spawn(|| {
         enter(ThreadKind::QueueWorker).unwrap();
         for round in 0..4 {

@@ -101,21 +101,27 @@ fn main() -> ExitCode {
 fn print_qemu_args(print: PrintArgs) -> Result<(), Error> {
     let config = Config::try_from(print.serve)?;
     let path = &config.region.path;
-    let size = match (std::fs::metadata(path), config.region.size) {
-        (Ok(meta), _) => meta.len(),
-        (Err(_), Some(size)) => size,
-        (Err(_), None) => {
+    let (kind, size) = match (
+        daxd_region::probe(path).map_err(Error::Region)?,
+        config.region.size,
+    ) {
+        (Some(found), _) => found,
+        (None, Some(size)) => (daxd_region::RegionKind::File, size),
+        (None, None) => {
             return Err(Error::Region(daxd_region::RegionError::MissingFile {
                 path: path.clone(),
             }))
         }
     };
     let layout = config.layout(size)?;
+    layout
+        .check_map_align(kind.map_align())
+        .map_err(Error::Layout)?;
     // QEMU runs elsewhere: give it an absolute path.
     let absolute = std::path::absolute(path).map_err(Error::io("make the region path absolute"))?;
     print!(
         "{}",
-        qemu_args::qemu_args(&config, &layout, &absolute, print.guest_ram)
+        qemu_args::qemu_args(&config, &layout, &absolute, kind, print.guest_ram)
     );
     Ok(())
 }
@@ -138,8 +144,17 @@ fn seccomp_lists() -> String {
 fn run(config: Config) -> Result<(), Error> {
     // Registered before any thread starts, so no thread dies on SIGINT/SIGTERM.
     let signals = SignalPipe::new()?;
-    daxd_confine::init(config.seccomp).map_err(Error::Confine)?;
     let opened = Opened::open(&config)?;
+    // Before any thread starts (they start serving in `serve`): a device-DAX region is
+    // reached through its mapping alone, so its threads get no file calls at all, unless
+    // a --record log needs them for its files.
+    let io = match opened.region.kind() {
+        daxd_region::RegionKind::DeviceDax(_) if config.record.is_none() => {
+            daxd_confine::RegionIo::MappingOnly
+        }
+        _ => daxd_confine::RegionIo::SystemCalls,
+    };
+    daxd_confine::init(config.seccomp, io).map_err(Error::Confine)?;
     sandbox(config.sandbox, &opened)?;
     let status = format!(
         "serving {} on {}",
@@ -372,6 +387,9 @@ impl Opened {
         let region = Arc::new(Region::open(&config.region).map_err(Error::Region)?);
         let layout: SharedLayout = Arc::new(ArcSwap::from_pointee(config.layout(region.size())?));
         let current = layout.load_full();
+        current
+            .check_map_align(region.kind().map_align())
+            .map_err(Error::Layout)?;
         let registry = Arc::new(Registry::new(region.frames()));
         let disk = current.blk().ok_or(Error::NoDisk)?;
         // The devices rules may name: the disk, and the pmem window whose FLUSHes daxd

@@ -4,14 +4,21 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use daxd_region::{Layout, PMEM_ALIGN};
+use daxd_region::{Layout, RegionKind, PMEM_ALIGN};
 
 use crate::config::Config;
 
 const GIB: u64 = 1 << 30;
 
-/// The QEMU options for `args`' disk and pmem windows, for a guest with `ram` bytes of RAM.
-pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64) -> String {
+/// The QEMU options for `args`' disk and pmem windows of a region of `kind`, for a guest
+/// with `ram` bytes of RAM.
+pub fn qemu_args(
+    config: &Config,
+    layout: &Layout,
+    region_path: &Path,
+    kind: RegionKind,
+    ram: u64,
+) -> String {
     let mut out = String::new();
     let pmem_total: u64 = layout.pmem().map(|w| w.size).sum();
     let slots = layout.pmem().count() + 1;
@@ -48,13 +55,34 @@ pub fn qemu_args(config: &Config, layout: &Layout, region_path: &Path, ram: u64)
              (daxd finds it in its vhost-user memory table and tracks its pages):",
             w.name, w.offset, w.size
         );
-        let _ = writeln!(
-            out,
-            "-object memory-backend-file,id={name},share=on,mem-path={path},offset={offset},size={size} -device virtio-pmem-pci,memdev={name},id=pmem-{name}",
+        let backend = format!(
+            "-object memory-backend-file,id={name},share=on,mem-path={path},offset={offset},size={size}",
             name = w.name,
             path = region_path.display(),
             offset = w.offset,
             size = w.size
+        );
+        if let RegionKind::DeviceDax(dax) = kind {
+            // Persistent memory itself: the guest gets it as an NVDIMM and writes its cache
+            // lines back itself (virtio-pmem's FLUSH would be QEMU's fsync, which a
+            // device-DAX device does not have). QEMU must map it in the device's pages.
+            let _ = writeln!(
+                out,
+                "#   (add nvdimm=on to -machine; the guest makes its own stores durable, as on \
+                 a host NVDIMM)"
+            );
+            let _ = writeln!(
+                out,
+                "{backend},align={align},pmem=on -device nvdimm,memdev={name},id=nvdimm-{name}",
+                align = dax.align,
+                name = w.name
+            );
+            continue;
+        }
+        let _ = writeln!(
+            out,
+            "{backend} -device virtio-pmem-pci,memdev={name},id=pmem-{name}",
+            name = w.name,
         );
         let _ = writeln!(
             out,
@@ -107,5 +135,57 @@ fn socket_text(socket: &daxd_vhost_user::SocketAddr) -> String {
     match socket {
         daxd_vhost_user::SocketAddr::Path(path) => path.display().to_string(),
         daxd_vhost_user::SocketAddr::Fd(_) => "SOCKET".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::args::{Cli, Command};
+    use clap::Parser;
+    use daxd_region::DeviceDax;
+
+    fn printed(kind: RegionKind) -> String {
+        let cli = Cli::try_parse_from([
+            "daxd",
+            "print-qemu-args",
+            "--region",
+            "/dev/dax0.0",
+            "--socket-path",
+            "/run/daxd.sock",
+            "--window",
+            "name=pm0,offset=0,size=32M,serve=pmem",
+            "--window",
+            "name=disk,offset=32M,size=32M,serve=blk",
+        ])
+        .unwrap();
+        let Some(Command::PrintQemuArgs(print)) = cli.command else {
+            panic!("not print-qemu-args")
+        };
+        let config = Config::try_from(print.serve).unwrap();
+        let layout = config.layout(64 << 20).unwrap();
+        qemu_args(&config, &layout, Path::new("/dev/dax0.0"), kind, 1 << 30)
+    }
+
+    #[test]
+    fn a_device_dax_window_is_an_nvdimm_mapped_in_the_devices_pages() {
+        let dax = printed(RegionKind::DeviceDax(DeviceDax {
+            size: 64 << 20,
+            align: 2 << 20,
+        }));
+        assert!(
+            dax.contains(
+                "-object memory-backend-file,id=pm0,share=on,mem-path=/dev/dax0.0,offset=0,\
+                 size=33554432,align=2097152,pmem=on -device nvdimm,memdev=pm0,id=nvdimm-pm0"
+            ),
+            "{dax}"
+        );
+        assert!(!dax.contains("virtio-pmem-pci"), "{dax}");
+        let file = printed(RegionKind::File);
+        assert!(!file.contains("pmem=on"), "{file}");
+        assert!(
+            file.contains("size=33554432 -device virtio-pmem-pci,memdev=pm0"),
+            "{file}"
+        );
     }
 }

@@ -342,10 +342,13 @@ impl PmemDevice {
         self.refusals.count()
     }
 
-    /// Makes every earlier write to the window durable.
+    /// Makes every earlier write to the window durable: the guest's stores through its
+    /// mapping of it, and daxd's own writes (see Region::flush_window).
     pub fn flush(&self) -> Result<(), RegionError> {
-        // All of the file, not only the window: see Region::flush.
-        self.registry.flushing(|| self.region.flush())
+        self.registry.flushing(|| {
+            self.region
+                .flush_window(self.window.offset, self.window.size)
+        })
     }
 }
 

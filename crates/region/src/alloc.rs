@@ -51,6 +51,16 @@ impl Allocation {
         allocation
     }
 
+    /// Tracking for memory of `size` bytes, which has no holes (device-DAX).
+    pub(crate) fn full(size: u64) -> Allocation {
+        let granules = size.div_ceil(GRANULE);
+        Allocation {
+            bits: (0..granules.div_ceil(64))
+                .map(|_| AtomicU64::new(u64::MAX))
+                .collect(),
+        }
+    }
+
     /// Granules wholly inside `start..end`.
     fn whole(start: u64, end: u64) -> std::ops::Range<u64> {
         let first = start.div_ceil(GRANULE);

@@ -71,6 +71,8 @@ pub enum LayoutError {
         size: u64,
         region_size: u64,
     },
+    #[error("window {name}: the region is a device-DAX device mapped in {align}-byte pages, so a pmem window's offset and size must be multiples of {align} bytes")]
+    DeviceUnaligned { name: String, align: u64 },
     #[error("window name {name} is used twice")]
     DuplicateName { name: String },
     #[error("window {name} overlaps window {other}")]
@@ -89,6 +91,22 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// Checks that every pmem window (which a VMM or a guest maps) starts and ends on a
+    /// multiple of `align`, what every mapping of the region must be aligned to (see
+    /// [`crate::RegionKind::map_align`]).
+    pub fn check_map_align(&self, align: u64) -> Result<(), LayoutError> {
+        match self
+            .pmem()
+            .find(|w| w.offset % align != 0 || w.size % align != 0)
+        {
+            Some(w) => Err(LayoutError::DeviceUnaligned {
+                name: w.name.clone(),
+                align,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Checks `windows` against a region of `region_size` bytes. No windows means one
     /// window `disk` covering the whole region, served as blk.
     pub fn new(
@@ -256,5 +274,36 @@ mod tests {
             ),
             LayoutError::SeveralDisks { .. }
         ));
+    }
+
+    #[test]
+    fn pmem_windows_of_a_device_dax_region_follow_its_pages() {
+        let layout = Layout::new(
+            4 << 30,
+            vec![
+                Window {
+                    name: "pm0".into(),
+                    offset: 2 << 20,
+                    size: 1 << 30,
+                    serve: Serve::Pmem,
+                },
+                Window {
+                    name: "disk".into(),
+                    offset: (1 << 30) + (2 << 20),
+                    size: 4096 * 3,
+                    serve: Serve::Blk,
+                },
+            ],
+            false,
+        )
+        .unwrap();
+        layout.check_map_align(4096).unwrap();
+        layout.check_map_align(2 << 20).unwrap();
+        // 1 GiB pages: the window starts 2 MiB in; the disk window is not mapped.
+        let err = layout.check_map_align(1 << 30).unwrap_err();
+        assert!(
+            matches!(&err, LayoutError::DeviceUnaligned { name, align } if name == "pm0" && *align == 1 << 30),
+            "{err}"
+        );
     }
 }

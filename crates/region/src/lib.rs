@@ -10,6 +10,7 @@ mod alloc;
 mod kind;
 mod layout;
 mod lock;
+pub mod persist;
 pub mod writeback;
 pub use writeback::WritePath;
 
@@ -18,6 +19,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use log::info;
@@ -27,9 +29,10 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 pub use alloc::GRANULE;
-pub use kind::{BlockDevice, RegionKind};
+pub use kind::{BlockDevice, DeviceDax, RegionKind};
 pub use layout::{Layout, LayoutError, Serve, SharedLayout, Window, PMEM_ALIGN};
 pub use lock::LockKind;
+pub use persist::CacheWriteBack;
 
 /// Bytes in a page frame: the unit of guest-visible mappings and of the registry.
 pub const PAGE_SIZE: u64 = 4096;
@@ -53,8 +56,14 @@ pub enum RegionError {
         actual: u64,
         requested: u64,
     },
-    #[error("region {path} is neither a regular file nor a block device")]
+    #[error("region {path} is neither a regular file, a block device nor a device-DAX device")]
     NeitherFileNorBlockDevice { path: PathBuf },
+    #[error("region {path} is a device-DAX device: it cannot be created or resized (drop --resize; --size, if given, must be the device's size)")]
+    DeviceDaxResize { path: PathBuf },
+    #[error("region {path} is a device-DAX device, which only a mapping reaches: --write-path pwrite cannot serve it (drop the option)")]
+    DeviceDaxPwrite { path: PathBuf },
+    #[error("region {path} is persistent memory, but daxd cannot write cache lines back on this CPU architecture ({arch}); serve a file on a DAX file system without --direct instead")]
+    NoCacheWriteBack { path: PathBuf, arch: &'static str },
     #[error("region {path} is a block device: it cannot be created or resized (drop --resize; --size, if given, must be the device's size)")]
     BlockDeviceResize { path: PathBuf },
     #[error("block device {path} is read-only: serve it with --read-only")]
@@ -156,6 +165,40 @@ pub struct Region {
     map_sync: bool,
     identity: FileIdentity,
     kind: RegionKind,
+    /// How writes become durable.
+    durability: Durability,
+}
+
+/// How a FLUSH makes the region's writes durable.
+#[derive(Debug)]
+enum Durability {
+    /// `fdatasync`: the page cache is written back to the file's blocks.
+    PageCache,
+    /// A synchronous mapping (`MAP_SYNC` on a DAX file system, or device-DAX): the cache
+    /// lines daxd stored into are written back (see [`persist`]).
+    Synchronous(Synchronous),
+}
+
+#[derive(Debug)]
+struct Synchronous {
+    how: CacheWriteBack,
+    line: usize,
+    dirty: persist::DirtyPages,
+    /// A system call changed the file (pwrite into a hole, a range zeroed or punched):
+    /// its data is on the media, but the file system's record of the blocks may not be,
+    /// so the next FLUSH makes an `fdatasync` too. Never set on device-DAX.
+    metadata: std::sync::atomic::AtomicBool,
+    written_back: std::sync::atomic::AtomicU64,
+    fdatasyncs: std::sync::atomic::AtomicU64,
+}
+
+/// What FLUSHes of a region with a synchronous mapping did, for `daxd inspect` and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteBackStats {
+    /// Bytes of cache lines written back (whole pages daxd stored into).
+    pub bytes: u64,
+    /// `fdatasync` calls a FLUSH made because the file's blocks changed.
+    pub fdatasyncs: u64,
 }
 
 impl Region {
@@ -173,7 +216,7 @@ impl Region {
         }
         let (file, kind) = open_or_create(config)?;
         // A block device is claimed when it is opened (O_EXCL).
-        if config.lock && kind == RegionKind::File {
+        if config.lock && !matches!(kind, RegionKind::BlockDevice(_)) {
             // Before anything about the file changes: a refused start leaves it as it was.
             lock_file(&file, config)?;
         }
@@ -184,6 +227,7 @@ impl Region {
             RegionKind::File => meta.len(),
             RegionKind::BlockDevice(_) => rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
                 .map_err(|e| io_error(config, "find the size of", e.into()))?,
+            RegionKind::DeviceDax(dax) => dax.size,
         };
         let size = settle_size(&file, current, config)?;
         // Through /proc, so that it is the same inode even if the path changed meanwhile.
@@ -203,7 +247,17 @@ impl Region {
                 false => io_error(config, "map", io::Error::other(source)),
             },
         )?;
-        let allocation = alloc::Allocation::scan(&file, size);
+        let durability = durability(config, kind, map_sync, size)?;
+        let allocation = match kind {
+            RegionKind::DeviceDax(_) => alloc::Allocation::full(size),
+            _ => alloc::Allocation::scan(&file, size),
+        };
+        // Stores through a synchronous mapping reach the media; pwrite(2) would need an
+        // fdatasync after it. Only an explicit choice keeps pwrite on a DAX file.
+        let write_path = match (&durability, config.write_path) {
+            (Durability::Synchronous(_), WritePath::Auto) => WritePath::Map,
+            (_, path) => path,
+        };
         // (A device node's file system is devtmpfs, which says nothing about the device.)
         let allocates_on_read = kind == RegionKind::File
             && rustix::fs::fstatfs(&*file)
@@ -215,7 +269,7 @@ impl Region {
             path: config.path.clone(),
             mapping,
             allocation,
-            writeback: writeback::WriteBack::new(config.write_path),
+            writeback: writeback::WriteBack::new(write_path),
             allocates_on_read,
             read_only: config.read_only,
             map_sync,
@@ -224,6 +278,7 @@ impl Region {
                 ino: meta.ino(),
             },
             kind,
+            durability,
         })
     }
 
@@ -352,6 +407,7 @@ impl Region {
         let allocated = self.allocation.covers(offset, src.len() as u64);
         if allocated && !self.writeback.writes_pwrite() {
             src.copy_to_volatile_slice(dst);
+            self.stored(offset, src.len() as u64);
             return Ok(());
         }
         self.pwrite_loop(offset, src.len(), |done, at| {
@@ -398,6 +454,7 @@ impl Region {
         let dst = self.slice(offset, buf.len())?;
         if self.allocation.covers(offset, buf.len() as u64) {
             dst.copy_from(buf);
+            self.stored(offset, buf.len() as u64);
             return Ok(());
         }
         self.pwrite_all(offset, buf)?;
@@ -411,6 +468,22 @@ impl Region {
         })
     }
 
+    /// Records stores through the mapping into `len` bytes at `offset`, for the next
+    /// FLUSH of a synchronous mapping to write their cache lines back.
+    fn stored(&self, offset: u64, len: u64) {
+        if let Durability::Synchronous(sync) = &self.durability {
+            sync.dirty.mark(offset, len);
+        }
+    }
+
+    /// Records that a system call changed the file's blocks (see
+    /// [`Synchronous::metadata`]).
+    fn changed_blocks(&self) {
+        if let Durability::Synchronous(sync) = &self.durability {
+            sync.metadata.store(true, Ordering::Release);
+        }
+    }
+
     /// Writes `len` bytes at region byte `offset` with `pwrite(done, at)`, which writes
     /// what it can of the bytes from `done` on at file offset `at`, until all are written.
     fn pwrite_loop(
@@ -419,6 +492,7 @@ impl Region {
         len: usize,
         mut pwrite: impl FnMut(usize, u64) -> rustix::io::Result<usize>,
     ) -> Result<(), RegionError> {
+        self.changed_blocks();
         let mut done = 0;
         while done < len {
             let at = offset + done as u64;
@@ -466,6 +540,9 @@ impl Region {
         if self.read_only {
             return Err(RegionError::ReadOnly);
         }
+        if matches!(self.kind, RegionKind::DeviceDax(_)) {
+            return Ok(());
+        }
         const CHUNK: u64 = 1 << 20;
         static ZEROES: [u8; CHUNK as usize] = [0; CHUNK as usize];
         let end = offset + len;
@@ -495,32 +572,118 @@ impl Region {
 
     /// Whether `offset..offset+len` has a hole (or blocks never written).
     pub fn has_holes(&self, offset: u64, len: u64) -> bool {
+        if matches!(self.kind, RegionKind::DeviceDax(_)) {
+            return false;
+        }
         rustix::fs::seek(&*self.file, rustix::fs::SeekFrom::Hole(offset))
             .map_or(true, |hole| hole < offset + len)
     }
 
-    /// Makes every earlier write to the region durable.
+    /// Makes every earlier write to the region durable, daxd's own and the stores of
+    /// guests that map parts of it (the final flush at shutdown).
     ///
-    /// The one way daxd makes anything durable. fdatasync writes back pages dirtied
-    /// through the mapping or by pwrite(2), and the metadata of holes and zeroed ranges,
-    /// so one call covers the data and the discard paths, whichever way a request took.
+    /// With a page cache, fdatasync writes back pages dirtied through the mapping or by
+    /// pwrite(2), and the metadata of holes and zeroed ranges, so one call covers the data
+    /// and the discard paths, whichever way a request took. On a DAX file system it also
+    /// writes back the cache lines of every page stored into through any mapping of the
+    /// file (the kernel tracks those by their write faults). On device-DAX nothing tracks
+    /// a guest's stores, so every cache line of the region is written back.
     pub fn flush(&self) -> Result<(), RegionError> {
+        self.flush_window(0, self.size())
+    }
+
+    /// Makes daxd's own writes durable, and the stores of guests into `len` bytes at
+    /// `offset` (a pmem window's FLUSH): on device-DAX, every cache line of that range is
+    /// written back; elsewhere as [`Region::flush`].
+    pub fn flush_window(&self, offset: u64, len: u64) -> Result<(), RegionError> {
         if self.read_only {
             return Ok(());
         }
+        match &self.durability {
+            Durability::PageCache => self.fdatasync(),
+            Durability::Synchronous(sync) => {
+                self.write_back_stored(sync);
+                if let RegionKind::DeviceDax(_) = self.kind {
+                    let range = self.slice(offset, len as usize)?;
+                    sync.how
+                        .write_back(range.ptr_guard().as_ptr(), range.len(), sync.line);
+                    sync.how.fence();
+                    sync.written_back.fetch_add(len, Ordering::Relaxed);
+                    return Ok(());
+                }
+                sync.metadata.store(false, Ordering::Release);
+                self.fdatasync()?;
+                sync.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// A disk's FLUSH, after it wrote `written` bytes since its previous one: makes every
+    /// write daxd completed durable. With a page cache, first looks at how much those
+    /// writes left dirty, which picks the path of the writes to come (see [`writeback`]),
+    /// then calls fdatasync. On a synchronous mapping it writes back the cache lines of the
+    /// pages stored into since the previous FLUSH, and calls fdatasync only when a system
+    /// call changed the file's blocks meanwhile.
+    pub fn flush_after_writes(&self, written: u64) -> Result<(), RegionError> {
+        if self.read_only {
+            return Ok(());
+        }
+        match &self.durability {
+            Durability::PageCache => {
+                self.writeback.before_flush(&self.file, &self.path, written);
+                self.fdatasync()
+            }
+            Durability::Synchronous(sync) => {
+                self.write_back_stored(sync);
+                if sync.metadata.swap(false, Ordering::AcqRel) {
+                    self.fdatasync()?;
+                    sync.fdatasyncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes back the cache lines of every page stored into since the last time.
+    fn write_back_stored(&self, sync: &Synchronous) {
+        let mut bytes = 0;
+        sync.dirty.take(|first, pages| {
+            let (offset, len) = (first << PAGE_SHIFT, pages << PAGE_SHIFT);
+            if let Ok(range) = self.slice(offset, len as usize) {
+                sync.how
+                    .write_back(range.ptr_guard().as_ptr(), range.len(), sync.line);
+                bytes += len;
+            }
+        });
+        sync.how.fence();
+        sync.written_back.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn fdatasync(&self) -> Result<(), RegionError> {
         self.file
             .sync_data()
             .map_err(|source| self.io_error("flush", source))
     }
 
-    /// [`Region::flush`] for a disk that wrote `written` bytes since its previous flush:
-    /// first looks at how much those writes left dirty, which picks the path of the writes
-    /// to come (see [`writeback`]).
-    pub fn flush_after_writes(&self, written: u64) -> Result<(), RegionError> {
-        if !self.read_only && !self.map_sync {
-            self.writeback.before_flush(&self.file, &self.path, written);
+    /// The cache write-back a synchronous mapping's FLUSHes use, with its line size;
+    /// `None` for a region with a page cache.
+    pub fn cache_write_back(&self) -> Option<(CacheWriteBack, usize)> {
+        match &self.durability {
+            Durability::PageCache => None,
+            Durability::Synchronous(sync) => Some((sync.how, sync.line)),
         }
-        self.flush()
+    }
+
+    /// What the FLUSHes of a synchronous mapping did so far (zero with a page cache).
+    pub fn write_back_stats(&self) -> WriteBackStats {
+        match &self.durability {
+            Durability::PageCache => WriteBackStats::default(),
+            Durability::Synchronous(sync) => WriteBackStats {
+                bytes: sync.written_back.load(Ordering::Relaxed),
+                fdatasyncs: sync.fdatasyncs.load(Ordering::Relaxed),
+            },
+        }
     }
 
     /// Whether writes into allocated blocks go through pwrite(2) rather than the mapping
@@ -561,6 +724,25 @@ impl Region {
         if len == 0 {
             return Ok(());
         }
+        if let RegionKind::DeviceDax(_) = self.kind {
+            // Memory has no holes and no fallocate: zeroing stores, written back at the
+            // next FLUSH like any other.
+            const CHUNK: usize = 1 << 16;
+            static ZEROES: [u8; CHUNK] = [0; CHUNK];
+            let range = self.slice(offset, len as usize)?;
+            let mut done = 0;
+            while done < range.len() {
+                let n = (range.len() - done).min(CHUNK);
+                // In range: `done + n` <= the slice's length.
+                if let Ok(part) = range.subslice(done, n) {
+                    part.copy_from(&ZEROES[..n]);
+                }
+                done += n;
+            }
+            self.stored(offset, len);
+            return Ok(());
+        }
+        self.changed_blocks();
         // Forgotten before the hole (or the unwritten zeroes) exists, so that a store
         // after it goes through pwrite(2) again.
         for granule in alloc::Allocation::touched(offset, len) {
@@ -687,6 +869,9 @@ fn open_or_create(config: &RegionConfig) -> Result<(File, RegionKind), RegionErr
         Ok(meta) if meta.file_type().is_block_device() => {
             return open_block_device(config, meta.rdev());
         }
+        Ok(meta) if meta.file_type().is_char_device() => {
+            return open_device_dax(config, meta.rdev());
+        }
         Ok(_) => return Err(RegionError::NeitherFileNorBlockDevice { path: path.clone() }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => false,
         Err(e) => return Err(io_error(config, "inspect", e)),
@@ -753,6 +938,103 @@ fn open_block_device(config: &RegionConfig, rdev: u64) -> Result<(File, RegionKi
         if device.read_only { ", read-only" } else { "" }
     );
     Ok((file, RegionKind::BlockDevice(device)))
+}
+
+/// What backs `path` and how large it is, found without claiming, locking or mapping it
+/// (for `daxd print-qemu-args`); `None` when nothing is there yet.
+pub fn probe(path: &Path) -> Result<Option<(RegionKind, u64)>, RegionError> {
+    let config = RegionConfig::new(path, None);
+    let meta = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(&config, "inspect", e)),
+    };
+    let file_type = meta.file_type();
+    if meta.is_file() {
+        return Ok(Some((RegionKind::File, meta.len())));
+    }
+    if file_type.is_block_device() {
+        let device = BlockDevice::of(meta.rdev())
+            .map_err(|e| io_error(&config, "read the sysfs facts of", e))?;
+        let file = File::open(path).map_err(|e| io_error(&config, "open", e))?;
+        let size = rustix::fs::seek(&file, rustix::fs::SeekFrom::End(0))
+            .map_err(|e| io_error(&config, "find the size of", e.into()))?;
+        return Ok(Some((RegionKind::BlockDevice(device), size)));
+    }
+    if file_type.is_char_device() {
+        if let Some(dax) = DeviceDax::of(meta.rdev())
+            .map_err(|e| io_error(&config, "read the sysfs facts of", e))?
+        {
+            return Ok(Some((RegionKind::DeviceDax(dax), dax.size)));
+        }
+    }
+    Err(RegionError::NeitherFileNorBlockDevice {
+        path: path.to_owned(),
+    })
+}
+
+/// Opens the device-DAX device `config.path` (device number `rdev`).
+fn open_device_dax(config: &RegionConfig, rdev: u64) -> Result<(File, RegionKind), RegionError> {
+    let path = &config.path;
+    let dax = DeviceDax::of(rdev)
+        .map_err(|e| io_error(config, "read the sysfs facts of", e))?
+        .ok_or_else(|| RegionError::NeitherFileNorBlockDevice { path: path.clone() })?;
+    if config.resize {
+        return Err(RegionError::DeviceDaxResize { path: path.clone() });
+    }
+    if config.write_path == WritePath::Pwrite {
+        return Err(RegionError::DeviceDaxPwrite { path: path.clone() });
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| io_error(config, "open", e))?;
+    info!(
+        "{}: a device-DAX device of {} bytes, mapped in {} byte pages",
+        path.display(),
+        dax.size,
+        dax.align
+    );
+    Ok((file, RegionKind::DeviceDax(dax)))
+}
+
+/// How a region's writes become durable: through a synchronous mapping (and its CPU's
+/// cache write-back), or its page cache.
+fn durability(
+    config: &RegionConfig,
+    kind: RegionKind,
+    map_sync: bool,
+    size: u64,
+) -> Result<Durability, RegionError> {
+    let synchronous = map_sync || matches!(kind, RegionKind::DeviceDax(_));
+    if !synchronous || config.read_only {
+        return Ok(Durability::PageCache);
+    }
+    let Some((how, line)) = CacheWriteBack::detect() else {
+        if map_sync && !config.direct && kind == RegionKind::File {
+            // A DAX file: fdatasync writes the cache lines back too.
+            return Ok(Durability::PageCache);
+        }
+        return Err(RegionError::NoCacheWriteBack {
+            path: config.path.clone(),
+            arch: std::env::consts::ARCH,
+        });
+    };
+    info!(
+        "{}: a synchronous mapping; a FLUSH writes back the cache lines stored into ({}, {line}-byte lines)",
+        config.path.display(),
+        how.name()
+    );
+    Ok(Durability::Synchronous(Synchronous {
+        how,
+        line,
+        dirty: persist::DirtyPages::new(size),
+        metadata: Default::default(),
+        written_back: Default::default(),
+        fdatasyncs: Default::default(),
+    }))
 }
 
 /// Locks the region file: exclusive when writable, shared when read-only.
@@ -1040,5 +1322,89 @@ mod tests {
             Ok(region) => assert!(region.is_map_sync()),
             Err(e) => panic!("unexpected error {e}"),
         }
+    }
+
+    /// A region opened as if its mapping were synchronous (these machines have no DAX
+    /// file system): its FLUSHes take the cache write-back path, on a page cache's pages,
+    /// where the instructions work just as well.
+    fn synchronous(path: &Path, size: u64) -> Region {
+        let cfg = config(path, Some(size));
+        let mut region = Region::open(&cfg).unwrap();
+        region.durability = durability(&cfg, RegionKind::File, true, size).unwrap();
+        region
+    }
+
+    #[test]
+    fn a_synchronous_flush_writes_back_the_pages_stored_into_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        // Allocated first, so that stores go through the mapping.
+        std::fs::write(&path, vec![1u8; 16 * PAGE_SIZE as usize]).unwrap();
+        let region = synchronous(&path, 16 * PAGE_SIZE);
+        assert!(region.cache_write_back().is_some());
+        region.write_bytes(0, &[2; 10]).unwrap();
+        region.write_bytes(5 * PAGE_SIZE - 1, &[3; 2]).unwrap(); // pages 4 and 5
+        region.write_bytes(9 * PAGE_SIZE, &[4; 4096]).unwrap();
+        region.flush_after_writes(10 + 2 + 4096).unwrap();
+        let stats = region.write_back_stats();
+        assert_eq!(
+            stats,
+            WriteBackStats {
+                bytes: 4 * PAGE_SIZE,
+                fdatasyncs: 0
+            }
+        );
+        // Nothing stored since: nothing written back, no system call.
+        region.flush_after_writes(0).unwrap();
+        assert_eq!(region.write_back_stats(), stats);
+        let mut back = [0u8; 2];
+        region.read_bytes(5 * PAGE_SIZE - 1, &mut back).unwrap();
+        assert_eq!(back, [3, 3]);
+    }
+
+    #[test]
+    fn a_synchronous_flush_syncs_the_file_after_a_system_call_changed_its_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.img");
+        // Sparse: the first write into a hole goes through pwrite(2).
+        let region = synchronous(&path, 64 * PAGE_SIZE);
+        region.write_bytes(0, &[5; 4096]).unwrap();
+        region.flush_after_writes(4096).unwrap();
+        assert_eq!(region.write_back_stats().fdatasyncs, 1);
+        region.flush_after_writes(0).unwrap();
+        assert_eq!(
+            region.write_back_stats().fdatasyncs,
+            1,
+            "nothing changed since"
+        );
+        region.punch_hole(0, 4096).unwrap();
+        region.flush_after_writes(0).unwrap();
+        assert_eq!(region.write_back_stats().fdatasyncs, 2);
+        // A window's FLUSH covers a guest's stores, which only the kernel tracks on a DAX
+        // file system: always an fdatasync.
+        region.flush_window(0, 2 << 20).unwrap();
+        assert_eq!(region.write_back_stats().fdatasyncs, 3);
+    }
+
+    #[test]
+    fn a_page_cache_region_has_no_cache_write_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let region = Region::open(&config(&dir.path().join("r.img"), Some(PAGE_SIZE))).unwrap();
+        if !region.is_map_sync() {
+            assert!(region.cache_write_back().is_none());
+            region.write_bytes(0, &[1; 8]).unwrap();
+            region.flush().unwrap();
+            assert_eq!(region.write_back_stats(), WriteBackStats::default());
+        }
+    }
+
+    #[test]
+    fn a_character_device_that_is_not_device_dax_is_refused() {
+        let err = Region::open(&config(Path::new("/dev/null"), None)).unwrap_err();
+        assert!(
+            matches!(err, RegionError::NeitherFileNorBlockDevice { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("device-DAX"), "{err}");
     }
 }

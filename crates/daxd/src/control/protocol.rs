@@ -103,12 +103,26 @@ pub struct RegionInfo {
     pub size: u64,
     pub frames: u64,
     pub map_sync: bool,
-    /// "file" or "block device".
+    /// "file", "block device" or "device-dax".
     #[serde(default)]
     pub kind: String,
     /// The disk's `blk_size`: 512 for files, the device's logical block size.
     #[serde(default)]
     pub logical_block: u32,
+    /// What every mapping of the region is aligned to: a page, or a device-DAX device's
+    /// alignment.
+    #[serde(default)]
+    pub map_align: u64,
+    /// On a synchronous mapping (MAP_SYNC, device-DAX), how a FLUSH writes cache lines
+    /// back ("clwb", "dc cvap", ...); `None` with a page cache (a FLUSH is fdatasync).
+    #[serde(default)]
+    pub cache_write_back: Option<String>,
+    /// Bytes of cache lines FLUSHes wrote back so far.
+    #[serde(default)]
+    pub written_back: u64,
+    /// fdatasync calls FLUSHes of a synchronous mapping made (the file's blocks changed).
+    #[serde(default)]
+    pub write_back_fdatasyncs: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

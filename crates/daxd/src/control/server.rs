@@ -39,6 +39,12 @@ impl Inspection {
                 map_sync: region.is_map_sync(),
                 kind: region.kind().describe().to_owned(),
                 logical_block: region.kind().logical_block(),
+                map_align: region.kind().map_align(),
+                cache_write_back: region
+                    .cache_write_back()
+                    .map(|(how, line)| format!("{} ({line}-byte lines)", how.name())),
+                written_back: region.write_back_stats().bytes,
+                write_back_fdatasyncs: region.write_back_stats().fdatasyncs,
             },
             windows: layout
                 .windows()

@@ -35,6 +35,14 @@ pub(super) fn tables(v: &Inspection) -> String {
         region.logical_block,
         if region.map_sync { ", MAP_SYNC" } else { "" }
     );
+    if let Some(how) = &region.cache_write_back {
+        let _ = writeln!(
+            out,
+            "FLUSH writes back the cache lines stored into with {how}: {} bytes so far, \
+             {} fdatasync calls where the file's blocks changed",
+            region.written_back, region.write_back_fdatasyncs
+        );
+    }
     let _ = writeln!(out, "\nWINDOW       OFFSET        SIZE          SERVE");
     for w in &v.windows {
         let serve = match w.serve {
