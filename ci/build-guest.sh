@@ -18,7 +18,7 @@ kernel_pkg=$(apt-cache search --names-only '^linux-image-6\.12\.[0-9]+\+deb12-am
 kver=${kernel_pkg#linux-image-}
 busybox_ver=$(apt-cache policy busybox-static | awk '/Candidate:/ {print $2}')
 
-modules=(virtio_blk crc32c_generic ext4 9pnet_virtio 9p libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem nfit dax_pmem)
+modules=(virtio_blk crc32c_generic ext4 9pnet_virtio 9p libnvdimm nd_btt nd_pmem nd_virtio virtio_pmem nfit dax_pmem device_dax)
 # Loaded only by the cloud-hypervisor case (resources/guest/ch-cases.sh): KVM on the
 # emulated SVM of `-cpu max`.
 kvm_modules=(kvm_amd)

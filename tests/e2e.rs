@@ -8,6 +8,7 @@ mod ci_scripts;
 mod cloud_hypervisor;
 mod confine;
 mod crash_states;
+mod dax_host;
 mod faults;
 mod guest_blk;
 mod guest_crash;

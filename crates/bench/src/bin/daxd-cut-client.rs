@@ -15,6 +15,12 @@
 //! memory), with O_DIRECT, and a flush is `fdatasync` of the device, which the guest's
 //! pmem driver turns into a virtio-pmem FLUSH; no discards.
 //!
+//! With `--check LOG`, it writes nothing: it reads every block of the disk back through
+//! the socket (of a daxd started again, say) and checks them against LOG, what an earlier
+//! run with the same seed, first sequence number and discard rate printed, every request
+//! up to the last FLUSH that completed having to be there. It prints
+//! `CHECKED <blocks> <findings>` and a line per block that broke a promise.
+//!
 //! Each of these lines ends with a check word ([`daxd_bench::cut::line_check`]), so that a line split by
 //! the guest kernel's console output is not read as a different promise.
 
@@ -28,7 +34,7 @@ use std::time::Duration;
 use blkio::{Blkio, Completion, ReqFlags};
 use clap::Parser;
 
-use daxd_bench::cut::{checked_line, fill, Plan, BLOCK};
+use daxd_bench::cut::{check, checked_line, fill, Log, Plan, BLOCK};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -59,6 +65,9 @@ struct Args {
     /// write (0: none).
     #[arg(long, default_value_t = 10)]
     discard_every: u64,
+    /// Read the disk back and check it against what an earlier run printed to this file.
+    #[arg(long, requires = "socket")]
+    check: Option<PathBuf>,
 }
 
 fn main() {
@@ -78,6 +87,7 @@ enum Op<'a> {
 
 fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     match (&args.socket, &args.pmem_device) {
+        (Some(socket), _) if args.check.is_some() => check_vhost_user(args, socket),
         (Some(socket), _) => run_vhost_user(args, socket),
         (None, Some(device)) => run_pmem(args, device),
         (None, None) => Err("--socket or --pmem-device is needed".into()),
@@ -119,6 +129,69 @@ fn run_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::E
             ret => Err(format!("error {ret}").into()),
         }
     })
+}
+
+/// `--check`: every block read back through `socket`, checked against the earlier run's
+/// lines.
+fn check_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let log_path = args.check.as_deref().unwrap_or(Path::new(""));
+    let printed = std::fs::read_to_string(log_path)
+        .map_err(|e| format!("cannot read {}: {e}", log_path.display()))?;
+    let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
+    blkio.set_str("path", socket)?;
+    blkio.connect()?;
+    blkio.set_i32("num-queues", 1)?;
+    let mut started = blkio.start()?;
+    let capacity = blkio.get_u64("capacity")?;
+    let blocks = capacity / BLOCK as u64;
+    let mut log = Log::parse(&printed);
+    log.complete_from(Plan::new(
+        args.seed,
+        args.first_seq,
+        blocks,
+        args.discard_every,
+    ))?;
+    // Read in runs of blocks: one request per block would take minutes under emulation.
+    const RUN: usize = 256 * BLOCK;
+    let region = blkio.alloc_mem_region(RUN)?;
+    blkio.map_mem_region(&region)?;
+    let q = &mut started.queues[0];
+    let mut completions = [MaybeUninit::<Completion>::uninit()];
+    let mut disk = vec![0u8; blocks as usize * BLOCK];
+    for (run, data) in disk.chunks_mut(RUN).enumerate() {
+        let offset = (run * RUN) as u64;
+        q.read(
+            offset,
+            region.addr as *mut u8,
+            data.len(),
+            0,
+            ReqFlags::empty(),
+        );
+        let mut timeout = Duration::from_secs(60);
+        if q.do_io(&mut completions, 1, Some(&mut timeout), None)? != 1 {
+            return Err(format!("reading at byte {offset} did not complete within 60 s").into());
+        }
+        // SAFETY: do_io initialised the first completion.
+        let ret = unsafe { completions[0].assume_init_read() }.ret;
+        if ret != 0 {
+            return Err(format!("reading at byte {offset}: error {ret}").into());
+        }
+        // SAFETY: the mapped region is RUN bytes at region.addr and lives as long as
+        // `blkio`; the read of data.len() <= RUN bytes into it has completed.
+        data.copy_from_slice(unsafe {
+            std::slice::from_raw_parts(region.addr as *const u8, data.len())
+        });
+    }
+    let findings = check(&disk, &log, args.seed, log.flushed, None);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "CHECKED {blocks} {}", findings.len())?;
+    for finding in &findings {
+        writeln!(out, "CHECK-FINDING {finding}")?;
+    }
+    match findings.len() {
+        0 => Ok(()),
+        n => Err(format!("{n} blocks do not hold what was promised").into()),
+    }
 }
 
 fn run_pmem(args: &Args, device: &Path) -> Result<(), Box<dyn std::error::Error>> {

@@ -1,0 +1,172 @@
+//! Regions on persistent memory, on a real DAX stack: the test guest (QEMU, TCG) has two
+//! emulated NVDIMMs, which it turns into what a host with persistent memory has, as
+//! `ndctl create-namespace` would: ext4 mounted `-o dax` on an fsdax namespace, with the
+//! region file on it served with `--direct` (MAP_SYNC), and a device-DAX device
+//! (`--region /dev/dax1.0`). daxd runs in the test guest under `--seccomp trap`; the
+//! power-cut suite's client writes, discards and FLUSHes through it, and after daxd was
+//! stopped and started again reads every block back against what daxd acknowledged
+//! (resources/guest/dax-cases.sh).
+//!
+//! What is checked besides the data: `daxd inspect` shows the kind, MAP_SYNC and the cache
+//! write-back the FLUSHes use; on device-DAX the FLUSHes wrote back exactly the pages the
+//! requests since each previous FLUSH stored into (computed here from the client's plan),
+//! and no fdatasync; under `--seccomp trap` with the device-DAX lists, which allow no
+//! pread, pwrite, fallocate, lseek or fdatasync, daxd served it all and exited 0.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use daxd_bench::cut::{Plan, BLOCK};
+
+use crate::support::guest::{boot, boot_for_a_verdict, Vm};
+use crate::support::test_dir;
+
+/// Bytes of each emulated NVDIMM.
+const NVDIMM_SIZE: u64 = 256 << 20;
+/// The client's requests per run, and a FLUSH after every this many (see dax-cases.sh).
+const OPS: u64 = 400;
+const FLUSH_EVERY: u64 = 8;
+const DISCARD_EVERY: u64 = 10;
+
+/// Bytes a FLUSH after every [`FLUSH_EVERY`] requests of the client's plan must write back
+/// when every request stores into its block through the mapping: the distinct blocks of
+/// each run of requests between two FLUSHes.
+fn stored_between_flushes(seed: u64, blocks: u64) -> u64 {
+    let plan: Vec<_> = Plan::new(seed, 1, blocks, DISCARD_EVERY)
+        .take(OPS as usize)
+        .collect();
+    plan.chunks(FLUSH_EVERY as usize)
+        .map(|run| run.iter().map(|r| r.block).collect::<BTreeSet<_>>().len() as u64)
+        .sum::<u64>()
+        * BLOCK as u64
+}
+
+/// A field of a `daxd inspect --json` line the guest printed.
+fn inspected(line: Option<&String>, pointer: &str) -> serde_json::Value {
+    let line = line.unwrap_or_else(|| panic!("no inspection line for {pointer}"));
+    let json: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    json.pointer(pointer)
+        .unwrap_or_else(|| panic!("no {pointer} in {line}"))
+        .clone()
+}
+
+#[test]
+#[ignore = "needs QEMU and the test guest image (ci/build-guest.sh); run by ci/test.sh"]
+fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write() {
+    let dir = test_dir("daxd-dax-host-");
+    let d = dir.path();
+    let daxd = env!("CARGO_BIN_EXE_daxd");
+    let client = Path::new(daxd).with_file_name("daxd-cut-client");
+    let mut extra = Vec::new();
+    for n in 0..2 {
+        let backing = d.join(format!("nvdimm{n}.img"));
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(NVDIMM_SIZE)
+            .unwrap();
+        extra.extend([
+            "-object".to_owned(),
+            format!(
+                "memory-backend-file,id=nv{n},share=on,mem-path={},size={NVDIMM_SIZE}",
+                backing.display()
+            ),
+            "-device".to_owned(),
+            format!("nvdimm,memdev=nv{n},id=nvdimm{n}"),
+        ]);
+    }
+    let vm = Vm {
+        machine: "q35,nvdimm=on".to_owned(),
+        memory: "1G,slots=2,maxmem=2G".to_owned(),
+        extra,
+        ..Vm::diskless()
+    };
+    let (fsdax_seed, devdax_seed) = (7, 8);
+    let script = format!(
+        "run_case dax_fsdax case_dax_fsdax {daxd} {client} {fsdax_seed}\n\
+         run_case dax_devdax case_dax_devdax {daxd} {client} {devdax_seed}\n",
+        client = client.display()
+    );
+    let (run, _) = boot_for_a_verdict(|attempt| {
+        boot(
+            d,
+            &format!("dax-{attempt}"),
+            &vm,
+            &script,
+            Duration::from_secs(600),
+            &mut |_, _| {},
+        )
+    });
+    let report = format!("console log: {}", run.console_log.display());
+    run.assert_passed(&["dax_fsdax", "dax_devdax"], "");
+    let result = |key: &str| run.results.get(key).map(String::as_str);
+    for name in ["fsdax", "devdax"] {
+        assert_eq!(
+            result(&format!("client_exit_{name}")),
+            Some("0"),
+            "{report}"
+        );
+        // SIGTERM: every request made durable, then exit 0; a system call outside the
+        // lists would have ended daxd with 128 + SIGSYS (--seccomp trap).
+        assert_eq!(result(&format!("daxd_exit_{name}")), Some("0"), "{report}");
+        assert_eq!(
+            result(&format!("daxd_exit_again_{name}")),
+            Some("0"),
+            "{report}"
+        );
+        assert_eq!(result(&format!("check_exit_{name}")), Some("0"), "{report}");
+    }
+
+    // ext4 -o dax: a region file mapped with MAP_SYNC, whose FLUSHes write cache lines
+    // back, and sync the file where a request changed its blocks (a zeroed range).
+    let before = run.results.get("inspect_fsdax_before");
+    let after = run.results.get("inspect_fsdax_after");
+    assert_eq!(inspected(before, "/region/kind"), "file", "{report}");
+    assert_eq!(inspected(before, "/region/map_sync"), true, "{report}");
+    assert!(
+        inspected(before, "/region/cache_write_back").is_string(),
+        "{report}"
+    );
+    assert_eq!(inspected(before, "/region/written_back"), 0, "{report}");
+    let written_back = inspected(after, "/region/written_back").as_u64().unwrap();
+    let most = stored_between_flushes(fsdax_seed, (64 << 20) / BLOCK as u64);
+    assert!(
+        written_back > 0 && written_back <= most && written_back % 4096 == 0,
+        "{written_back} bytes written back, at most {most} stored; {report}"
+    );
+    let syncs = inspected(after, "/region/write_back_fdatasyncs")
+        .as_u64()
+        .unwrap();
+    assert!(
+        (1..=OPS / FLUSH_EVERY).contains(&syncs),
+        "{syncs} fdatasyncs; {report}"
+    );
+    assert_eq!(result("checked_fsdax"), Some("16384 0"), "{report}");
+
+    // Device-DAX: the device's size and pages; every FLUSH wrote back exactly the pages the
+    // requests before it stored into, never an fdatasync.
+    let size: u64 = result("devdax_size").unwrap().parse().unwrap();
+    assert_eq!(result("devdax_align"), Some("2097152"), "{report}");
+    let before = run.results.get("inspect_devdax_before");
+    let after = run.results.get("inspect_devdax_after");
+    assert_eq!(inspected(before, "/region/kind"), "device-dax", "{report}");
+    assert_eq!(inspected(before, "/region/size"), size, "{report}");
+    assert_eq!(inspected(before, "/region/map_align"), 2 << 20, "{report}");
+    assert_eq!(inspected(before, "/region/written_back"), 0, "{report}");
+    assert_eq!(
+        inspected(after, "/region/written_back"),
+        stored_between_flushes(devdax_seed, size / BLOCK as u64),
+        "{report}"
+    );
+    assert_eq!(
+        inspected(after, "/region/write_back_fdatasyncs"),
+        0,
+        "{report}"
+    );
+    assert_eq!(
+        result("checked_devdax"),
+        Some(format!("{} 0", size / BLOCK as u64).as_str()),
+        "{report}"
+    );
+}
