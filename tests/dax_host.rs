@@ -170,3 +170,61 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
         "{report}"
     );
 }
+
+/// What a FLUSH costs on ext4 mounted `-o dax`: daxd-bench in the test guest, daxd writing
+/// cache lines back and daxd calling fdatasync (`--flush-path`), each against
+/// qemu-storage-daemon, QD1 write+FLUSH and QD8 with a FLUSH every 16. A report, by hand:
+/// the release builds must exist (`cargo build --release -p daxd -p daxd-bench`), and
+/// under TCG the absolute figures are the emulator's.
+#[test]
+#[ignore = "by hand: a report of the flush cost on a DAX file system"]
+fn soak_dax_flush_cost() {
+    let dir = test_dir("daxd-dax-flush-");
+    let d = dir.path();
+    let release = Path::new(env!("CARGO_BIN_EXE_daxd"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("release");
+    let (bench, daxd) = (release.join("daxd-bench"), release.join("daxd"));
+    assert!(
+        bench.exists() && daxd.exists(),
+        "build them first: cargo build --release -p daxd -p daxd-bench"
+    );
+    let backing = d.join("nvdimm0.img");
+    std::fs::File::create(&backing)
+        .unwrap()
+        .set_len(NVDIMM_SIZE)
+        .unwrap();
+    let vm = Vm {
+        machine: "q35,nvdimm=on".to_owned(),
+        memory: "1G,slots=2,maxmem=2G".to_owned(),
+        extra: vec![
+            "-object".to_owned(),
+            format!(
+                "memory-backend-file,id=nv0,share=on,mem-path={},size={NVDIMM_SIZE}",
+                backing.display()
+            ),
+            "-device".to_owned(),
+            "nvdimm,memdev=nv0,id=nvdimm0".to_owned(),
+        ],
+        ..Vm::diskless()
+    };
+    let script = format!(
+        "run_case dax_flush_cost case_dax_flush_cost {} {}\n",
+        bench.display(),
+        daxd.display()
+    );
+    let run = boot(
+        d,
+        "flush-cost",
+        &vm,
+        &script,
+        Duration::from_secs(1800),
+        &mut |_, _| {},
+    );
+    for line in run.console.lines().filter(|l| l.starts_with("BENCH ")) {
+        println!("{line}");
+    }
+    run.assert_passed(&["dax_flush_cost"], "");
+}

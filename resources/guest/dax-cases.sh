@@ -99,3 +99,26 @@ case_dax_devdax() {
     dax_serve "$1" "$2" "$3" devdax --region /dev/dax1.0
     umount /host/mnt
 }
+
+# dax_flush_cost BENCH DAXD: what a FLUSH costs on ext4 -o dax (fsdax on nvdimm 0):
+# daxd-bench's QD1 write+FLUSH and QD8 with a FLUSH every 16, with daxd writing cache
+# lines back (--flush-path auto), then with daxd calling fdatasync (--flush-path
+# fdatasync), each against qemu-storage-daemon (pwrite and fdatasync) on the same file
+# system in the same run. By hand (tests/dax_host.rs, soak_dax_flush_cost): under TCG the
+# absolute figures are the emulator's.
+case_dax_flush_cost() {
+    bench=$1 daxd=$2
+    nvdimm_to_fsdax || { fail "cannot switch namespace0.0 to fsdax"; return; }
+    host mke2fs -q -F -t ext4 -b 4096 /dev/pmem0 || { fail "mke2fs failed"; return; }
+    mount -t ext4 -o dax /dev/pmem0 /host/mnt || { fail "mount -o dax failed"; return; }
+    for how in auto fdatasync; do
+        host "$bench" --daxd "$daxd" --dir "/mnt/bench-$how" --size-mib 64 --seconds 3 \
+            --rounds 3 --config defaults --state prefilled \
+            --workloads flushwrite-4k-qd1-every1,flushwrite-4k-qd8-every16 \
+            "--daxd-arg=--flush-path=$how" > "/tmp/bench-$how.out" 2>&1 \
+            || fail "daxd-bench with --flush-path $how failed"
+        sed "s/^/BENCH $how: /" "/tmp/bench-$how.out"
+        rm -rf "/host/mnt/bench-$how"
+    done
+    umount /host/mnt
+}

@@ -296,6 +296,15 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = WritePathArg::Auto, value_name = "PATH")]
     pub write_path: WritePathArg,
 
+    /// How a FLUSH makes writes durable where the region is mapped synchronously (a file
+    /// on a DAX file system, which daxd maps with MAP_SYNC, or a device-DAX device). auto:
+    /// daxd writes back the cache lines of the pages it stored into since the previous
+    /// FLUSH (clwb, clflushopt or clflush; dc cvap or dc cvac), plus an fdatasync only when
+    /// a request changed the file's blocks. fdatasync: the kernel's path, an fdatasync of
+    /// the file (not on device-DAX). Elsewhere a FLUSH is always an fdatasync.
+    #[arg(long, value_enum, default_value_t = FlushPathArg::Auto, value_name = "PATH")]
+    pub flush_path: FlushPathArg,
+
     /// Do not lock the region file. By default a writable daxd holds an exclusive lock on
     /// it and a read-only one a shared lock (open file description locks, as QEMU's image
     /// locking), so a second writer (another daxd, a qemu-storage-daemon export) is
@@ -695,6 +704,22 @@ mod tests {
         assert!(
             Cli::try_parse_from(["daxd", "--region", "r", "--size", "4Q", "--fd", "3"]).is_err()
         );
+    }
+}
+
+/// `--flush-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlushPathArg {
+    Auto,
+    Fdatasync,
+}
+
+impl From<FlushPathArg> for daxd_region::FlushPath {
+    fn from(arg: FlushPathArg) -> Self {
+        match arg {
+            FlushPathArg::Auto => daxd_region::FlushPath::Auto,
+            FlushPathArg::Fdatasync => daxd_region::FlushPath::Fdatasync,
+        }
     }
 }
 

@@ -84,6 +84,7 @@ impl TryFrom<Args> for Config {
                 direct: args.direct,
                 lock: !args.no_lock,
                 write_path: args.write_path.into(),
+                flush_path: args.flush_path.into(),
             },
             windows: args.windows,
             allow_overlap: args.allow_overlap,

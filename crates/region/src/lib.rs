@@ -62,6 +62,10 @@ pub enum RegionError {
     DeviceDaxResize { path: PathBuf },
     #[error("region {path} is a device-DAX device, which only a mapping reaches: --write-path pwrite cannot serve it (drop the option)")]
     DeviceDaxPwrite { path: PathBuf },
+    #[error(
+        "region {path} is a device-DAX device, which has no fdatasync: drop --flush-path fdatasync"
+    )]
+    DeviceDaxFdatasync { path: PathBuf },
     #[error("region {path} is persistent memory, but daxd cannot write cache lines back on this CPU architecture ({arch}); serve a file on a DAX file system without --direct instead")]
     NoCacheWriteBack { path: PathBuf, arch: &'static str },
     #[error("region {path} is a block device: it cannot be created or resized (drop --resize; --size, if given, must be the device's size)")]
@@ -121,6 +125,20 @@ pub struct RegionConfig {
     pub lock: bool,
     /// How writes into allocated blocks reach the file (see [`writeback`]).
     pub write_path: WritePath,
+    /// How a FLUSH makes stores through a synchronous mapping durable (see [`persist`]).
+    pub flush_path: FlushPath,
+}
+
+/// How a FLUSH makes the writes through a synchronous mapping (MAP_SYNC on a DAX file
+/// system, device-DAX) durable (`--flush-path`). Elsewhere it is always `fdatasync`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlushPath {
+    /// daxd writes back the cache lines of the pages it stored into (see [`persist`]).
+    #[default]
+    Auto,
+    /// The kernel's path: `fdatasync` of the file, which writes back the cache lines of
+    /// every page any mapping dirtied (not possible on device-DAX).
+    Fdatasync,
 }
 
 impl RegionConfig {
@@ -133,6 +151,7 @@ impl RegionConfig {
             resize: false,
             read_only: false,
             direct: false,
+            flush_path: FlushPath::Auto,
             lock: true,
             write_path: WritePath::Auto,
         }
@@ -1008,8 +1027,14 @@ fn durability(
     map_sync: bool,
     size: u64,
 ) -> Result<Durability, RegionError> {
-    let synchronous = map_sync || matches!(kind, RegionKind::DeviceDax(_));
-    if !synchronous || config.read_only {
+    let device_dax = matches!(kind, RegionKind::DeviceDax(_));
+    if device_dax && config.flush_path == FlushPath::Fdatasync {
+        return Err(RegionError::DeviceDaxFdatasync {
+            path: config.path.clone(),
+        });
+    }
+    let synchronous = map_sync || device_dax;
+    if !synchronous || config.read_only || config.flush_path == FlushPath::Fdatasync {
         return Ok(Durability::PageCache);
     }
     let Some((how, line)) = CacheWriteBack::detect() else {
@@ -1384,6 +1409,35 @@ mod tests {
         // file system: always an fdatasync.
         region.flush_window(0, 2 << 20).unwrap();
         assert_eq!(region.write_back_stats().fdatasyncs, 3);
+    }
+
+    #[test]
+    fn flush_path_fdatasync_takes_the_kernels_path_where_there_is_one() {
+        let mut cfg = config(Path::new("/pmem/r.img"), Some(1 << 20));
+        cfg.flush_path = FlushPath::Fdatasync;
+        assert!(matches!(
+            durability(&cfg, RegionKind::File, true, 1 << 20),
+            Ok(Durability::PageCache)
+        ));
+        let dax = RegionKind::DeviceDax(DeviceDax {
+            size: 2 << 20,
+            align: 2 << 20,
+        });
+        let err = durability(&cfg, dax, true, 2 << 20).unwrap_err();
+        assert!(
+            matches!(err, RegionError::DeviceDaxFdatasync { .. }),
+            "{err}"
+        );
+        cfg.flush_path = FlushPath::Auto;
+        assert!(matches!(
+            durability(&cfg, dax, true, 2 << 20),
+            Ok(Durability::Synchronous(_))
+        ));
+        // Without MAP_SYNC a file has a page cache, whatever the flag.
+        assert!(matches!(
+            durability(&cfg, RegionKind::File, false, 1 << 20),
+            Ok(Durability::PageCache)
+        ));
     }
 
     #[test]
