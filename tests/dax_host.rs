@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use daxd_bench::cut::{Plan, BLOCK};
 
-use crate::support::guest::{boot, boot_for_a_verdict, Vm};
+use crate::support::guest::{
+    boot, boot_for_a_verdict, guest_image, inner_initramfs, sid_root, tools_disk, Vm,
+};
 use crate::support::test_dir;
 
 /// Bytes of each emulated NVDIMM.
@@ -82,11 +84,20 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
         extra,
         ..Vm::diskless()
     };
+    // What the nested guest boots from, in `d` (bound into the QEMU 11.1 root as /srv).
+    let (kernel, _) = guest_image();
+    std::fs::copy(kernel, d.join("vmlinuz")).unwrap();
+    inner_initramfs(d);
+    tools_disk(d, &[Path::new("/usr/bin/fio"), Path::new("/sbin/mke2fs")]);
     let (fsdax_seed, devdax_seed) = (7, 8);
     let script = format!(
         "run_case dax_fsdax case_dax_fsdax {daxd} {client} {fsdax_seed}\n\
-         run_case dax_devdax case_dax_devdax {daxd} {client} {devdax_seed}\n",
-        client = client.display()
+         run_case dax_devdax case_dax_devdax {daxd} {client} {devdax_seed}\n\
+         run_case dax_nested_fsdax case_dax_nested {daxd} {sid} {dir} fsdax\n\
+         run_case dax_nested_devdax case_dax_nested {daxd} {sid} {dir} devdax\n",
+        client = client.display(),
+        sid = sid_root().display(),
+        dir = d.display()
     );
     let (run, _) = boot_for_a_verdict(|attempt| {
         boot(
@@ -94,12 +105,20 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
             &format!("dax-{attempt}"),
             &vm,
             &script,
-            Duration::from_secs(600),
+            Duration::from_secs(900),
             &mut |_, _| {},
         )
     });
     let report = format!("console log: {}", run.console_log.display());
-    run.assert_passed(&["dax_fsdax", "dax_devdax"], "");
+    run.assert_passed(
+        &[
+            "dax_fsdax",
+            "dax_devdax",
+            "dax_nested_fsdax",
+            "dax_nested_devdax",
+        ],
+        "",
+    );
     let result = |key: &str| run.results.get(key).map(String::as_str);
     for name in ["fsdax", "devdax"] {
         assert_eq!(
@@ -168,6 +187,61 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
         result("checked_devdax"),
         Some(format!("{} 0", size / BLOCK as u64).as_str()),
         "{report}"
+    );
+
+    // Guests nested in the test guest on the same persistent memory, each with ext4 and
+    // DAX on a pmem window of the region and fio with verify on its disk; after daxd was
+    // stopped and started again, a second guest finds both. On the DAX file system daxd
+    // maps the window into QEMU 11.1's shared memory and serves its FLUSHes; on device-DAX
+    // QEMU maps the window as an NVDIMM with the options print-qemu-args gives.
+    let inner = |kind: &str, step: &str, key: &str| {
+        let prefix = format!("INNER {kind} {step}: INNER-RESULT {key} ");
+        run.console
+            .lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix.as_str()))
+            .map(str::to_owned)
+    };
+    let some = |v: &str| Some(v.to_owned());
+    for kind in ["fsdax", "devdax"] {
+        for step in ["dax-write", "dax-read"] {
+            let what = format!("{kind} {step}: {report}");
+            let exit = |key: &str| result(&format!("{key}_{kind}_{step}")).map(str::to_owned);
+            assert_eq!(exit("nested_exit"), some("0"), "{what}");
+            assert_eq!(exit("daxd_exit_nested"), some("0"), "{what}");
+            assert_eq!(inner(kind, step, "done"), some(step), "{what}");
+            assert_eq!(inner(kind, step, "pmem_dax"), some("1"), "{what}");
+            assert_eq!(inner(kind, step, "pmem_mount"), some("1"), "{what}");
+            for failure in [
+                "fsdax_failed",
+                "mkfs_failed",
+                "mount_failed",
+                "umount_failed",
+            ] {
+                assert_eq!(inner(kind, step, failure), None, "{failure}: {what}");
+            }
+        }
+        assert_eq!(inner(kind, "dax-write", "fio_exit"), some("0"), "{report}");
+        for key in ["pmem_file", "disk_16m"] {
+            let written = inner(kind, "dax-write", key);
+            assert!(written.is_some(), "{kind} {key}: {report}");
+            assert_eq!(
+                inner(kind, "dax-read", key),
+                written,
+                "{kind} {key}: {report}"
+            );
+        }
+    }
+    // The guest's sync reached daxd as a virtio-pmem FLUSH: on a DAX file, an fdatasync
+    // (the kernel tracks the guest's stores through the mapping daxd gave QEMU).
+    let syncs = inspected(
+        run.results.get("inspect_nested_fsdax_dax-write"),
+        "/region/write_back_fdatasyncs",
+    );
+    assert!(syncs.as_u64().unwrap() >= 1, "{syncs}; {report}");
+    let window = result("nested_window_options").unwrap_or_default();
+    assert!(
+        window.contains("mem-path=/dev/dax1.0,offset=67108864,size=33554432,align=2097152,pmem=on"),
+        "{window}; {report}"
     );
 }
 

@@ -122,3 +122,78 @@ case_dax_flush_cost() {
     done
     umount /host/mnt
 }
+
+# dax_nested DAXD SID_ROOT DIR KIND: a region on this guest's persistent memory with a
+# 64 MiB disk and a 32 MiB pmem window, served to a guest of QEMU 11.1 (chrooted into
+# SID_ROOT, under KVM on this guest's nested SVM), whose guest (DIR/vmlinuz,
+# DIR/inner-initramfs.img with resources/guest/inner-init, tools disk DIR/tools.img)
+# mounts ext4 with DAX on the window and runs fio with verify on the disk (step
+# dax-write); daxd is stopped and started again, and a second guest reads both back
+# (step dax-read). KIND fsdax: a region file on ext4 -o dax (nvdimm 0, as case_dax_fsdax
+# left it), daxd serving the window as virtio-pmem over vhost-user shared memory. KIND
+# devdax: the device-DAX device of nvdimm 1, the window mapped by QEMU as an NVDIMM with
+# the options `daxd print-qemu-args` gives (align=, pmem=on): QEMU 11.1 maps shared memory
+# in 4 KiB pages, which a device-DAX device refuses.
+case_dax_nested() {
+    daxd=$1 sid=/host$2 dir=/host$3 kind=$4
+    [ -c /dev/kvm ] || load_kvm || return
+    if [ "$kind" = fsdax ]; then
+        mount -t ext4 -o dax /dev/pmem0 /host/mnt || { fail "mount -o dax failed"; return; }
+        region="--region /mnt/nested.img --size 96M --direct"
+        pmem="--pmem-socket-path /mnt/pmem.sock"
+    else
+        [ -c /dev/dax1.0 ] || nvdimm_to_devdax 1 || { fail "cannot switch namespace1.0 to devdax"; return; }
+        mount -t tmpfs tmpfs /host/mnt
+        region="--region /dev/dax1.0"
+        pmem=
+    fi
+    windows="--window name=disk,size=64M,serve=blk --window name=pm0,offset=64M,size=32M,serve=pmem"
+    mount --rbind /dev "$sid/dev"
+    mount -t proc proc "$sid/proc"
+    # QEMU reads a device-DAX device's size from sysfs (it cannot seek to its end).
+    mount -t sysfs sysfs "$sid/sys"
+    mount --bind /host/mnt "$sid/mnt"
+    mount --bind "$dir" "$sid/srv"
+    for step in dax-write dax-read; do
+        rm -f /host/mnt/pmem.sock
+        # shellcheck disable=SC2086 # options split into words on purpose
+        start_dax_daxd $region $windows $pmem || return
+        if [ "$kind" = fsdax ]; then
+            wait_backend_socket /host/mnt/pmem.sock || return
+            machine=q35 memory=256M nvdimm=0
+            set -- -chardev socket,id=pm,path=/mnt/pmem.sock \
+                -device vhost-user-test-device-pci,chardev=pm,virtio-id=27,num_vqs=1,config_size=16
+        else
+            # shellcheck disable=SC2086
+            window=$(host "$daxd" print-qemu-args $region $windows --socket-path /mnt/blk.sock \
+                --guest-ram 256M | grep "^-object memory-backend-file,id=pm0")
+            echo "RESULT nested_window_options $window"
+            machine=q35,nvdimm=on memory=256M,slots=2,maxmem=1G nvdimm=1
+            # shellcheck disable=SC2086
+            set -- $window
+        fi
+        # shellcheck disable=SC2154 # inner_timer_args: ch-cases.sh, sourced before this
+        chroot "$sid" timeout 300 qemu-system-x86_64 -machine "$machine" -accel kvm -cpu host \
+            -smp 1 -m "$memory" \
+            -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+            -display none -serial stdio -monitor none -no-reboot \
+            -kernel /srv/vmlinuz -initrd /srv/inner-initramfs.img \
+            -append "console=ttyS0 quiet $inner_timer_args daxd.inner=$step daxd.nvdimm=$nvdimm" \
+            -chardev socket,id=blk,path=/mnt/blk.sock \
+            -device vhost-user-blk-pci,chardev=blk,num-queues=1 \
+            -drive file=/srv/tools.img,if=none,id=tools,format=raw,readonly=on \
+            -device virtio-blk-pci,drive=tools "$@" \
+            < /dev/null > "/tmp/nested-$step.out" 2>&1
+        echo "RESULT nested_exit_${kind}_$step $?"
+        tr -d '\r' < "/tmp/nested-$step.out" | sed "s/^/INNER $kind $step: /"
+        dax_inspect "nested_$kind" "$step"
+        kill -TERM "$backend_pid"
+        wait "$backend_pid"
+        echo "RESULT daxd_exit_nested_${kind}_$step $?"
+        sed "s/^/BACKEND nested $kind $step: /" /tmp/backend.log
+        : > /tmp/backend.log
+    done
+    umount "$sid/srv" "$sid/mnt" "$sid/sys" "$sid/proc"
+    umount -l "$sid/dev"
+    umount /host/mnt
+}

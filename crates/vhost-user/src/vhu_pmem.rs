@@ -132,11 +132,24 @@ impl VhostUserPmemBackend {
                         "virtio-pmem: window {} is still mapped from before (frontend: {e})",
                         window.name
                     ),
-                    Err(e) => error!(
-                        "virtio-pmem: the frontend refused to map window {}: {e}; the guest's pmem \
-                         device is backed by nothing",
-                        window.name
-                    ),
+                    Err(e) => {
+                        // A device-DAX device maps only in its own pages, which a frontend
+                        // that maps shared memory in 4 KiB pages (QEMU 11.1) cannot know.
+                        let hint = match device.region().kind() {
+                            daxd_region::RegionKind::DeviceDax(dax) => format!(
+                                " (a device-DAX window needs a mapping aligned to the device's \
+                                 {} byte pages: let QEMU map it as an NVDIMM instead, with the \
+                                 options `daxd print-qemu-args` gives)",
+                                dax.align
+                            ),
+                            _ => String::new(),
+                        };
+                        error!(
+                            "virtio-pmem: the frontend refused to map window {}: {e}; the guest's \
+                             pmem device is backed by nothing{hint}",
+                            window.name
+                        )
+                    }
                 }
             });
         if let Err(e) = spawned {
