@@ -53,7 +53,7 @@ pub enum RegionIo {
     SystemCalls,
     /// A device-DAX device without a `--record` log: loads, stores and cache write-back
     /// through the mapping, and no system call on the region or any file at all: the lists
-    /// drop [`REGION_IO`].
+    /// drop the file calls (`REGION_IO`).
     MappingOnly,
 }
 

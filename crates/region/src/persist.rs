@@ -2,7 +2,7 @@
 //! system mapped with `MAP_SYNC`, or a device-DAX device) a store goes to the memory
 //! itself, with no page cache in between; it is durable once the CPU has written its
 //! cache line back and a fence has ordered that write-back before what follows. So a
-//! FLUSH writes back the lines daxd stored into since the previous one ([`DirtyPages`]
+//! FLUSH writes back the lines daxd stored into since the previous one (`DirtyPages`
 //! knows which pages those are) instead of asking the kernel for an `fdatasync` of the
 //! whole file; the instruction is the best the CPU has ([`CacheWriteBack`]).
 
