@@ -511,7 +511,19 @@ impl Region {
         len: usize,
         mut pwrite: impl FnMut(usize, u64) -> rustix::io::Result<usize>,
     ) -> Result<(), RegionError> {
+        let written = self.pwrite_each(offset, len, &mut pwrite);
+        // After the system calls, never before: a FLUSH that takes the mark before they
+        // return could sync before they land, and leave the next FLUSH without the mark.
         self.changed_blocks();
+        written
+    }
+
+    fn pwrite_each(
+        &self,
+        offset: u64,
+        len: usize,
+        pwrite: &mut impl FnMut(usize, u64) -> rustix::io::Result<usize>,
+    ) -> Result<(), RegionError> {
         let mut done = 0;
         while done < len {
             let at = offset + done as u64;
@@ -766,15 +778,17 @@ impl Region {
             self.stored(offset, len);
             return Ok(());
         }
-        self.changed_blocks();
         // Forgotten before the hole (or the unwritten zeroes) exists, so that a store
         // after it goes through pwrite(2) again.
         for granule in alloc::Allocation::touched(offset, len) {
             self.allocation.set(granule, false);
         }
         // The kernel zaps the mapping's page-table entries for the range, so later loads
-        // through the mapping see zeroes.
-        match rustix::fs::fallocate(&*self.file, mode, offset, len) {
+        // through the mapping see zeroes. The blocks changed once it returns (see
+        // pwrite_loop for why the mark comes after).
+        let zeroed = rustix::fs::fallocate(&*self.file, mode, offset, len);
+        self.changed_blocks();
+        match zeroed {
             Ok(()) => Ok(()),
             Err(e)
                 if mode.contains(FallocateFlags::PUNCH_HOLE)
