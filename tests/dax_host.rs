@@ -62,12 +62,8 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
     let daxd = env!("CARGO_BIN_EXE_daxd");
     let client = Path::new(daxd).with_file_name("daxd-cut-client");
     let mut extra = Vec::new();
-    for n in 0..2 {
-        let backing = d.join(format!("nvdimm{n}.img"));
-        std::fs::File::create(&backing)
-            .unwrap()
-            .set_len(NVDIMM_SIZE)
-            .unwrap();
+    let backings: Vec<_> = (0..2).map(|n| d.join(format!("nvdimm{n}.img"))).collect();
+    for (n, backing) in backings.iter().enumerate() {
         extra.extend([
             "-object".to_owned(),
             format!(
@@ -100,6 +96,12 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
         dir = d.display()
     );
     let (run, _) = boot_for_a_verdict(|attempt| {
+        // Blank NVDIMMs for every attempt: a test guest run again must not find the
+        // namespaces the previous one made.
+        for backing in &backings {
+            let file = std::fs::File::create(backing).unwrap();
+            file.set_len(NVDIMM_SIZE).unwrap();
+        }
         boot(
             d,
             &format!("dax-{attempt}"),
@@ -109,7 +111,27 @@ fn regions_on_a_dax_file_system_and_a_device_dax_device_keep_every_flushed_write
             &mut |_, _| {},
         )
     });
-    let report = format!("console log: {}", run.console_log.display());
+    // What the guest found, for a failure in CI, where the console log is gone: its
+    // results (inspections cut short), the inner guests' results and any finding.
+    let found: Vec<String> = run
+        .console
+        .lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter(|l| {
+            l.starts_with("RESULT ")
+                || l.contains("INNER-RESULT")
+                || l.starts_with("FINDING")
+                || l.starts_with("CLIENT ERROR")
+                || l.starts_with("CASE ")
+                || l.starts_with("INNER-LOST")
+        })
+        .map(|l| l.chars().take(240).collect())
+        .collect();
+    let report = format!(
+        "console log: {}; the guest printed:\n{}",
+        run.console_log.display(),
+        found.join("\n")
+    );
     run.assert_passed(
         &[
             "dax_fsdax",
