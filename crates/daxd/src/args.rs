@@ -245,7 +245,10 @@ pub struct ResizeArgs {
 #[derive(Debug, Clone, ClapArgs)]
 #[command(group(ArgGroup::new("socket").args(["socket_path", "fd"])))]
 pub struct Args {
-    /// Backing file of the region. Created (sparse) when missing if --size is given.
+    /// Backing file of the region: a regular file (created sparse when missing if --size
+    /// is given; on a DAX file system it is mapped with MAP_SYNC), a block device (claimed
+    /// with O_EXCL; its size and block sizes come from the device), or a device-DAX device
+    /// (/dev/daxX.Y; its size and alignment come from sysfs, and only a mapping reaches it).
     #[arg(
         long,
         alias = "blk-file",
