@@ -915,12 +915,7 @@ fn open_or_create(config: &RegionConfig) -> Result<(File, RegionKind), RegionErr
         Err(e) => return Err(io_error(config, "inspect", e)),
     };
     if exists {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|e| io_error(config, "open", e))?;
+        let file = open_existing(config, 0).map_err(|e| io_error(config, "open", e))?;
         return Ok((file, RegionKind::File));
     }
     let Some(size) = config.size else {
@@ -955,19 +950,15 @@ fn open_block_device(config: &RegionConfig, rdev: u64) -> Result<(File, RegionKi
     if device.read_only && !config.read_only {
         return Err(RegionError::ReadOnlyDevice { path: path.clone() });
     }
-    let mut flags = libc::O_CLOEXEC;
-    if !config.read_only && config.lock {
-        flags |= libc::O_EXCL;
-    }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .custom_flags(flags)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EBUSY) => RegionError::DeviceBusy { path: path.clone() },
-            _ => io_error(config, "open", e),
-        })?;
+    let claim = if !config.read_only && config.lock {
+        libc::O_EXCL
+    } else {
+        0
+    };
+    let file = open_existing(config, claim).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) => RegionError::DeviceBusy { path: path.clone() },
+        _ => io_error(config, "open", e),
+    })?;
     info!(
         "{}: a block device of {} logical and {} physical bytes per block{}",
         path.display(),
@@ -1011,6 +1002,16 @@ pub fn probe(path: &Path) -> Result<Option<(RegionKind, u64)>, RegionError> {
     })
 }
 
+/// Opens what already is at `config.path`, for writing unless the region is read-only,
+/// close-on-exec, with the open(2) `flags` besides.
+fn open_existing(config: &RegionConfig, flags: i32) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!config.read_only)
+        .custom_flags(libc::O_CLOEXEC | flags)
+        .open(&config.path)
+}
+
 /// Opens the device-DAX device `config.path` (device number `rdev`).
 fn open_device_dax(config: &RegionConfig, rdev: u64) -> Result<(File, RegionKind), RegionError> {
     let path = &config.path;
@@ -1023,12 +1024,7 @@ fn open_device_dax(config: &RegionConfig, rdev: u64) -> Result<(File, RegionKind
     if config.write_path == WritePath::Pwrite {
         return Err(RegionError::DeviceDaxPwrite { path: path.clone() });
     }
-    let file = OpenOptions::new()
-        .read(true)
-        .write(!config.read_only)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| io_error(config, "open", e))?;
+    let file = open_existing(config, 0).map_err(|e| io_error(config, "open", e))?;
     info!(
         "{}: a device-DAX device of {} bytes, mapped in {} byte pages",
         path.display(),

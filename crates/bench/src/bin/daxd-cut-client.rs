@@ -94,13 +94,37 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-fn run_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::Error>> {
+/// A one-queue blkio connection to the backend's `socket`, started, and the disk's bytes.
+fn connect(
+    socket: &str,
+) -> Result<(Blkio, blkio::BlkioStartOutcome, u64), Box<dyn std::error::Error>> {
     let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
     blkio.set_str("path", socket)?;
     blkio.connect()?;
     blkio.set_i32("num-queues", 1)?;
-    let mut started = blkio.start()?;
+    let started = blkio.start()?;
     let capacity = blkio.get_u64("capacity")?;
+    Ok((blkio, started, capacity))
+}
+
+/// Waits (up to 60 s) for the one request in flight on `q` and returns its result.
+fn complete_one(
+    q: &mut blkio::Blkioq,
+    completions: &mut [MaybeUninit<Completion>; 1],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut timeout = Duration::from_secs(60);
+    if q.do_io(completions, 1, Some(&mut timeout), None)? != 1 {
+        return Err("a request did not complete within 60 s".into());
+    }
+    // SAFETY: do_io initialised the first completion.
+    match unsafe { completions[0].assume_init_read() }.ret {
+        0 => Ok(()),
+        ret => Err(format!("error {ret}").into()),
+    }
+}
+
+fn run_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let (mut blkio, mut started, capacity) = connect(socket)?;
     let region = blkio.alloc_mem_region(BLOCK)?;
     blkio.map_mem_region(&region)?;
     let buf_ptr = region.addr as *mut u8;
@@ -118,16 +142,7 @@ fn run_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error::E
             Op::Zero { offset } => q.write_zeroes(offset, BLOCK as u64, 0, ReqFlags::empty()),
             Op::Flush => q.flush(0, ReqFlags::empty()),
         }
-        let mut timeout = Duration::from_secs(60);
-        let n = q.do_io(&mut completions, 1, Some(&mut timeout), None)?;
-        if n != 1 {
-            return Err("a request did not complete within 60 s".into());
-        }
-        // SAFETY: do_io initialised the first n (= 1) completions.
-        match unsafe { completions[0].assume_init_read() }.ret {
-            0 => Ok(()),
-            ret => Err(format!("error {ret}").into()),
-        }
+        complete_one(q, &mut completions)
     })
 }
 
@@ -137,12 +152,7 @@ fn check_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error:
     let log_path = args.check.as_deref().unwrap_or(Path::new(""));
     let printed = std::fs::read_to_string(log_path)
         .map_err(|e| format!("cannot read {}: {e}", log_path.display()))?;
-    let mut blkio = Blkio::new("virtio-blk-vhost-user")?;
-    blkio.set_str("path", socket)?;
-    blkio.connect()?;
-    blkio.set_i32("num-queues", 1)?;
-    let mut started = blkio.start()?;
-    let capacity = blkio.get_u64("capacity")?;
+    let (mut blkio, mut started, capacity) = connect(socket)?;
     let blocks = capacity / BLOCK as u64;
     let mut log = Log::parse(&printed);
     log.complete_from(Plan::new(
@@ -167,15 +177,7 @@ fn check_vhost_user(args: &Args, socket: &str) -> Result<(), Box<dyn std::error:
             0,
             ReqFlags::empty(),
         );
-        let mut timeout = Duration::from_secs(60);
-        if q.do_io(&mut completions, 1, Some(&mut timeout), None)? != 1 {
-            return Err(format!("reading at byte {offset} did not complete within 60 s").into());
-        }
-        // SAFETY: do_io initialised the first completion.
-        let ret = unsafe { completions[0].assume_init_read() }.ret;
-        if ret != 0 {
-            return Err(format!("reading at byte {offset}: error {ret}").into());
-        }
+        complete_one(q, &mut completions).map_err(|e| format!("reading at byte {offset}: {e}"))?;
         // SAFETY: the mapped region is RUN bytes at region.addr and lives as long as
         // `blkio`; the read of data.len() <= RUN bytes into it has completed.
         data.copy_from_slice(unsafe {
